@@ -1,0 +1,60 @@
+"""Run a model with its document attention served by a context provider instead of a KV cache."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import attention
+from .attention import Binding, ContextProvider, ExactContext, Recorder
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules in layer order (those transformers tags with a `layer_idx`)."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+@contextmanager
+def bound(
+    model: nn.Module,
+    context: ContextProvider,
+    kept: ContextProvider | None = None,
+    recorder: Recorder | None = None,
+) -> Iterator[nn.Module]:
+    """Inside, every attention layer merges exact local attention with `context` (plus exact `kept` tokens)."""
+    previous = model.config._attn_implementation
+    layers = attention_layers(model)
+    for module in layers:
+        attention.bind(module, Binding(module.layer_idx, context, kept, recorder))
+    model.set_attn_implementation(attention.IMPLEMENTATION)
+    try:
+        yield model
+    finally:
+        for module in layers:
+            attention.unbind(module)
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, ids: torch.Tensor) -> ExactContext:
+    """Run the document once and keep its post-RoPE keys/values per layer, [kv_heads, n, d] each."""
+    out = model(input_ids=ids.view(1, -1).to(model.device), use_cache=True)
+    cache = out.past_key_values
+    keys = [layer.keys[0].contiguous() for layer in cache.layers]
+    values = [layer.values[0].contiguous() for layer in cache.layers]
+    return ExactContext(keys, values)
+
+
+def split_context(full: ExactContext, sink: int) -> tuple[ExactContext, ExactContext]:
+    """(first `sink` tokens, the rest): sinks stay exact, a module learns the rest."""
+    head = ExactContext([k[:, :sink] for k in full.keys], [v[:, :sink] for v in full.values])
+    tail = ExactContext([k[:, sink:] for k in full.keys], [v[:, sink:] for v in full.values])
+    return head, tail
+
+
+def positions_after(n: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for (left-padded) tokens that follow an n-token document."""
+    return n + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

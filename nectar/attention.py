@@ -1,0 +1,144 @@
+"""Split attention: exact attention over the local tokens, merged by log-sum-exp with a document part.
+
+The document part is a *context provider*: anything that maps post-RoPE queries of one layer,
+shaped [batch, kv_heads, queries_per_kv_head, head_dim], to (output, lse) over the document.
+The exact oracle (`ExactContext`), a learned module bank and every baseline are providers, so they
+all run through the one attention function registered here.
+
+Queries are grouped by KV head (GQA): query head h uses KV head h // groups, as in `repeat_kv`,
+so `query.view(b, kv_heads, groups * L, d)` puts every query a KV head serves in one row block.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+IMPLEMENTATION = "nectar"
+
+
+class ContextProvider(Protocol):
+    def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+        """q: [b, kv_heads, m, d] -> (out [b, kv_heads, m, d], lse [b, kv_heads, m]), both fp32."""
+
+
+def merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attention over two disjoint key sets (the split-KV merge of FlashDecoding)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    # An all -inf pair (no keys on either side) would give nan; it contributes nothing instead.
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return w_a * o_a + w_b * o_b, lse
+
+
+def exact_attention(
+    q: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Attention of grouped queries q [b, h, m, d] over k, v [b or 1, h, s, d] -> fp32 (out, lse).
+
+    mask, if given, is additive and broadcasts to [b, h, m, s].
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs.to(v.dtype), v).float(), lse
+
+
+def _grouped_mask(mask: Tensor | None, groups: int, length: int) -> Tensor | None:
+    """[b, 1, L, s] -> [b, 1, groups * L, s], matching the grouped query layout."""
+    if mask is None:
+        return None
+    b, _, L, s = mask.shape
+    return mask.float().unsqueeze(2).expand(b, 1, groups, L, s).reshape(b, 1, groups * L, s)
+
+
+@dataclass
+class ExactContext:
+    """Exact attention over stored per-layer keys/values [kv_heads, n, d]: the oracle a module imitates."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+        k, v = self.keys[layer], self.values[layer]
+        if k.shape[-2] == 0:
+            return _empty(q)
+        return exact_attention(q, k.to(q.dtype).unsqueeze(0), v.to(q.dtype).unsqueeze(0), scaling)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[-2]
+
+
+class NoContext:
+    """No document at all: the reference point every method should beat."""
+
+    def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+        return _empty(q)
+
+
+def _empty(q: Tensor) -> tuple[Tensor, Tensor]:
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    return out, torch.full(q.shape[:-1], float("-inf"), device=q.device)
+
+
+Recorder = Callable[[int, Tensor, Tensor, Tensor, Tensor], None]
+
+
+@dataclass
+class Binding:
+    """What one attention layer sees of the document while bound.
+
+    `kept` is attended exactly and counts as local (attention sinks); `context` covers the rest.
+    `recorder(layer, q, o_ctx, lse_ctx, lse_loc)` sees every call, for capture.
+    """
+
+    layer: int
+    context: ContextProvider
+    kept: ContextProvider | None = None
+    recorder: Recorder | None = None
+
+
+_BINDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, Binding]" = weakref.WeakKeyDictionary()
+
+
+def bind(module: torch.nn.Module, binding: Binding) -> None:
+    _BINDINGS[module] = binding
+
+
+def unbind(module: torch.nn.Module) -> None:
+    _BINDINGS.pop(module, None)
+
+
+def nectar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Drop-in for transformers' attention functions: query [b, H, L, d], key/value [b, Hkv, s, d]."""
+    b, heads, length, d = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scaling = d**-0.5 if scaling is None else scaling
+    q = query.reshape(b, kv_heads, groups * length, d)
+
+    o_loc, lse_loc = exact_attention(q, key, value, scaling, _grouped_mask(attention_mask, groups, length))
+    binding = _BINDINGS.get(module)
+    if binding is not None:
+        if binding.kept is not None:
+            o_loc, lse_loc = merge(o_loc, lse_loc, *binding.kept(binding.layer, q, scaling))
+        o_ctx, lse_ctx = binding.context(binding.layer, q, scaling)
+        if binding.recorder is not None:
+            binding.recorder(binding.layer, q, o_ctx, lse_ctx, lse_loc)
+        o_loc, _ = merge(o_loc, lse_loc, o_ctx, lse_ctx)
+    out = o_loc.to(query.dtype).reshape(b, heads, length, d).transpose(1, 2).contiguous()
+    return out, None
+
+
+AttentionInterface.register(IMPLEMENTATION, nectar_attention)
+# Without a mask entry of the same name transformers builds no causal mask at all.
+AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)

@@ -1,0 +1,2 @@
+class NectarError(Exception):
+    """A problem the user can fix. The CLI prints its message on one line, no traceback."""

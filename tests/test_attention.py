@@ -1,0 +1,99 @@
+"""The split attention path must equal transformers' eager attention when the document part is exact."""
+import torch
+
+from nectar.attach import bound, positions_after, prefill, split_context
+from nectar.attention import NoContext, exact_attention, merge
+
+
+def test_merge_of_two_halves_equals_attention_over_all_keys():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 3, 11, 8)
+    full_o, full_lse = exact_attention(q, k, v, 0.3)
+    o_a, lse_a = exact_attention(q, k[:, :, :4], v[:, :, :4], 0.3)
+    o_b, lse_b = exact_attention(q, k[:, :, 4:], v[:, :, 4:], 0.3)
+    o, lse = merge(o_a, lse_a, o_b, lse_b)
+    torch.testing.assert_close(o, full_o, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_with_empty_side_is_identity():
+    o, lse = torch.randn(4, 8), torch.randn(4)
+    out, out_lse = merge(o, lse, torch.zeros(4, 8), torch.full((4,), float("-inf")))
+    torch.testing.assert_close(out, o)
+    torch.testing.assert_close(out_lse, lse)
+
+
+def _full_logits(model, doc, prompt):
+    return model(input_ids=torch.cat([doc, prompt]).view(1, -1)).logits[0, len(doc):]
+
+
+@torch.no_grad()
+def test_prefill_with_exact_document_matches_eager(model):
+    doc, prompt = torch.randint(3, 300, (40,)), torch.randint(3, 300, (9,))
+    reference = _full_logits(model, doc, prompt)
+    context = prefill(model, doc)
+    with bound(model, context):
+        logits = model(input_ids=prompt.view(1, -1), position_ids=len(doc) + torch.arange(9).view(1, -1)).logits[0]
+    assert (logits - reference).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_sinks_kept_exact_and_rest_as_context_matches_eager(model):
+    doc, prompt = torch.randint(3, 300, (40,)), torch.randint(3, 300, (7,))
+    reference = _full_logits(model, doc, prompt)
+    sinks, rest = split_context(prefill(model, doc), sink=4)
+    with bound(model, rest, kept=sinks):
+        logits = model(input_ids=prompt.view(1, -1), position_ids=len(doc) + torch.arange(7).view(1, -1)).logits[0]
+    assert (logits - reference).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_step_by_step_decoding_matches_eager(model):
+    doc, prompt = torch.randint(3, 300, (33,)), torch.randint(3, 300, (12,))
+    reference = _full_logits(model, doc, prompt)
+    n = len(doc)
+    with bound(model, prefill(model, doc)):
+        out = model(input_ids=prompt[:4].view(1, -1), position_ids=n + torch.arange(4).view(1, -1), use_cache=True)
+        steps = [out.logits[0]]
+        cache = out.past_key_values
+        for i in range(4, 12):
+            out = model(input_ids=prompt[i].view(1, 1), position_ids=torch.tensor([[n + i]]), past_key_values=cache)
+            steps.append(out.logits[0])
+    assert (torch.cat(steps) - reference).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_generate_with_left_padding_matches_full_cache_generate(model):
+    doc = torch.randint(3, 300, (30,))
+    prompts = [torch.randint(3, 300, (5,)), torch.randint(3, 300, (8,))]
+    n = len(doc)
+    expected = [
+        model.generate(torch.cat([doc, p]).view(1, -1), max_new_tokens=6, do_sample=False)[0, n + len(p):]
+        for p in prompts
+    ]
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 8 - len(p):], mask[row, 8 - len(p):] = p, 1
+    with bound(model, prefill(model, doc)):
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, position_ids=positions_after(n, mask),
+            max_new_tokens=6, do_sample=False,
+        )
+    for row in range(2):
+        assert out[row, 8:].tolist() == expected[row].tolist()
+
+
+@torch.no_grad()
+def test_no_context_equals_running_without_the_document(model):
+    prompt = torch.randint(3, 300, (6,))
+    reference = model(input_ids=prompt.view(1, -1)).logits
+    with bound(model, NoContext()):
+        logits = model(input_ids=prompt.view(1, -1)).logits
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_binding_is_removed_on_exit(model):
+    with bound(model, NoContext()):
+        assert model.config._attn_implementation == "nectar"
+    assert model.config._attn_implementation == "eager"
