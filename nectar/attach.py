@@ -58,3 +58,16 @@ def split_context(full: ExactContext, sink: int) -> tuple[ExactContext, ExactCon
 def positions_after(n: int, attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for (left-padded) tokens that follow an n-token document."""
     return n + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@contextmanager
+def attach(model: nn.Module, artifact, tokenizer=None) -> Iterator[nn.Module]:
+    """Run `model` on a compiled document: no document KV cache, its modules stand in for it.
+
+    Tokens after the document take positions n, n+1, ... (`artifact.n`): pass `position_ids`, e.g.
+    `positions_after(artifact.n, attention_mask)`, or use `nectar.ask`, which does it for you.
+    """
+    artifact.check_compatible(model, tokenizer)
+    bank = artifact.bank.to(model.device)
+    with bound(model, bank, kept=artifact.kept):
+        yield model

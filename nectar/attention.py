@@ -90,7 +90,7 @@ def _empty(q: Tensor) -> tuple[Tensor, Tensor]:
     return out, torch.full(q.shape[:-1], float("-inf"), device=q.device)
 
 
-Recorder = Callable[[int, Tensor, Tensor, Tensor, Tensor], None]
+Recorder = Callable[[int, Tensor, Tensor, Tensor, Tensor, Tensor], None]
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Binding:
     """What one attention layer sees of the document while bound.
 
     `kept` is attended exactly and counts as local (attention sinks); `context` covers the rest.
-    `recorder(layer, q, o_ctx, lse_ctx, lse_loc)` sees every call, for capture.
+    `recorder(layer, q, o_ctx, lse_ctx, o_loc, lse_loc)` sees every call, for capture.
     """
 
     layer: int
@@ -133,7 +133,7 @@ def nectar_attention(module, query, key, value, attention_mask, scaling=None, dr
             o_loc, lse_loc = merge(o_loc, lse_loc, *binding.kept(binding.layer, q, scaling))
         o_ctx, lse_ctx = binding.context(binding.layer, q, scaling)
         if binding.recorder is not None:
-            binding.recorder(binding.layer, q, o_ctx, lse_ctx, lse_loc)
+            binding.recorder(binding.layer, q, o_ctx, lse_ctx, o_loc, lse_loc)
         o_loc, _ = merge(o_loc, lse_loc, o_ctx, lse_ctx)
     out = o_loc.to(query.dtype).reshape(b, heads, length, d).transpose(1, 2).contiguous()
     return out, None

@@ -1,0 +1,81 @@
+"""Typed, validated configuration. Every check raises NectarError with what to change."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import NectarError
+
+VARIANTS = ("mlp",)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise NectarError(message)
+
+
+@dataclass
+class PromptConfig:
+    """How many training prompts of each kind, and their shape (see DESIGN section 3)."""
+
+    recall: int = 160
+    self_study: int = 64
+    generic: int = 64
+    answer_tokens: int = 40
+    chunk_tokens: int = 256
+    val_fraction: float = 0.15
+
+    def __post_init__(self):
+        _require(min(self.recall, self.self_study, self.generic) >= 0, "prompt counts must be >= 0")
+        _require(self.recall + self.self_study + self.generic > 0, "at least one training prompt is needed")
+        _require(self.answer_tokens >= 1, "answer_tokens must be >= 1")
+        _require(self.chunk_tokens >= 32, "chunk_tokens must be >= 32")
+        _require(0.0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)")
+
+
+@dataclass
+class FitConfig:
+    steps: int = 1500
+    batch: int = 1024
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    ema: float = 0.995
+    eval_every: int = 100
+    patience: int = 4
+
+    def __post_init__(self):
+        _require(self.steps >= 1 and self.batch >= 1, "steps and batch must be >= 1")
+        _require(self.lr > 0, "lr must be > 0")
+        _require(0.0 <= self.ema < 1.0, "ema must be in [0, 1)")
+        _require(self.eval_every >= 1 and self.patience >= 1, "eval_every and patience must be >= 1")
+
+
+@dataclass
+class CompileConfig:
+    """What `nectar.compile` builds. `budget` is module bytes / document KV-cache bytes, same dtype."""
+
+    budget: float = 0.02
+    variant: str = "mlp"
+    seed: int = 0
+    depth: int = 2  # hidden layers per network
+    score_share: float = 0.4  # fraction of each module's parameters given to the score network
+    sink_tokens: int = 4  # first document tokens kept exact (attention sinks)
+    document_template: str | None = None  # "...{document}..."; None: derived from the chat template
+    question_template: str | None = None  # "...{question}..."; None: derived from the chat template
+    keep_document: bool = True  # store the token ids (not used at inference; lets `ask --compare` run)
+    truncate: bool = False  # cut a too-long document instead of refusing it
+    batch_size: int = 16  # prompts per forward pass during capture and generation
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def __post_init__(self):
+        _require(0.0 < self.budget < 1.0, f"budget must be in (0, 1), got {self.budget}: e.g. 0.02 for 2% of the KV cache")
+        _require(self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
+        _require(self.depth >= 1, "depth must be >= 1")
+        _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
+        _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
+        _require(self.batch_size >= 1, "batch_size must be >= 1")
+        if self.document_template is not None:
+            _require("{document}" in self.document_template, "document_template needs a {document} slot")
+        if self.question_template is not None:
+            _require("{question}" in self.question_template, "question_template needs a {question} slot")

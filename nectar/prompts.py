@@ -1,0 +1,138 @@
+"""Training prompts: the questions a user might ask after the document, in the user's own layout.
+
+Three kinds, each tied to one chunk of the document so that train/validation split by chunk:
+- recall: quote or continue a span, answered with the document's own next tokens (teacher-forced);
+- self-study: a question the model writes itself about the chunk (answered later with the full cache);
+- generic: summarise / explain / list about a term that occurs in the chunk (answered likewise).
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .config import PromptConfig
+
+DOC_SLOT, QUESTION_SLOT = "\x00DOCUMENT\x00", "\x00QUESTION\x00"
+
+RECALL = (
+    'Continue the text that follows "{cue}" in the document.',
+    'Quote the passage of the document that begins with "{cue}".',
+    'What does the document say right after "{cue}"?',
+    'Find "{cue}" in the document and repeat what comes next.',
+)
+GENERIC = (
+    'Summarise what the document says about "{term}".',
+    'Explain what "{term}" means in the document.',
+    'List the main points the document makes about "{term}".',
+    'How is "{term}" used, according to the document?',
+    'Give an example of "{term}" from the document.',
+)
+STUDY_REQUEST = (
+    "{chunk}\n\nWrite one question that the text above answers. Reply with the question only."
+)
+STOPWORDS = set("this that with from have will when which there their these those into than then they them "
+                "been were what where also only other such some more most must should would could return "
+                "value values none true false used uses using given each".split())
+
+
+@dataclass
+class Prompt:
+    kind: str
+    chunk: int
+    question: str
+    answer_ids: list[int] | None = None  # None until answered with the full document cache
+
+
+def default_templates(tokenizer) -> tuple[str, str]:
+    """(document_template, question_template) cut from the model's chat template.
+
+    The document opens the user turn and each question follows it in the same turn, so the
+    document is a fixed prefix and everything after it is what the user types and the model answers.
+    """
+    content = f"{DOC_SLOT}\n\nQuestion: {QUESTION_SLOT}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = content + "\nAnswer: "
+    before, rest = text.split(DOC_SLOT)
+    middle, after = rest.split(QUESTION_SLOT)
+    return before + "{document}", middle + "{question}" + after
+
+
+def chunk_bounds(n: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    starts = list(range(0, n, chunk_tokens))
+    bounds = [(s, min(s + chunk_tokens, n)) for s in starts]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < chunk_tokens // 2:
+        bounds[-2:] = [(bounds[-2][0], n)]  # fold a short tail into its neighbour
+    return bounds
+
+
+def split_chunks(num_chunks: int, val_fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
+    order = list(range(num_chunks))
+    rng.shuffle(order)
+    num_val = max(1, round(num_chunks * val_fraction)) if num_chunks > 1 else 0
+    return sorted(order[num_val:]), sorted(order[:num_val])
+
+
+def _decode(tokenizer, ids) -> str:
+    # Without clean-up, decoded text keeps the spaces the ids had (see DESIGN section 8).
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False, skip_special_tokens=True)
+
+
+def recall_prompt(doc_ids, bounds, chunk, tokenizer, cfg: PromptConfig, rng: random.Random) -> Prompt:
+    start, end = bounds[chunk]
+    cue_len = rng.randint(8, 16)
+    answer_len = min(cfg.answer_tokens, max(1, end - start - cue_len))
+    at = rng.randint(start, max(start, end - cue_len - answer_len))
+    cue = " ".join(_decode(tokenizer, doc_ids[at: at + cue_len]).split())
+    answer = list(doc_ids[at + cue_len: at + cue_len + answer_len])
+    return Prompt("recall", chunk, rng.choice(RECALL).format(cue=cue), answer)
+
+
+def salient_terms(text: str) -> list[str]:
+    words = [w for w in re.findall(r"[A-Za-z_][A-Za-z0-9_.]{3,}", text) if w.lower() not in STOPWORDS]
+    return [w for w, _ in Counter(words).most_common(8)]
+
+
+def generic_prompt(chunk_text: str, chunk: int, rng: random.Random) -> Prompt:
+    terms = salient_terms(chunk_text) or [" ".join(chunk_text.split()[:4])]
+    return Prompt("generic", chunk, rng.choice(GENERIC).format(term=rng.choice(terms)))
+
+
+def study_request(chunk_text: str) -> str:
+    return STUDY_REQUEST.format(chunk=chunk_text.strip())
+
+
+def clean_question(generated: str) -> str | None:
+    """First line of what the model wrote, if it looks like a question at all."""
+    line = next((ln.strip() for ln in generated.splitlines() if ln.strip()), "")
+    line = re.sub(r"^(question|q)\s*[:.]\s*", "", line, flags=re.IGNORECASE)
+    return line if len(line.split()) >= 3 else None
+
+
+def plan(doc_ids: list[int], tokenizer, cfg: PromptConfig, seed: int) -> tuple[list[Prompt], list[str], list[int]]:
+    """Recall and generic prompts, plus (study requests, their chunks) for the model to turn into questions.
+
+    Chunks are drawn round-robin over a shuffled order so that every part of the document is covered.
+    """
+    rng = random.Random(seed)
+    bounds = chunk_bounds(len(doc_ids), cfg.chunk_tokens)
+    texts = [_decode(tokenizer, doc_ids[s:e]) for s, e in bounds]
+    cycle = _round_robin(len(bounds), rng)
+    prompts = [recall_prompt(doc_ids, bounds, next(cycle), tokenizer, cfg, rng) for _ in range(cfg.recall)]
+    for _ in range(cfg.generic):
+        chunk = next(cycle)
+        prompts.append(generic_prompt(texts[chunk], chunk, rng))
+    study_chunks = [next(cycle) for _ in range(cfg.self_study)]
+    return prompts, [study_request(texts[c]) for c in study_chunks], study_chunks
+
+
+def _round_robin(count: int, rng: random.Random):
+    while True:
+        order = list(range(count))
+        rng.shuffle(order)
+        yield from order
