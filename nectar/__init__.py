@@ -1,7 +1,7 @@
 """nectar: compile a long document into small neural modules that stand in for its KV cache."""
 from .artifact import Artifact
 from .attach import attach, positions_after
-from .compile import compile
+from .compiler import compile
 from .config import CompileConfig, FitConfig, PromptConfig
 from .errors import NectarError
 from .generate import ask, ask_full

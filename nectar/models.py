@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from .errors import NectarError  # noqa: E402
 
@@ -86,6 +87,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) in eval mode. fp32 for numerics; bf16 runs prefill about 3x faster on CPU."""
     path = resolve(name)
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a one-second load is noise
+    hf_logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.name_or_path = name  # fingerprints name the model as the user did, not by a cache path

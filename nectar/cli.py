@@ -1,0 +1,214 @@
+"""`nectar compile | ask | info | demo`: every failure a user can fix is one line on stderr, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import NectarError
+
+DEMO_TOPICS = ("assert", "pass", "del", "return", "break", "continue", "global", "nonlocal", "if", "while", "lambda")
+DEMO_QUESTIONS = (
+    "What does the assert statement do?",
+    "What does the global statement do?",
+    "When is the else clause of a while loop executed?",
+)
+
+
+def read_document(spec: str) -> str:
+    """A UTF-8 text file, or `pydoc[:TOKENS]` for CPython's help topics (the first TOKENS tokens)."""
+    if spec.startswith("pydoc"):
+        return spec  # resolved once the tokenizer is loaded
+    path = Path(spec)
+    if not path.is_file():
+        raise NectarError(f"no such file: {spec}")
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        raise NectarError(f"{spec} looks like a binary file: give a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NectarError(f"{spec} is not UTF-8 text: convert it (e.g. `iconv -t utf-8`) and retry") from None
+    if not text.strip():
+        raise NectarError(f"{spec} is empty: give a document with some text")
+    return text
+
+
+def _resolve_pydoc(spec: str, tokenizer) -> str:
+    from .documents import pydoc_document
+
+    _, _, tokens = spec.partition(":")
+    try:
+        return pydoc_document(tokenizer, int(tokens or 4096))
+    except ValueError:
+        raise NectarError(f"'{spec}': write pydoc or pydoc:TOKENS, e.g. pydoc:4096") from None
+
+
+def _load(name: str, dtype: str):
+    import torch
+
+    from .models import load_model
+
+    return load_model(name, dtype=getattr(torch, dtype))
+
+
+def cmd_compile(args) -> None:
+    from .artifact import Artifact  # noqa: F401  (fail early on a broken install)
+    from .compiler import compile
+    from .config import CompileConfig, FitConfig
+
+    text = read_document(args.document)
+    config = CompileConfig(budget=args.budget, variant=args.variant, seed=args.seed, truncate=args.truncate,
+                           fit=FitConfig(steps=args.steps))
+    model, tokenizer = _load(args.model, args.dtype)
+    if text.startswith("pydoc"):
+        text = _resolve_pydoc(text, tokenizer)
+    artifact = compile(model, tokenizer, text, config)
+    path = artifact.save(args.output)
+    _summary(artifact, path)
+
+
+def _summary(artifact, path=None) -> None:
+    m = artifact.manifest
+    fid = m["metrics"]["fidelity"]
+    if path:
+        print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)")
+    print(f"document: {m['document']['tokens']} tokens; modules: {m['modules']['variant']} "
+          f"widths {m['modules']['target_width']}/{m['modules']['score_width']}, "
+          f"{artifact.memory_ratio():.4f} x the KV cache's bytes")
+    val = m["metrics"]["validation"]
+    print(f"validation: o_ctx rel err {val['o_rel']:.3f}, |lse err| {val['lse_abs']:.3f}, "
+          f"merged rel err {val['merged_rel']:.4f}")
+    for name, parts in fid.items():
+        a = parts["answer"]
+        print(f"answer tokens, {name:>12}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} ({a['tokens']} tokens)")
+    print("timings (s): " + ", ".join(f"{k} {v}" for k, v in m["timings"].items()))
+
+
+def cmd_info(args) -> None:
+    from .artifact import Artifact
+
+    artifact = Artifact.load(args.artifact)
+    if args.json:
+        print(json.dumps(artifact.manifest, indent=2))
+    else:
+        print(f"model: {artifact.manifest['model']['fingerprint']['name']}")
+        _summary(artifact)
+
+
+def cmd_ask(args) -> None:
+    from .artifact import Artifact
+    from .generate import ask, ask_full
+
+    artifact = Artifact.load(args.artifact)
+    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype)
+    start = time.perf_counter()
+    answer = ask(model, tokenizer, artifact, [args.question], max_new_tokens=args.max_new_tokens)[0]
+    print(f"nectar ({time.perf_counter() - start:.1f} s): {answer}")
+    if args.compare:
+        if artifact.document_ids is None:
+            raise NectarError("this artifact was compiled without its document ids: recompile with --keep-document")
+        start = time.perf_counter()
+        full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, [args.question],
+                        max_new_tokens=args.max_new_tokens)[0]
+        print(f"full cache ({time.perf_counter() - start:.1f} s): {full}")
+        print(f"similarity: {similarity(answer, full):.3f}")
+
+
+def similarity(a: str, b: str) -> float:
+    """Cosine similarity of MiniLM sentence embeddings, or token-set overlap if it is not installed."""
+    try:
+        from .semantic import cosine
+
+        return cosine(a, b)
+    except ImportError:
+        sa, sb = set(a.split()), set(b.split())
+        return len(sa & sb) / max(1, len(sa | sb))
+
+
+def cmd_demo(args) -> None:
+    from pydoc_data.topics import topics
+
+    from .compiler import compile
+    from .config import CompileConfig, FitConfig
+    from .generate import ask, ask_full
+
+    start = time.perf_counter()
+    model, tokenizer = _load(args.model, "bfloat16")
+    text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)
+    artifact = compile(model, tokenizer, text, CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps)))
+    path = artifact.save(args.output)
+    _summary(artifact, path)
+    print()
+    t0 = time.perf_counter()
+    answers = ask(model, tokenizer, artifact, list(DEMO_QUESTIONS), max_new_tokens=64)
+    t1 = time.perf_counter()
+    full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, list(DEMO_QUESTIONS),
+                    max_new_tokens=64)
+    t2 = time.perf_counter()
+    for q, a, f in zip(DEMO_QUESTIONS, answers, full):
+        print(f"Q: {q}\n  nectar:     {a}\n  full cache: {f}\n  similarity: {similarity(a, f):.3f}\n")
+    print(f"answers took {t1 - t0:.1f} s with nectar, {t2 - t1:.1f} s with the full cache (incl. its prefill); "
+          f"demo total {time.perf_counter() - start:.0f} s")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nectar", description="Compile a long document into small neural modules "
+                                "that stand in for its KV cache, then ask questions against them.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a document into an artifact")
+    c.add_argument("document", help="UTF-8 text file, or pydoc[:TOKENS] for CPython's help topics")
+    c.add_argument("-o", "--output", required=True, help="artifact path, e.g. manual.nectar")
+    c.add_argument("--budget", type=float, default=0.02, help="module bytes / KV-cache bytes (default 0.02)")
+    c.add_argument("--variant", default="mlp", help="module kind (default mlp)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=1500, help="fitting steps (default 1500)")
+    c.add_argument("--truncate", action="store_true", help="cut a document too long for the model")
+    _model_args(c, default="smollm2-135m", dtype="bfloat16")
+    c.set_defaults(run=cmd_compile)
+
+    a = sub.add_parser("ask", help="answer a question with a compiled document")
+    a.add_argument("artifact")
+    a.add_argument("question")
+    a.add_argument("--compare", action="store_true", help="also answer with the full KV cache, and compare")
+    a.add_argument("--max-new-tokens", type=int, default=128)
+    _model_args(a, default=None, dtype="float32")
+    a.set_defaults(run=cmd_ask)
+
+    i = sub.add_parser("info", help="show an artifact's manifest")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+    i.set_defaults(run=cmd_info)
+
+    d = sub.add_parser("demo", help="compile a bundled document, ask three questions, compare with the full cache")
+    d.add_argument("-o", "--output", default="demo.nectar")
+    d.add_argument("--budget", type=float, default=0.02)
+    d.add_argument("--steps", type=int, default=1500)
+    d.add_argument("--model", default="smollm2-135m")
+    d.set_defaults(run=cmd_demo)
+    return p
+
+
+def _model_args(p, default, dtype) -> None:
+    p.add_argument("--model", default=default, help="model name or local folder (default: the artifact's)")
+    p.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except NectarError as e:
+        print(f"nectar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nectar: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

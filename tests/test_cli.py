@@ -1,0 +1,83 @@
+"""The CLI turns every user-fixable failure into one line on stderr and exit code 2."""
+import pytest
+
+import nectar
+from nectar.cli import main
+from conftest import sample_document, tiny_llama
+from test_compile import FAST
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def _one_line_error(code, err, pattern):
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("nectar: error:")
+    assert pattern in err
+
+
+def test_binary_document(tmp_path, capsys):
+    path = tmp_path / "doc.bin"
+    path.write_bytes(b"\x00\x01\x02garbage\x00")
+    _one_line_error(*_run(capsys, "compile", str(path), "-o", str(tmp_path / "a.nectar")), "binary")
+
+
+def test_empty_document(tmp_path, capsys):
+    path = tmp_path / "doc.txt"
+    path.write_text("  \n ")
+    _one_line_error(*_run(capsys, "compile", str(path), "-o", str(tmp_path / "a.nectar")), "empty")
+
+
+def test_missing_document(tmp_path, capsys):
+    _one_line_error(*_run(capsys, "compile", str(tmp_path / "nope.txt"), "-o", "x.nectar"), "no such file")
+
+
+def test_bad_budget(tmp_path, capsys):
+    path = tmp_path / "doc.txt"
+    path.write_text("some text")
+    _one_line_error(*_run(capsys, "compile", str(path), "-o", "x.nectar", "--budget", "1.5"), "budget")
+
+
+def test_truncated_artifact(tmp_path, capsys, tokenizer):
+    art = nectar.compile(tiny_llama(), tokenizer, sample_document(1500), FAST)
+    path = art.save(tmp_path / "a.nectar")
+    path.write_bytes(path.read_bytes()[:100])
+    capsys.readouterr()  # drop the compile's progress output
+    _one_line_error(*_run(capsys, "info", str(path)), "truncated or corrupted")
+
+
+def test_missing_artifact(tmp_path, capsys):
+    _one_line_error(*_run(capsys, "info", str(tmp_path / "none.nectar")), "nectar compile")
+
+
+def test_ctrl_c_during_compile_writes_nothing(tmp_path, capsys, monkeypatch):
+    import nectar.compiler as compile_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compile_module, "compile", interrupted)
+    monkeypatch.setattr("nectar.cli._load", lambda name, dtype: (None, None))
+    path = tmp_path / "doc.txt"
+    path.write_text("a document")
+    code = main(["compile", str(path), "-o", str(tmp_path / "a.nectar")])
+    assert code == 130
+    assert not (tmp_path / "a.nectar").exists()
+
+
+def test_info_prints_summary(tmp_path, capsys, tokenizer):
+    art = nectar.compile(tiny_llama(), tokenizer, sample_document(1500), FAST)
+    path = art.save(tmp_path / "a.nectar")
+    code, _ = _run(capsys, "info", str(path))
+    assert code == 0
+
+
+@pytest.mark.parametrize("command", ["compile", "ask", "info", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage" in capsys.readouterr().out
