@@ -81,9 +81,11 @@ def _summary(artifact, path=None) -> None:
     val = m["metrics"]["validation"]
     print(f"validation: o_ctx rel err {val['o_rel']:.3f}, |lse err| {val['lse_abs']:.3f}, "
           f"merged rel err {val['merged_rel']:.4f}")
-    for name, parts in fid.items():
-        a = parts["answer"]
-        print(f"answer tokens, {name:>12}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} ({a['tokens']} tokens)")
+    for kind, methods in fid.items():
+        for name, parts in methods.items():
+            a = parts["answer"]
+            print(f"{kind:>10} answers, {name:>11}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} "
+                  f"({a['tokens']} tokens)")
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in m["timings"].items()))
 
 

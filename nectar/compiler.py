@@ -110,27 +110,27 @@ def compile(model, tokenizer, context, config: CompileConfig | None = None) -> A
         sinks, rest = split_context(full, config.sink_tokens)
     with _stage(timings, "prompts"):
         prompts = build_prompts(model, tokenizer, doc_ids, full, templates, config)
-        train_chunks, val_chunks = P.split_chunks(
-            len(P.chunk_bounds(n, config.prompts.chunk_tokens)), config.prompts.val_fraction,
-            random.Random(config.seed))
-        val_set = set(val_chunks)
-        pairs = [(question_ids(tokenizer, templates["question"], p.question), p.answer_ids) for p in prompts]
-        train = [q + a for (q, a), p in zip(pairs, prompts) if p.chunk not in val_set]
-        val_pairs = [pair for pair, p in zip(pairs, prompts) if p.chunk in val_set]
-        if not train or not val_pairs:
+        _, val_chunks = P.split_chunks(len(P.chunk_bounds(n, config.prompts.chunk_tokens)),
+                                       config.prompts.val_fraction, random.Random(config.seed))
+        for p in prompts:
+            p.question_ids = question_ids(tokenizer, templates["question"], p.question)
+        train = [p.question_ids + p.answer_ids for p in prompts if p.chunk not in val_chunks]
+        val = [p for p in prompts if p.chunk in val_chunks]
+        if not train or not val:
             raise NectarError("the document is too short to split into training and validation chunks: "
-                              "give a longer document or lower --chunk-tokens")
+                              "give a longer document")
     with _stage(timings, "capture"):
         train_store = capture(model, train, n, rest, sinks, config.batch_size, desc="capture train")
-        val_store = capture(model, [q + a for q, a in val_pairs], n, rest, sinks, config.batch_size,
-                            desc="capture val")
+        val_store = capture(model, [p.question_ids + p.answer_ids for p in val], n, rest, sinks,
+                            config.batch_size, desc="capture val")
     with _stage(timings, "fit"):
         bank = _bank_for(model, n, config)
         fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
         bank.eval().requires_grad_(False)
     with _stage(timings, "evaluate"):
-        metrics = _metrics(model, bank, val_store, val_pairs, n, full, sinks, config)
+        metrics = _metrics(model, bank, val_store, val, n, full, sinks, config)
     del train_store, val_store
+    metrics["val_set"] = [{"kind": p.kind, "question": p.question, "answer_ids": p.answer_ids} for p in val]
     metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], train_tokens=sum(map(len, train)),
                    prompts={kind: sum(p.kind == kind for p in prompts) for kind in ("recall", "self_study", "generic")})
     timings["total"] = round(sum(timings.values()), 1)
@@ -152,13 +152,14 @@ def _bank_for(model, n: int, config: CompileConfig) -> MLPBank:
                               config.depth, config.score_share)
 
 
-def _metrics(model, bank, val_store, val_pairs, n, full, sinks, config) -> dict:
+def _metrics(model, bank, val_store, val_prompts, n, full, sinks, config) -> dict:
     per_module = errors(bank, val_store)
     kv = model.config.num_key_value_heads
     per_layer = {k: v.view(-1, kv).mean(1).tolist() for k, v in per_module.items()}
-    fidelity = next_token_fidelity(
-        model, val_pairs, n, reference=(full, None),
-        methods={"nectar": (bank, sinks), "no_document": (NoContext(), None)},
-        batch_size=config.batch_size)
+    methods = {"nectar": (bank, sinks), "no_document": (NoContext(), None)}
+    fidelity = {}
+    for kind in sorted({p.kind for p in val_prompts}):
+        pairs = [(p.question_ids, p.answer_ids) for p in val_prompts if p.kind == kind]
+        fidelity[kind] = next_token_fidelity(model, pairs, n, (full, None), methods, config.batch_size)
     return {"validation": {k: sum(v) / len(v) for k, v in per_layer.items()}, "per_layer": per_layer,
-            "fidelity": fidelity, "val_prompts": len(val_pairs)}
+            "fidelity": fidelity, "val_prompts": len(val_prompts)}

@@ -17,9 +17,9 @@ def _require(ok: bool, message: str) -> None:
 class PromptConfig:
     """How many training prompts of each kind, and their shape (see DESIGN section 3)."""
 
-    recall: int = 160
-    self_study: int = 64
-    generic: int = 64
+    recall: int = 128
+    self_study: int = 96
+    generic: int = 96
     answer_tokens: int = 40
     chunk_tokens: int = 256
     val_fraction: float = 0.15

@@ -43,6 +43,7 @@ class Prompt:
     chunk: int
     question: str
     answer_ids: list[int] | None = None  # None until answered with the full document cache
+    question_ids: list[int] | None = None  # the question in the user's layout, once templated
 
 
 def default_templates(tokenizer) -> tuple[str, str]:

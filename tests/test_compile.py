@@ -24,8 +24,8 @@ def compiled(tokenizer):
 def test_compile_meets_its_budget_and_beats_no_document(compiled):
     _, art = compiled
     assert art.memory_ratio() <= FAST.budget
-    fid = art.manifest["metrics"]["fidelity"]
-    assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
+    for fid in art.manifest["metrics"]["fidelity"].values():
+        assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
     assert set(art.manifest["timings"]) >= {"prefill", "prompts", "capture", "fit", "evaluate", "total"}
 
 
