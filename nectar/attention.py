@@ -45,7 +45,9 @@ def exact_attention(
     mask, if given, is additive and broadcasts to [b, h, m, s]. On CPU this is PyTorch's fused flash
     kernel, which returns the log-sum-exp too (about 6x faster than materialising the scores).
     """
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.shape[0] == q.shape[0]:
+    fused = q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.shape[0] == q.shape[0]
+    # The fused kernel passes no gradient through its lse; refinement needs one.
+    if fused and not (torch.is_grad_enabled() and q.requires_grad):
         attn_mask = None if mask is None else mask.to(q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=attn_mask, scale=scaling)[:2]

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .attach import bound
 from .attention import ContextProvider
+from .generate import right_pad
 
 
 @dataclass
@@ -61,32 +62,33 @@ def capture(
     kept: ContextProvider | None = None,
     batch_size: int = 16,
     desc: str | None = "capture",
-) -> Store:
+    topk: int = 0,
+) -> tuple[Store, list[tuple[Tensor, Tensor]] | None]:
+    """(store, teacher): teacher[i] is sequence i's top-k next-token (ids, log-probs), if topk > 0."""
     cfg = model.config
     layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     groups = cfg.num_attention_heads // kv_heads
     rows = groups * sum(len(s) for s in sequences)
     M = layers * kv_heads
-    store = Store(
-        torch.empty(M, rows, head_dim, dtype=torch.float16),
-        torch.empty(M, rows, head_dim, dtype=torch.float16),
-        torch.empty(M, rows),
-        torch.empty(M, rows, head_dim, dtype=torch.float16),
-        torch.empty(M, rows),
-    )
+    half = dict(dtype=torch.float16)
+    store = Store(torch.empty(M, rows, head_dim, **half), torch.empty(M, rows, head_dim, **half),
+                  torch.empty(M, rows), torch.empty(M, rows, head_dim, **half), torch.empty(M, rows))
+    teacher: list = [None] * len(sequences)
     recorder = _Recorder(store, kv_heads)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
     with bound(model, context, kept, recorder):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
-            batch = [sequences[i] for i in order[start: start + batch_size]]
-            width = max(len(s) for s in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            valid = torch.zeros(len(batch), width, dtype=torch.bool)
-            for row, seq in enumerate(batch):
-                ids[row, : len(seq)], valid[row, : len(seq)] = torch.tensor(seq), True
+            index = order[start: start + batch_size]
+            ids, valid = right_pad([sequences[i] for i in index])
             recorder.valid = valid
             # Right padding: real tokens never attend to the pads that follow them.
-            model(input_ids=ids.to(model.device), position_ids=(n + torch.arange(width)).expand(len(batch), -1))
+            out = model(input_ids=ids.to(model.device), position_ids=(n + torch.arange(ids.shape[1])).expand_as(ids),
+                        logits_to_keep=0 if topk else 1)
             recorder.offset += groups * int(valid.sum())
-    return store
+            if topk:
+                top = torch.log_softmax(out.logits.float(), -1).topk(topk, dim=-1)
+                for row, i in enumerate(index):
+                    length = len(sequences[i])
+                    teacher[i] = (top.indices[row, :length].cpu(), top.values[row, :length].half().cpu())
+    return store, (teacher if topk else None)

@@ -18,7 +18,9 @@ from .evaluate import next_token_fidelity
 from .fit import errors, fit
 from .generate import generate_ids, question_ids
 from .modules import MLPBank
+from .refine import refine
 
+TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
 QUESTION_ROOM = 512  # positions left after the document for a question and its answer (or a quarter)
 
 
@@ -120,18 +122,24 @@ def compile(model, tokenizer, context, config: CompileConfig | None = None) -> A
             raise NectarError("the document is too short to split into training and validation chunks: "
                               "give a longer document")
     with _stage(timings, "capture"):
-        train_store = capture(model, train, n, rest, sinks, config.batch_size, desc="capture train")
-        val_store = capture(model, [p.question_ids + p.answer_ids for p in val], n, rest, sinks,
-                            config.batch_size, desc="capture val")
+        topk = TEACHER_TOPK if config.refine_steps else 0
+        val_seqs = [p.question_ids + p.answer_ids for p in val]
+        train_store, teacher = capture(model, train, n, rest, sinks, config.batch_size, "capture train", topk)
+        val_store, val_teacher = capture(model, val_seqs, n, rest, sinks, config.batch_size, "capture val", topk)
     with _stage(timings, "fit"):
         bank = _bank_for(model, n, config)
         fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
         bank.eval().requires_grad_(False)
+    if config.refine_steps:
+        with _stage(timings, "refine"):
+            refined = refine(model, bank, sinks, train, teacher, val_seqs, val_teacher, n, config.refine_steps,
+                             seed=config.seed)
+            fit_log["refine"] = refined
     with _stage(timings, "evaluate"):
         metrics = _metrics(model, bank, val_store, val, n, full, sinks, config)
     del train_store, val_store
     metrics["val_set"] = [{"kind": p.kind, "question": p.question, "answer_ids": p.answer_ids} for p in val]
-    metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], train_tokens=sum(map(len, train)),
+    metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"), train_tokens=sum(map(len, train)),
                    prompts={kind: sum(p.kind == kind for p in prompts) for kind in ("recall", "self_study", "generic")})
     timings["total"] = round(sum(timings.values()), 1)
     manifest = build_manifest(model, tokenizer, doc_ids, templates, bank, config, metrics, timings)

@@ -59,6 +59,7 @@ class CompileConfig:
     seed: int = 0
     depth: int = 2  # hidden layers per network
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
+    refine_steps: int = 0  # end-to-end distillation steps after the per-layer fit (0: off)
     sink_tokens: int = 4  # first document tokens kept exact (attention sinks)
     document_template: str | None = None  # "...{document}..."; None: derived from the chat template
     question_template: str | None = None  # "...{question}..."; None: derived from the chat template
@@ -74,6 +75,7 @@ class CompileConfig:
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
+        _require(self.refine_steps >= 0, "refine_steps must be >= 0")
         _require(self.batch_size >= 1, "batch_size must be >= 1")
         if self.document_template is not None:
             _require("{document}" in self.document_template, "document_template needs a {document} slot")

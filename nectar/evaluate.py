@@ -11,18 +11,17 @@ from tqdm.auto import tqdm
 
 from .attach import bound
 from .attention import ContextProvider
+from .generate import right_pad
 
 Method = tuple[ContextProvider, "ContextProvider | None"]
 
 
 def _batch(pairs: list[tuple[list[int], list[int]]]):
     """Right-padded ids plus masks of the positions that predict question / answer tokens."""
-    width = max(len(q) + len(a) for q, a in pairs)
-    ids = torch.zeros(len(pairs), width, dtype=torch.long)
-    predicts_q = torch.zeros(len(pairs), width, dtype=torch.bool)
-    predicts_a = torch.zeros(len(pairs), width, dtype=torch.bool)
+    ids, _ = right_pad([q + a for q, a in pairs])
+    predicts_q = torch.zeros(ids.shape, dtype=torch.bool)
+    predicts_a = torch.zeros(ids.shape, dtype=torch.bool)
     for row, (q, a) in enumerate(pairs):
-        ids[row, : len(q) + len(a)] = torch.tensor(q + a)
         predicts_q[row, : len(q) - 1] = True  # position t predicts token t + 1
         predicts_a[row, len(q) - 1: len(q) + len(a) - 1] = True
     return ids, predicts_q, predicts_a

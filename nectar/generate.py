@@ -18,6 +18,17 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def right_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, valid) with each sequence at the left; for teacher-forced passes, where pads come last."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        valid[row, : len(seq)] = True
+    return ids, valid
+
+
 def stop_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):

@@ -1,0 +1,73 @@
+"""End-to-end refinement: tune the module bank so the whole model's next-token distribution matches
+the full-cache model's (top-k distillation), which is what per-layer regression alone cannot see:
+per-layer errors compound through the network (DESIGN section 9)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .attach import bound
+from .attention import ContextProvider
+from .generate import right_pad
+from .modules import MLPBank
+
+Teacher = list[tuple[Tensor, Tensor]]  # per sequence: top-k ids [len, k], log-probs [len, k]
+
+
+def _distill_loss(model, bank, kept, seqs, teacher: Teacher, n: int) -> Tensor:
+    """Cross-entropy of the model's next-token distribution against the teacher's renormalised top-k."""
+    ids, valid = right_pad(seqs)
+    with bound(model, bank, kept):
+        logits = model(input_ids=ids, position_ids=(n + torch.arange(ids.shape[1])).expand_as(ids)).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    width = ids.shape[1]
+    top_ids = torch.stack([torch.nn.functional.pad(t[0], (0, 0, 0, width - len(t[0]))) for t in teacher])
+    top_lp = torch.stack([torch.nn.functional.pad(t[1].float(), (0, 0, 0, width - len(t[1])), value=-1e4)
+                          for t in teacher])
+    target = torch.softmax(top_lp, -1)
+    ce = -(target * logp.gather(-1, top_ids)).sum(-1)
+    return ce[valid].mean()
+
+
+def refine(model, bank: MLPBank, kept: ContextProvider | None, train: list[list[int]], teacher: Teacher,
+           val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
+           batch_size: int = 8, eval_every: int = 20, seed: int = 0, progress: bool = True) -> dict:
+    """Adam on the bank's parameters only; keeps the state best on validation distillation loss."""
+    frozen = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    bank.train().requires_grad_(True)
+    opt = torch.optim.Adam(bank.parameters(), lr=lr)
+    rng = torch.Generator().manual_seed(seed)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            losses = [_distill_loss(model, bank, kept, val[i: i + 16], val_teacher[i: i + 16], n).item()
+                      for i in range(0, len(val), 16)]
+        return sum(losses) / len(losses)
+
+    best = val_loss()
+    history, best_state = [{"step": 0, "val": best}], copy.deepcopy(bank.state_dict())
+    try:
+        for step in tqdm(range(steps), desc="refine", disable=not progress, leave=False):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            pick = torch.randint(len(train), (batch_size,), generator=rng).tolist()
+            loss = _distill_loss(model, bank, kept, [train[i] for i in pick], [teacher[i] for i in pick], n)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                current = val_loss()
+                history.append({"step": step + 1, "train": loss.item(), "val": current})
+                if current < best:
+                    best, best_state = current, copy.deepcopy(bank.state_dict())
+    finally:
+        bank.load_state_dict(best_state)
+        bank.eval().requires_grad_(False)
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+    return {"history": history, "val_start": history[0]["val"], "val_best": best}
