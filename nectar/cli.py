@@ -156,6 +156,37 @@ def cmd_demo(args) -> None:
           f"demo total {time.perf_counter() - start:.0f} s")
 
 
+def cmd_bench(args) -> None:
+    from .artifact import Artifact
+    from .bench import BenchConfig, run
+    from .documents import pydoc_text
+
+    cfg = BenchConfig(attention_n=args.attention_n, decode_n=args.n, batches=args.batch, repeats=args.repeats,
+                      new_tokens=args.new_tokens)
+    artifact = Artifact.load(args.artifact)
+    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype)
+    artifact.check_compatible(model, tokenizer)
+    doc_ids = tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"]
+    report = run(model, artifact, doc_ids, cfg, Path(args.out))
+    print(f"{'n':>6} {'SDPA ms':>9} {'module ms':>10} {'speedup':>8}")
+    for r in report["attention"]:
+        print(f"{r['n']:>6} {r['sdpa_ms']:>9.3f} {r['module_ms']:>10.3f} {r['speedup']:>8.1f}")
+    print(f"\n{'method':>12} {'n':>6} {'batch':>6} {'tok/s med':>10} {'tok/s best':>11}")
+    for r in report["decode"]:
+        print(f"{r['method']:>12} {r['n']:>6} {r['batch']:>6} {r['tok_s_median']:>10.1f} {r['tok_s_best']:>11.1f}")
+    print(f"\n{'n':>6} {'full cache MB':>14} {'nectar MB':>10} {'ratio':>8}")
+    for r in report["memory"]:
+        print(f"{r['n']:>6} {r['full_cache_bytes'] / 1e6:>14.2f} {r['nectar_bytes'] / 1e6:>10.2f} {r['ratio']:>8.4f}")
+    print(f"\npeak RSS {report['peak_rss_mb']:.0f} MB; wrote {args.out}/bench.json and {args.out}/bench.png")
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nectar", description="Compile a long document into small neural modules "
                                 "that stand in for its KV cache, then ask questions against them.")
@@ -184,6 +215,18 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     i.set_defaults(run=cmd_info)
+
+    b = sub.add_parser("bench", help="decode speed and memory against the full KV cache, side by side")
+    b.add_argument("artifact")
+    b.add_argument("--out", default="bench", help="folder for bench.json and bench.png")
+    b.add_argument("--n", type=_sizes, default=[1024, 2048, 4096, 8192], help="document sizes for decode")
+    b.add_argument("--attention-n", type=_sizes, default=[1024, 2048, 4096, 8192, 16384, 32768],
+                   help="document sizes for the attention-only timing (synthetic keys)")
+    b.add_argument("--batch", type=_sizes, default=[1, 16], help="decode batch sizes")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--new-tokens", type=int, default=32)
+    _model_args(b, default=None, dtype="bfloat16")
+    b.set_defaults(run=cmd_bench)
 
     d = sub.add_parser("demo", help="compile a bundled document, ask three questions, compare with the full cache")
     d.add_argument("-o", "--output", default="demo.nectar")

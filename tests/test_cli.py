@@ -75,7 +75,7 @@ def test_info_prints_summary(tmp_path, capsys, tokenizer):
     assert code == 0
 
 
-@pytest.mark.parametrize("command", ["compile", "ask", "info", "demo"])
+@pytest.mark.parametrize("command", ["compile", "ask", "info", "demo", "bench"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

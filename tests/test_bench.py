@@ -1,0 +1,36 @@
+"""`nectar bench` runs end to end on a tiny model and writes its JSON and plot."""
+import json
+
+import pytest
+import torch
+
+import nectar
+from nectar.bench import BenchConfig, run
+from conftest import sample_document, tiny_llama
+from test_compile import FAST
+
+
+def test_bench_writes_report_and_plot(tmp_path, tokenizer):
+    model = tiny_llama()
+    art = nectar.compile(model, tokenizer, sample_document(1500), FAST)
+    doc = torch.randint(3, 300, (1024,)).tolist()
+    cfg = BenchConfig(attention_n=[64, 256], decode_n=[128, 256], batches=[1, 2], new_tokens=3, repeats=1)
+    report = run(model, art, doc, cfg, tmp_path)
+    assert {r["method"] for r in report["decode"]} == {"no_document", "full_cache", "nectar"}
+    assert all(r["ratio"] < 1 for r in report["memory"])
+    assert json.loads((tmp_path / "bench.json").read_text())["attention"][0]["n"] == 64
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_caps_sizes_above_the_model_window(tmp_path, tokenizer):
+    model = tiny_llama()
+    art = nectar.compile(model, tokenizer, sample_document(1500), FAST)
+    doc = torch.randint(3, 300, (4096,)).tolist()
+    cfg = BenchConfig(attention_n=[64], decode_n=[128, 100_000], batches=[1], new_tokens=2, repeats=1)
+    report = run(model, art, doc, cfg, tmp_path)
+    assert max(r["n"] for r in report["decode"]) <= model.config.max_position_embeddings
+
+
+def test_bench_config_rejects_nonsense():
+    with pytest.raises(nectar.NectarError):
+        BenchConfig(batches=[0])
