@@ -24,7 +24,7 @@ class Store:
     q: Tensor  # [M, N, d] fp16
     o_ctx: Tensor  # [M, N, d] fp16
     lse_ctx: Tensor  # [M, N] fp32
-    o_loc: Tensor  # [M, N, d] fp16
+    o_loc: Tensor | None  # [M, N, d] fp16 (None in training batches)
     lse_loc: Tensor  # [M, N] fp32
 
     @property

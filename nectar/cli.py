@@ -81,6 +81,9 @@ def _summary(artifact, path=None) -> None:
     val = m["metrics"]["validation"]
     print(f"validation: o_ctx rel err {val['o_rel']:.3f}, |lse err| {val['lse_abs']:.3f}, "
           f"merged rel err {val['merged_rel']:.4f}")
+    for name, a in m["metrics"].get("questions", {}).items():
+        print(f"  questions, {name:>11}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} ({a['tokens']} answer "
+              "tokens, self-study + generic)")
     for kind, methods in fid.items():
         for name, parts in methods.items():
             a = parts["answer"]
@@ -134,13 +137,16 @@ def cmd_demo(args) -> None:
     from pydoc_data.topics import topics
 
     from .compiler import compile
-    from .config import CompileConfig, FitConfig
+    from .config import CompileConfig, FitConfig, PromptConfig
     from .generate import ask, ask_full
 
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "bfloat16")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)
-    artifact = compile(model, tokenizer, text, CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps)))
+    # Fewer prompts and steps than a default compile, so that the demo ends within a few minutes.
+    demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps),
+                         prompts=PromptConfig(recall=64, self_study=48, generic=48))
+    artifact = compile(model, tokenizer, text, demo)
     path = artifact.save(args.output)
     _summary(artifact, path)
     print()
@@ -198,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", type=float, default=0.02, help="module bytes / KV-cache bytes (default 0.02)")
     c.add_argument("--variant", default="mlp", help="module kind (default mlp)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--steps", type=int, default=1500, help="fitting steps (default 1500)")
+    c.add_argument("--steps", type=int, default=1000, help="fitting steps (default 1000)")
     c.add_argument("--truncate", action="store_true", help="cut a document too long for the model")
     _model_args(c, default="smollm2-135m", dtype="bfloat16")
     c.set_defaults(run=cmd_compile)
@@ -231,7 +237,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile a bundled document, ask three questions, compare with the full cache")
     d.add_argument("-o", "--output", default="demo.nectar")
     d.add_argument("--budget", type=float, default=0.02)
-    d.add_argument("--steps", type=int, default=1500)
+    d.add_argument("--steps", type=int, default=600)
     d.add_argument("--model", default="smollm2-135m")
     d.set_defaults(run=cmd_demo)
     return p

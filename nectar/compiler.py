@@ -170,4 +170,18 @@ def _metrics(model, bank, val_store, val_prompts, n, full, sinks, config) -> dic
         pairs = [(p.question_ids, p.answer_ids) for p in val_prompts if p.kind == kind]
         fidelity[kind] = next_token_fidelity(model, pairs, n, (full, None), methods, config.batch_size)
     return {"validation": {k: sum(v) / len(v) for k, v in per_layer.items()}, "per_layer": per_layer,
-            "fidelity": fidelity, "val_prompts": len(val_prompts)}
+            "fidelity": fidelity, "questions": pooled(fidelity, QUESTION_KINDS), "val_prompts": len(val_prompts)}
+
+
+QUESTION_KINDS = ("self_study", "generic")  # questions answered in the model's words; recall is verbatim quoting
+
+
+def pooled(fidelity: dict, kinds) -> dict:
+    """Token-weighted answer-token fidelity over several prompt kinds, per method."""
+    out = {}
+    for method in next(iter(fidelity.values())):
+        parts = [fidelity[k][method]["answer"] for k in kinds if k in fidelity]
+        tokens = sum(p["tokens"] for p in parts)
+        out[method] = {m: sum(p[m] * p["tokens"] for p in parts) / max(tokens, 1) for m in ("agreement", "kl")}
+        out[method]["tokens"] = tokens
+    return out

@@ -34,7 +34,7 @@ class PromptConfig:
 
 @dataclass
 class FitConfig:
-    steps: int = 1500
+    steps: int = 1000
     batch: int = 1024
     lr: float = 3e-3
     warmup: int = 100

@@ -65,7 +65,9 @@ def fit(bank: MLPBank, train: Store, val: Store, cfg: FitConfig, seed: int = 0, 
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
-        batch = train.rows(torch.randint(train.size, (min(cfg.batch, train.size),), generator=generator))
+        idx = torch.randint(train.size, (min(cfg.batch, train.size),), generator=generator)
+        # o_loc only enters the reported errors, so training skips gathering it.
+        batch = Store(train.q[:, idx], train.o_ctx[:, idx], train.lse_ctx[:, idx], None, train.lse_loc[:, idx])
         target, score = loss_terms(bank, batch)
         loss = (target + score).sum()
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,50 @@
+"""Profile one greedy decode of the attached model (issue 5: the decode path must carry no waste).
+
+    python benchmarks/profile_decode.py ARTIFACT [--batch 1] [--tokens 32]
+
+Prints torch.profiler's top operators by self CPU time for the model with no document and with the
+nectar modules attached, so the overhead of the modules is visible op by op.
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import nectar
+from nectar.attach import bound, positions_after
+from nectar.attention import ExactContext
+
+
+def decode(model, prompt, n, tokens):
+    mask = torch.ones_like(prompt)
+    model.generate(input_ids=prompt, attention_mask=mask, position_ids=positions_after(n, mask),
+                   max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("artifact")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rows", type=int, default=15)
+    args = p.parse_args()
+    art = nectar.Artifact.load(args.artifact)
+    model, _ = nectar.load_model(art.manifest["model"]["fingerprint"]["name"], dtype=torch.bfloat16)
+    kept = ExactContext([k.bfloat16() for k in art.kept.keys], [v.bfloat16() for v in art.kept.values])
+    prompt = torch.randint(100, 1000, (args.batch, 16))
+    with torch.no_grad():
+        for name, ctx in (("no document", None), ("nectar", (art.bank, kept))):
+            run = (lambda: decode(model, prompt, 0, args.tokens)) if ctx is None else None
+            if ctx is not None:
+                def run():
+                    with bound(model, ctx[0], kept=ctx[1]):
+                        decode(model, prompt, art.n, args.tokens)
+            run()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run()
+            print(f"=== {name}, batch {args.batch}, {args.tokens} tokens")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
