@@ -12,7 +12,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import nectar
 from nectar.attach import bound, positions_after
-from nectar.attention import ExactContext
 
 
 def decode(model, prompt, n, tokens):
@@ -30,10 +29,10 @@ def main():
     args = p.parse_args()
     art = nectar.Artifact.load(args.artifact)
     model, _ = nectar.load_model(art.manifest["model"]["fingerprint"]["name"], dtype=torch.bfloat16)
-    kept = ExactContext([k.bfloat16() for k in art.kept.keys], [v.bfloat16() for v in art.kept.values])
+    modules, kept = art.providers(model)
     prompt = torch.randint(100, 1000, (args.batch, 16))
     with torch.no_grad():
-        for name, ctx in (("no document", None), ("nectar", (art.bank, kept))):
+        for name, ctx in (("no document", None), ("nectar", (modules, kept))):
             run = (lambda: decode(model, prompt, 0, args.tokens)) if ctx is None else None
             if ctx is not None:
                 def run():

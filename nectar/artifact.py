@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .attention import ExactContext
 from .errors import NectarError
 from .models import model_fingerprint, tokenizer_fingerprint
-from .modules import MLPBank
+from .modules import FusedBank, MLPBank
 
 FORMAT_VERSION = 1
 STORE_DTYPE = torch.float16
@@ -40,6 +40,18 @@ class Artifact:
     @property
     def question_template(self) -> str:
         return self.manifest["templates"]["question"]
+
+    def providers(self, model) -> tuple[FusedBank, ExactContext]:
+        """(modules, exact-kept tokens) ready for `model`'s device and dtype, built once per artifact."""
+        dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+        key = (dtype, device)
+        if getattr(self, "_providers_key", None) != key:
+            # Modules stay fp32: they are tiny, and bf16 would cost the lse its precision.
+            fused = FusedBank(self.bank).to(device)
+            kept = ExactContext([k.to(device, dtype) for k in self.kept.keys],
+                                [v.to(device, dtype) for v in self.kept.values])
+            self._providers, self._providers_key = (fused, kept), key
+        return self._providers
 
     def kv_bytes(self, dtype_bytes: int = 2) -> int:
         m = self.manifest["model"]

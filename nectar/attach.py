@@ -68,6 +68,6 @@ def attach(model: nn.Module, artifact, tokenizer=None) -> Iterator[nn.Module]:
     `positions_after(artifact.n, attention_mask)`, or use `nectar.ask`, which does it for you.
     """
     artifact.check_compatible(model, tokenizer)
-    bank = artifact.bank.to(model.device)
-    with bound(model, bank, kept=artifact.kept):
+    modules, kept = artifact.providers(model)
+    with bound(model, modules, kept=kept):
         yield model

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from .attach import bound, positions_after
 from .attention import ExactContext
 from .errors import NectarError
-from .modules import MLPBank
+from .modules import FusedBank
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _timed(fn, repeats: int) -> dict:
 
 
 @torch.no_grad()
-def attention_only(model, bank: MLPBank, sizes: list[int], repeats: int) -> list[dict]:
+def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> list[dict]:
     """Per-token attention over the document for one layer, one decode query: SDPA over n keys vs the module."""
     cfg = model.config
     heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, bank.head_dim
@@ -71,7 +71,7 @@ def _decode(model, prompt: torch.Tensor, n: int, new_tokens: int) -> None:
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
-def decode(model, bank: MLPBank, kept: ExactContext, doc_ids: list[int], cfg: BenchConfig) -> list[dict]:
+def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: BenchConfig) -> list[dict]:
     """Greedy decode tokens/s: no document, full cache (shared by all rows), nectar."""
     from .attach import prefill
 
@@ -97,11 +97,10 @@ def _rate(t: dict, batch: int, new_tokens: int) -> dict:
     return {"tok_s_median": batch * new_tokens / t["median"], "tok_s_best": batch * new_tokens / t["min"]}
 
 
-def memory(model, bank: MLPBank, kept: ExactContext, sizes: list[int]) -> list[dict]:
+def memory(model, artifact, sizes: list[int]) -> list[dict]:
     cfg = model.config
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * bank.head_dim * 2  # bf16 K and V
-    kept_numbers = sum(k.numel() + v.numel() for k, v in zip(kept.keys, kept.values))
-    nectar_bytes = (bank.num_params() + kept_numbers) * 2
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * artifact.bank.head_dim * 2  # bf16 K and V
+    nectar_bytes = artifact.nbytes()
     return [{"n": n, "full_cache_bytes": n * per_token, "nectar_bytes": nectar_bytes,
              "ratio": nectar_bytes / (n * per_token)} for n in sizes]
 
@@ -144,11 +143,10 @@ def run(model, artifact, doc_ids: list[int], cfg: BenchConfig, out: Path) -> dic
         cfg.decode_n = sorted({min(n, limit) for n in cfg.decode_n})
     if len(doc_ids) < max(cfg.decode_n):
         raise NectarError(f"the bench document has {len(doc_ids)} tokens, fewer than n = {max(cfg.decode_n)}")
-    bank, kept = artifact.bank, ExactContext([k.to(model.dtype) for k in artifact.kept.keys],
-                                             [v.to(model.dtype) for v in artifact.kept.values])
+    bank, kept = artifact.providers(model)
     report = {"attention": attention_only(model, bank, cfg.attention_n, cfg.repeats)}
     report["decode"] = decode(model, bank, kept, doc_ids, cfg)
-    report["memory"] = memory(model, bank, kept, cfg.decode_n)
+    report["memory"] = memory(model, artifact, cfg.decode_n)
     report["peak_rss_mb"] = peak_rss_mb()
     report["torch_threads"] = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ def ask(model, tokenizer, artifact, questions: list[str], max_new_tokens: int = 
     """Greedy answers to `questions` about the compiled document, without its KV cache."""
     artifact.check_compatible(model, tokenizer)
     prompts = [question_ids(tokenizer, artifact.question_template, q) for q in questions]
-    ids = generate_ids(model, tokenizer, prompts, artifact.n, artifact.bank.to(model.device), artifact.kept,
+    ids = generate_ids(model, tokenizer, prompts, artifact.n, *artifact.providers(model),
                        max_new_tokens=max_new_tokens, batch_size=batch_size)
     return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in ids]
 

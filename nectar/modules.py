@@ -106,3 +106,71 @@ class MLPBank(nn.Module):
         y = ((lse_ctx - self.lse_mean) / self.lse_scale).unsqueeze(-1)
         gram = x.transpose(1, 2) @ x / x.shape[1] + ridge * torch.eye(x.shape[-1])
         self.score_skip.copy_(torch.linalg.solve(gram, x.transpose(1, 2) @ y / x.shape[1]))
+
+
+class FusedBank(nn.Module):
+    """The inference form of an MLPBank, numerically the same function with fewer, larger ops.
+
+    Input standardisation and output scaling are folded into the first and last weights, the target
+    and score networks of a module run as one block-diagonal MLP (the score skip rides along as one
+    extra output of the first layer), and each layer's weights are split off once, up front, so a
+    decode step costs depth + 1 batched matmuls per layer and no slicing.
+    """
+
+    def __init__(self, bank: MLPBank, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.head_dim, self.kv_heads = bank.head_dim, bank.kv_heads
+        self.weights: list[list[Tensor]] = []
+        self.biases: list[list[Tensor]] = []
+        with torch.no_grad():
+            for layer in range(bank.layers):
+                w, b = _fuse_layer(bank, slice(layer * bank.kv_heads, (layer + 1) * bank.kv_heads))
+                self.weights.append([t.to(dtype).contiguous() for t in w])
+                self.biases.append([t.to(dtype).contiguous() for t in b])
+
+    def _apply(self, fn, recurse=True):
+        self.weights = [[fn(t) for t in layer] for layer in self.weights]
+        self.biases = [[fn(t) for t in layer] for layer in self.biases]
+        return self
+
+    def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
+        b, h, m, d = q.shape
+        weights, biases = self.weights[layer], self.biases[layer]
+        x = q.transpose(0, 1).reshape(h, b * m, d).to(weights[0].dtype)
+        z = torch.baddbmm(biases[0], x, weights[0])
+        skip, x = z[..., -1], F.gelu(z[..., :-1])
+        for w, bias in zip(weights[1:-1], biases[1:-1]):
+            x = F.gelu(torch.baddbmm(bias, x, w))
+        out = torch.baddbmm(biases[-1], x, weights[-1]).float()
+        o, lse = out[..., :d], out[..., d] + skip.float()
+        return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
+
+
+def _block_diag(a: Tensor, b: Tensor) -> Tensor:
+    """Per-module block-diagonal [M, a_in + b_in, a_out + b_out] from [M, a_in, a_out] and [M, b_in, b_out]."""
+    out = a.new_zeros(a.shape[0], a.shape[1] + b.shape[1], a.shape[2] + b.shape[2])
+    out[:, : a.shape[1], : a.shape[2]] = a
+    out[:, a.shape[1]:, a.shape[2]:] = b
+    return out
+
+
+def _fuse_layer(bank: MLPBank, rows: slice) -> tuple[list[Tensor], list[Tensor]]:
+    mean, std = bank.in_mean[rows], bank.in_std[rows]  # [kv, 1, d]
+    lse_scale = bank.lse_scale[rows].unsqueeze(-1)  # [kv, 1, 1]
+
+    def standardised_input(w: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        # ((q - mean) / std) @ w + bias == q @ (w / std^T) + (bias - (mean / std) @ w)
+        return w / std.transpose(1, 2), bias - (mean / std) @ w
+
+    wt, bt = standardised_input(bank.target.weights[0][rows], bank.target.biases[0][rows])
+    ws, bs = standardised_input(bank.score.weights[0][rows], bank.score.biases[0][rows])
+    wk, bk = standardised_input(bank.score_skip[rows] * lse_scale, torch.zeros_like(lse_scale))
+    weights, biases = [torch.cat([wt, ws, wk], -1)], [torch.cat([bt, bs, bk], -1)]
+    for i in range(1, len(bank.target.weights) - 1):
+        weights.append(_block_diag(bank.target.weights[i][rows], bank.score.weights[i][rows]))
+        biases.append(torch.cat([bank.target.biases[i][rows], bank.score.biases[i][rows]], -1))
+    o_scale = bank.o_scale[rows]
+    weights.append(_block_diag(bank.target.weights[-1][rows] * o_scale, bank.score.weights[-1][rows] * lse_scale))
+    biases.append(torch.cat([bank.target.biases[-1][rows] * o_scale + bank.o_mean[rows],
+                             bank.score.biases[-1][rows] * lse_scale + bank.lse_mean[rows].unsqueeze(-1)], -1))
+    return weights, biases
