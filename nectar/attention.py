@@ -37,13 +37,22 @@ def merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tenso
     return w_a * o_a + w_b * o_b, lse
 
 
+def merge_all(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """`merge` over any number of disjoint key sets, in one pass (the decode path uses this)."""
+    lses = torch.stack([lse for _, lse in parts])
+    lse = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - lse).unsqueeze(-1)
+    return (weights * torch.stack([o for o, _ in parts])).sum(0), lse
+
+
 def exact_attention(
     q: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Attention of grouped queries q [b, h, m, d] over k, v [b, h, s, d] -> fp32 (out, lse).
+    """Attention of q [b, H, m, d] over k, v [b, Hkv, s, d] (H a multiple of Hkv, GQA) -> fp32 (out, lse).
 
-    mask, if given, is additive and broadcasts to [b, h, m, s]. On CPU this is PyTorch's fused flash
-    kernel, which returns the log-sum-exp too (about 6x faster than materialising the scores).
+    mask, if given, is additive and broadcasts to [b, 1, m, s]. On CPU this is PyTorch's fused flash
+    kernel, which handles GQA and returns the log-sum-exp too (about 6x faster than materialising
+    the scores, and no copy of the keys per query head).
     """
     fused = q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.shape[0] == q.shape[0]
     # The fused kernel passes no gradient through its lse; refinement needs one.
@@ -52,7 +61,11 @@ def exact_attention(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=attn_mask, scale=scaling)[:2]
         return out.float(), lse
-    return reference_attention(q, k, v, scaling, mask)
+    b, heads, m, d = q.shape
+    kv = k.shape[1]
+    grouped = q.reshape(b, kv, heads // kv * m, d)  # query head h uses KV head h // groups, as repeat_kv
+    out, lse = reference_attention(grouped, k, v, scaling, _grouped_mask(mask, heads // kv, m))
+    return out.view(b, heads, m, d), lse.view(b, heads, m)
 
 
 def reference_attention(
@@ -141,19 +154,20 @@ def nectar_attention(module, query, key, value, attention_mask, scaling=None, dr
     """Drop-in for transformers' attention functions: query [b, H, L, d], key/value [b, Hkv, s, d]."""
     b, heads, length, d = query.shape
     kv_heads = key.shape[1]
-    groups = heads // kv_heads
     scaling = d**-0.5 if scaling is None else scaling
-    q = query.reshape(b, kv_heads, groups * length, d)
-
-    o_loc, lse_loc = exact_attention(q, key, value, scaling, _grouped_mask(attention_mask, groups, length))
+    o_loc, lse_loc = exact_attention(query, key, value, scaling, attention_mask)
     binding = _BINDINGS.get(module)
     if binding is not None:
+        # [b, H, L] is laid out as [b, Hkv, groups * L]: views, no copies.
+        q = query.reshape(b, kv_heads, -1, d)
+        parts = [(o_loc.reshape(b, kv_heads, -1, d), lse_loc.reshape(b, kv_heads, -1))]
         if binding.kept is not None:
-            o_loc, lse_loc = merge(o_loc, lse_loc, *binding.kept(binding.layer, q, scaling))
+            parts.append(binding.kept(binding.layer, q, scaling))
         o_ctx, lse_ctx = binding.context(binding.layer, q, scaling)
         if binding.recorder is not None:
-            binding.recorder(binding.layer, q, o_ctx, lse_ctx, o_loc, lse_loc)
-        o_loc, _ = merge(o_loc, lse_loc, o_ctx, lse_ctx)
+            loc = merge(*parts[0], *parts[1]) if len(parts) > 1 else parts[0]
+            binding.recorder(binding.layer, q, o_ctx, lse_ctx, *loc)
+        o_loc, _ = merge_all(parts + [(o_ctx, lse_ctx)])
     out = o_loc.to(query.dtype).reshape(b, heads, length, d).transpose(1, 2).contiguous()
     return out, None
 
