@@ -14,6 +14,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
+def gelu(x: Tensor) -> Tensor:
+    # The tanh form: the same smooth curve to ~1e-3, and 3x cheaper than erf on small CPU tensors.
+    return F.gelu(x, approximate="tanh")
+
+
 class MLPStack(nn.Module):
     """M independent MLPs: d_in -> width (x depth, GELU) -> d_out, as batched matmuls."""
 
@@ -32,7 +37,7 @@ class MLPStack(nn.Module):
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b[rows], x, w[rows])
             if i < last:
-                x = F.gelu(x)
+                x = gelu(x)
         return x
 
     @staticmethod
@@ -138,9 +143,9 @@ class FusedBank(nn.Module):
         weights, biases = self.weights[layer], self.biases[layer]
         x = q.transpose(0, 1).reshape(h, b * m, d).to(weights[0].dtype)
         z = torch.baddbmm(biases[0], x, weights[0])
-        skip, x = z[..., -1], F.gelu(z[..., :-1])
+        skip, x = z[..., -1], gelu(z[..., :-1])
         for w, bias in zip(weights[1:-1], biases[1:-1]):
-            x = F.gelu(torch.baddbmm(bias, x, w))
+            x = gelu(torch.baddbmm(bias, x, w))
         out = torch.baddbmm(biases[-1], x, weights[-1]).float()
         o, lse = out[..., :d], out[..., d] + skip.float()
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
