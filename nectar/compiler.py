@@ -139,7 +139,8 @@ def compile(model, tokenizer, context, config: CompileConfig | None = None) -> A
         metrics = _metrics(model, bank, val_store, val, n, full, sinks, config)
     del train_store, val_store
     metrics["val_set"] = [{"kind": p.kind, "question": p.question, "answer_ids": p.answer_ids} for p in val]
-    metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"), train_tokens=sum(map(len, train)),
+    metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"),
+                   train_tokens=sum(map(len, train)),
                    prompts={kind: sum(p.kind == kind for p in prompts) for kind in ("recall", "self_study", "generic")})
     timings["total"] = round(sum(timings.values()), 1)
     manifest = build_manifest(model, tokenizer, doc_ids, templates, bank, config, metrics, timings)
