@@ -113,10 +113,6 @@ class ExactContext:
         o, lse = exact_attention(rows, k.to(q.dtype)[None], v.to(q.dtype)[None], scaling)
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.keys[0].shape[-2]
-
 
 class NoContext:
     """No document at all: the reference point every method should beat."""
