@@ -11,13 +11,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import nectar
-from nectar.attach import bound, positions_after
-
-
-def decode(model, prompt, n, tokens):
-    mask = torch.ones_like(prompt)
-    model.generate(input_ids=prompt, attention_mask=mask, position_ids=positions_after(n, mask),
-                   max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+from nectar.attach import bound
+from nectar.bench import greedy_decode as decode
 
 
 def main():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from .attach import bound, positions_after
+from .attach import bound, positions_after, prefill
 from .attention import ExactContext
 from .errors import NectarError
 from .modules import FusedBank
@@ -65,7 +65,7 @@ def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> li
 
 
 @torch.no_grad()
-def _decode(model, prompt: torch.Tensor, n: int, new_tokens: int) -> None:
+def greedy_decode(model, prompt: torch.Tensor, n: int, new_tokens: int) -> None:
     mask = torch.ones_like(prompt)
     model.generate(input_ids=prompt, attention_mask=mask, position_ids=positions_after(n, mask),
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -73,22 +73,20 @@ def _decode(model, prompt: torch.Tensor, n: int, new_tokens: int) -> None:
 
 def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: BenchConfig) -> list[dict]:
     """Greedy decode tokens/s: no document, full cache (shared by all rows), nectar."""
-    from .attach import prefill
-
     rows = []
     prompt_len = 16
     for batch in cfg.batches:
         prompt = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt_len))
-        base = _timed(lambda: _decode(model, prompt, 0, cfg.new_tokens), cfg.repeats)
+        base = _timed(lambda: greedy_decode(model, prompt, 0, cfg.new_tokens), cfg.repeats)
         rows.append({"method": "no_document", "n": 0, "batch": batch, **_rate(base, batch, cfg.new_tokens)})
         for n in cfg.decode_n:
             full = prefill(model, torch.tensor(doc_ids[:n]))
             with bound(model, full):
-                t = _timed(lambda: _decode(model, prompt, n, cfg.new_tokens), cfg.repeats)
+                t = _timed(lambda: greedy_decode(model, prompt, n, cfg.new_tokens), cfg.repeats)
             rows.append({"method": "full_cache", "n": n, "batch": batch, **_rate(t, batch, cfg.new_tokens)})
             del full
             with bound(model, bank, kept=kept):
-                t = _timed(lambda: _decode(model, prompt, n, cfg.new_tokens), cfg.repeats)
+                t = _timed(lambda: greedy_decode(model, prompt, n, cfg.new_tokens), cfg.repeats)
             rows.append({"method": "nectar", "n": n, "batch": batch, **_rate(t, batch, cfg.new_tokens)})
     return rows
 

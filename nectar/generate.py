@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .attach import bound, positions_after
+from .attach import bound, positions_after, prefill
 from .attention import ContextProvider
 
 
@@ -98,8 +98,6 @@ def ask(model, tokenizer, artifact, questions: list[str], max_new_tokens: int = 
 def ask_full(model, tokenizer, document_ids: list[int], template: str, questions: list[str],
              max_new_tokens: int = 128, batch_size: int = 16) -> list[str]:
     """The reference: greedy answers with the document's full KV cache."""
-    from .attach import prefill
-
     prompts = [question_ids(tokenizer, template, q) for q in questions]
     ids = generate_ids(model, tokenizer, prompts, len(document_ids), prefill(model, torch.tensor(document_ids)),
                        max_new_tokens=max_new_tokens, batch_size=batch_size)
