@@ -19,16 +19,16 @@ from safetensors.torch import load_file, save_file
 from .attention import ExactContext
 from .errors import NectarError
 from .models import model_fingerprint, tokenizer_fingerprint
-from .modules import FusedBank, MLPBank
+from .modules import BANKS, Bank
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer module widths, quadrature variant
 STORE_DTYPE = torch.float16
 
 
 @dataclass
 class Artifact:
     manifest: dict
-    bank: MLPBank
+    bank: Bank
     kept: ExactContext  # the exact-kept document tokens (attention sinks)
     document_ids: list[int] | None = None  # kept for reference runs only, never read at inference
 
@@ -41,13 +41,13 @@ class Artifact:
     def question_template(self) -> str:
         return self.manifest["templates"]["question"]
 
-    def providers(self, model) -> tuple[FusedBank, ExactContext]:
+    def providers(self, model) -> tuple[torch.nn.Module, ExactContext]:
         """(modules, exact-kept tokens) ready for `model`'s device and dtype, built once per artifact."""
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
         key = (dtype, device)
         if getattr(self, "_providers_key", None) != key:
             # Modules stay fp32: they are tiny, and bf16 would cost the lse its precision.
-            fused = FusedBank(self.bank).to(device)
+            fused = self.bank.inference().to(device)
             kept = ExactContext([k.to(device, dtype) for k in self.kept.keys],
                                 [v.to(device, dtype) for v in self.kept.values])
             self._providers, self._providers_key = (fused, kept), key
@@ -66,7 +66,7 @@ class Artifact:
         return self.nbytes() / self.kv_bytes()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"bank.{k}": v.detach().to(STORE_DTYPE).contiguous() for k, v in self.bank.state_dict().items()}
+        out = {f"bank.{k}": v.detach().to(STORE_DTYPE).contiguous() for k, v in self.bank.export().items()}
         out["kept.keys"] = torch.stack(self.kept.keys).to(STORE_DTYPE).contiguous()
         out["kept.values"] = torch.stack(self.kept.values).to(STORE_DTYPE).contiguous()
         if self.document_ids is not None:
@@ -119,12 +119,10 @@ class Artifact:
             raise NectarError("this artifact was compiled with another tokenizer: use the model's own tokenizer")
 
 
-def _bank_from(manifest: dict, tensors: dict) -> MLPBank:
-    m, sizes = manifest["model"], manifest["modules"]
-    bank = MLPBank(m["layers"], m["kv_heads"], m["head_dim"], sizes["target_width"], sizes["score_width"],
-                   sizes["depth"])
+def _bank_from(manifest: dict, tensors: dict) -> Bank:
+    sizes = manifest["modules"]
     state = {k.removeprefix("bank."): v.float() for k, v in tensors.items() if k.startswith("bank.")}
-    bank.load_state_dict(state)
+    bank = BANKS[sizes["variant"]].from_export(manifest["model"], sizes, state)
     return bank.eval().requires_grad_(False)
 
 
@@ -141,7 +139,7 @@ def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: MLPBank, config,
+def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: Bank, config,
                    metrics: dict, timings: dict) -> dict:
     cfg = model.config
     return {
@@ -158,10 +156,9 @@ def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: 
         },
         "templates": templates,
         "modules": {
-            "variant": config.variant,
-            "depth": bank.depth,
-            "target_width": bank.widths[0],
-            "score_width": bank.widths[1],
+            "variant": bank.variant,
+            "allocation": config.allocation,
+            **bank.sizes(),
             "params_per_module": bank.num_params() // (cfg.num_hidden_layers * cfg.num_key_value_heads),
             "dtype": str(STORE_DTYPE).removeprefix("torch."),
         },

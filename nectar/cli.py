@@ -60,8 +60,8 @@ def cmd_compile(args) -> None:
     from .config import CompileConfig, FitConfig
 
     text = read_document(args.document)
-    config = CompileConfig(budget=args.budget, variant=args.variant, seed=args.seed, truncate=args.truncate,
-                           fit=FitConfig(steps=args.steps))
+    config = CompileConfig(budget=args.budget, variant=args.variant, allocation=args.allocation, seed=args.seed,
+                           truncate=args.truncate, fit=FitConfig(steps=args.steps))
     model, tokenizer = _load(args.model, args.dtype)
     if text.startswith("pydoc"):
         text = _resolve_pydoc(text, tokenizer)
@@ -75,8 +75,7 @@ def _summary(artifact, path=None) -> None:
     fid = m["metrics"]["fidelity"]
     if path:
         print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)")
-    print(f"document: {m['document']['tokens']} tokens; modules: {m['modules']['variant']} "
-          f"widths {m['modules']['target_width']}/{m['modules']['score_width']}, "
+    print(f"document: {m['document']['tokens']} tokens; modules: {_describe(m['modules'])}, "
           f"{artifact.memory_ratio():.4f} x the KV cache's bytes")
     val = m["metrics"]["validation"]
     print(f"validation: o_ctx rel err {val['o_rel']:.3f}, |lse err| {val['lse_abs']:.3f}, "
@@ -90,6 +89,14 @@ def _summary(artifact, path=None) -> None:
             print(f"{kind:>10} answers, {name:>11}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} "
                   f"({a['tokens']} tokens)")
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in m["timings"].items()))
+
+
+def _describe(modules: dict) -> str:
+    if modules["variant"] == "quadrature":
+        return f"quadrature, {modules['nodes']} nodes"
+    t, s = modules["target_widths"], modules["score_widths"]
+    widths = f"{t[0]}/{s[0]}" if len(set(t)) == 1 and len(set(s)) == 1 else f"{min(t)}-{max(t)}/{min(s)}-{max(s)}"
+    return f"mlp ({modules.get('allocation', 'uniform')}), widths {widths}"
 
 
 def cmd_info(args) -> None:
@@ -202,7 +209,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("document", help="UTF-8 text file, or pydoc[:TOKENS] for CPython's help topics")
     c.add_argument("-o", "--output", required=True, help="artifact path, e.g. manual.nectar")
     c.add_argument("--budget", type=float, default=0.02, help="module bytes / KV-cache bytes (default 0.02)")
-    c.add_argument("--variant", default="mlp", help="module kind (default mlp)")
+    c.add_argument("--variant", default="mlp", help="module kind: mlp (default) or quadrature")
+    c.add_argument("--allocation", default="uniform",
+                   help="capacity per layer: uniform (default) or probe (by a short fit's per-layer error)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--steps", type=int, default=1000, help="fitting steps (default 1000)")
     c.add_argument("--truncate", action="store_true", help="cut a document too long for the model")

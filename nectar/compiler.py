@@ -4,20 +4,22 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import replace
+from functools import cached_property
 
 import torch
 
 from . import prompts as P
 from .artifact import Artifact, build_manifest
-from .attach import prefill, split_context
+from .attach import attention_layers, prefill, split_context
 from .attention import ExactContext, NoContext
-from .capture import capture
+from .capture import Store, capture
 from .config import CompileConfig
 from .errors import NectarError
 from .evaluate import next_token_fidelity
 from .fit import errors, fit
 from .generate import generate_ids, question_ids
-from .modules import MLPBank
+from .modules import Bank, MLPBank, QuadratureBank
 from .refine import refine
 
 TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
@@ -95,70 +97,170 @@ def _chat(tokenizer, text: str) -> str:
     return text + "\n"
 
 
-def compile(model, tokenizer, context, config: CompileConfig | None = None) -> Artifact:
-    """Compile a document (text, or a 1-D tensor of token ids) into an Artifact for `model`."""
-    config = config or CompileConfig()
-    torch.manual_seed(config.seed)
-    timings: dict[str, float] = {}
-    templates = templates_for(tokenizer, config)
-    doc_ids = document_ids(context, tokenizer, model, config, templates["document"])
-    n = len(doc_ids)
-    if n <= config.sink_tokens:
-        raise NectarError(f"the document has only {n} tokens: nothing to compile beyond the {config.sink_tokens} "
-                          "exact sink tokens")
+class Workbench:
+    """One document on one model: prefill, prompts and captures, each made once on first use.
 
-    with _stage(timings, "prefill"):
-        full = prefill(model, torch.tensor(doc_ids))
-        sinks, rest = split_context(full, config.sink_tokens)
-    with _stage(timings, "prompts"):
-        prompts = build_prompts(model, tokenizer, doc_ids, full, templates, config)
-        _, val_chunks = P.split_chunks(len(P.chunk_bounds(n, config.prompts.chunk_tokens)),
-                                       config.prompts.val_fraction, random.Random(config.seed))
-        for p in prompts:
-            p.question_ids = question_ids(tokenizer, templates["question"], p.question)
-        train = [p.question_ids + p.answer_ids for p in prompts if p.chunk not in val_chunks]
-        val = [p for p in prompts if p.chunk in val_chunks]
+    Every bank fitted here (a budget sweep, the quadrature variant, an allocation ablation) shares
+    them, so only the fit itself is paid again.
+    """
+
+    def __init__(self, model, tokenizer, context, config: CompileConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or CompileConfig()
+        self.templates = templates_for(tokenizer, self.config)
+        self.doc_ids = document_ids(context, tokenizer, model, self.config, self.templates["document"])
+        self.n = len(self.doc_ids)
+        if self.n <= self.config.sink_tokens:
+            raise NectarError(f"the document has only {self.n} tokens: nothing to compile beyond the "
+                              f"{self.config.sink_tokens} exact sink tokens")
+        self.timings: dict[str, float] = {}
+
+    @cached_property
+    def full(self) -> ExactContext:
+        with _stage(self.timings, "prefill"):
+            return prefill(self.model, torch.tensor(self.doc_ids))
+
+    @cached_property
+    def split(self) -> tuple[ExactContext, ExactContext]:
+        """(exact sink tokens, the rest that modules learn)."""
+        return split_context(self.full, self.config.sink_tokens)
+
+    @cached_property
+    def prompts(self) -> tuple[list[list[int]], list[P.Prompt]]:
+        """(training sequences, validation prompts): validation prompts come from held-out chunks."""
+        config, full = self.config, self.full
+        with _stage(self.timings, "prompts"):
+            torch.manual_seed(config.seed)
+            prompts = build_prompts(self.model, self.tokenizer, self.doc_ids, full, self.templates, config)
+            _, val_chunks = P.split_chunks(len(P.chunk_bounds(self.n, config.prompts.chunk_tokens)),
+                                           config.prompts.val_fraction, random.Random(config.seed))
+            for p in prompts:
+                p.question_ids = question_ids(self.tokenizer, self.templates["question"], p.question)
+            train = [p.question_ids + p.answer_ids for p in prompts if p.chunk not in val_chunks]
+            val = [p for p in prompts if p.chunk in val_chunks]
         if not train or not val:
             raise NectarError("the document is too short to split into training and validation chunks: "
                               "give a longer document")
-    with _stage(timings, "capture"):
-        topk = TEACHER_TOPK if config.refine_steps else 0
-        val_seqs = [p.question_ids + p.answer_ids for p in val]
-        train_store, teacher = capture(model, train, n, rest, sinks, config.batch_size, "capture train", topk)
-        val_store, val_teacher = capture(model, val_seqs, n, rest, sinks, config.batch_size, "capture val", topk)
-    with _stage(timings, "fit"):
-        bank = _bank_for(model, n, config)
-        fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
-        bank.eval().requires_grad_(False)
-    if config.refine_steps:
-        with _stage(timings, "refine"):
-            refined = refine(model, bank, sinks, train, teacher, val_seqs, val_teacher, n, config.refine_steps,
-                             seed=config.seed)
-            fit_log["refine"] = refined
-    with _stage(timings, "evaluate"):
-        metrics = _metrics(model, bank, val_store, val, n, full, sinks, config)
-    del train_store, val_store
-    metrics["val_set"] = [{"kind": p.kind, "question": p.question, "answer_ids": p.answer_ids} for p in val]
-    metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"),
-                   train_tokens=sum(map(len, train)),
-                   prompts={kind: sum(p.kind == kind for p in prompts) for kind in ("recall", "self_study", "generic")})
-    timings["total"] = round(sum(timings.values()), 1)
-    manifest = build_manifest(model, tokenizer, doc_ids, templates, bank, config, metrics, timings)
-    artifact = Artifact(manifest, bank, sinks, doc_ids if config.keep_document else None)
-    artifact.manifest["memory_ratio"] = artifact.memory_ratio()
-    return artifact
+        self.kinds = {kind: sum(p.kind == kind for p in prompts) for kind in ("recall", "self_study", "generic")}
+        return train, val
+
+    @cached_property
+    def stores(self) -> tuple[Store, Store, list | None, list | None]:
+        """(train store, validation store, train teacher, validation teacher)."""
+        train, val = self.prompts
+        sinks, rest = self.split
+        topk = TEACHER_TOPK if self.config.refine_steps else 0
+        size = self.config.batch_size
+        with _stage(self.timings, "capture"):
+            train_store, teacher = capture(self.model, train, self.n, rest, sinks, size, "capture train", topk)
+            val_seqs = [p.question_ids + p.answer_ids for p in val]
+            val_store, val_teacher = capture(self.model, val_seqs, self.n, rest, sinks, size, "capture val", topk)
+        return train_store, val_store, teacher, val_teacher
+
+    def compile(self, **changes) -> Artifact:
+        """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
+        config = replace(self.config, **changes)
+        train, val = self.prompts
+        train_store, val_store, teacher, val_teacher = self.stores
+        sinks, rest = self.split
+        timings = dict(self.timings)
+        with _stage(timings, "fit"):
+            bank = self._bank(config, train_store, val_store)
+            fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
+            bank.eval().requires_grad_(False)
+        if config.refine_steps:
+            with _stage(timings, "refine"):
+                val_seqs = [p.question_ids + p.answer_ids for p in val]
+                fit_log["refine"] = refine(self.model, bank, sinks, train, teacher, val_seqs, val_teacher, self.n,
+                                           config.refine_steps, seed=config.seed)
+        with _stage(timings, "evaluate"):
+            metrics = _metrics(self.model, bank, val_store, val, self.n, self.full, sinks, config)
+        metrics["val_set"] = [{"kind": p.kind, "question": p.question, "answer_ids": p.answer_ids} for p in val]
+        metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"),
+                       train_tokens=sum(map(len, train)), prompts=self.kinds)
+        timings["total"] = round(sum(timings.values()), 1)
+        manifest = build_manifest(self.model, self.tokenizer, self.doc_ids, self.templates, bank, config, metrics,
+                                  timings)
+        artifact = Artifact(manifest, bank, sinks, self.doc_ids if config.keep_document else None)
+        artifact.manifest["memory_ratio"] = artifact.memory_ratio()
+        return artifact
+
+    def _bank(self, config: CompileConfig, train_store: Store, val_store: Store) -> Bank:
+        cfg, d = self.model.config, head_dim(self.model.config)
+        per_module = params_per_module(self.model, self.n, config)
+        if config.variant == "quadrature":
+            bank = QuadratureBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, d, per_module,
+                                             attention_scaling(self.model))
+            _, rest = self.split
+            bank.init_from(torch.cat(rest.keys).float(), torch.cat(rest.values).float(), seed=config.seed)
+            return bank
+        def bank_for(params) -> MLPBank:
+            return MLPBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, d, params, config.depth,
+                                      config.score_share)
+
+        uniform = bank_for(per_module)
+        if config.allocation == "uniform":
+            return uniform
+        shares = allocate(self._probe(config, per_module, train_store, val_store), per_module)
+        # Widths round down per layer; shrink until no more numbers than the uniform bank's, for a fair match.
+        for scale in torch.linspace(1.0, 0.8, 41).tolist():
+            bank = bank_for([int(p * scale) for p in shares])
+            if bank.num_params() <= uniform.num_params():
+                return bank
+        return uniform
+
+    def _probe(self, config: CompileConfig, per_module: int, train_store: Store, val_store: Store) -> list[float]:
+        """Each layer's merged-output error after a short fit at uniform width: where capacity is short."""
+        cfg = self.model.config
+        probe = MLPBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg), per_module,
+                                   config.depth, config.score_share)
+        steps = config.probe_steps
+        fit(probe, train_store, val_store, replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10),
+            seed=config.seed, progress=False)
+        merged = errors(probe, val_store)["merged_rel"]
+        return merged.view(cfg.num_hidden_layers, -1).mean(1).tolist()
 
 
-def _bank_for(model, n: int, config: CompileConfig) -> MLPBank:
-    cfg = model.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    modules = cfg.num_hidden_layers * cfg.num_key_value_heads
-    # Module numbers + exact sink keys/values must fit in budget * (KV numbers of the whole document).
-    total = config.budget * 2 * n * d * modules - config.sink_tokens * 2 * d * modules
-    if total <= 0:
+def allocate(difficulty: list[float], per_module: int, low: float = 0.25, high: float = 3.0) -> list[int]:
+    """Split a uniform budget across layers in proportion to difficulty, each within [low, high] x uniform.
+
+    The total never exceeds the uniform one, so both allocations compare at the same bytes.
+    """
+    share = torch.tensor(difficulty, dtype=torch.float64).clamp_min(1e-9)
+    share = share / share.mean()
+    for _ in range(50):  # clamping moves mass: rescale the unclamped layers until the mean is 1 again
+        share = share.clamp(low, high)
+        free = (share > low) & (share < high)
+        excess = share.sum() - len(share)
+        if abs(excess) < 1e-6 or not free.any():
+            break
+        share = torch.where(free, share - excess * share / share[free].sum(), share)
+    share = share.clamp(low, high)
+    share = share / max(1.0, share.mean().item())
+    return [int(per_module * s) for s in share.tolist()]
+
+
+def compile(model, tokenizer, context, config: CompileConfig | None = None) -> Artifact:
+    """Compile a document (text, or a 1-D tensor of token ids) into an Artifact for `model`."""
+    return Workbench(model, tokenizer, context, config).compile()
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def attention_scaling(model) -> float:
+    layer = attention_layers(model)[0]
+    return float(getattr(layer, "scaling", head_dim(model.config) ** -0.5))
+
+
+def params_per_module(model, n: int, config: CompileConfig) -> int:
+    """Numbers per (layer, KV head) module so that modules + exact sink K/V = budget x the document's KV."""
+    d = head_dim(model.config)
+    per_module = config.budget * 2 * n * d - config.sink_tokens * 2 * d
+    if per_module <= 0:
         raise NectarError(f"budget {config.budget} leaves no room for modules: raise --budget")
-    return MLPBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, d, int(total / modules),
-                              config.depth, config.score_share)
+    return int(per_module)
 
 
 def _metrics(model, bank, val_store, val_prompts, n, full, sinks, config) -> dict:

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 from .errors import NectarError
 
-VARIANTS = ("mlp",)
+VARIANTS = ("mlp", "quadrature")
+ALLOCATIONS = ("uniform", "probe")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -56,6 +57,8 @@ class CompileConfig:
 
     budget: float = 0.02
     variant: str = "mlp"
+    allocation: str = "uniform"  # capacity per layer: equal, or by a short probe fit's per-layer error
+    probe_steps: int = 150  # fitting steps of that probe
     seed: int = 0
     depth: int = 2  # hidden layers per network
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
@@ -72,6 +75,9 @@ class CompileConfig:
     def __post_init__(self):
         _require(0.0 < self.budget < 1.0, f"budget must be in (0, 1), got {self.budget}: e.g. 0.02 for 2% of the KV cache")
         _require(self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
+        _require(self.allocation in ALLOCATIONS,
+                 f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
+        _require(self.probe_steps >= 1, "probe_steps must be >= 1")
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")

@@ -20,15 +20,24 @@ def gelu(x: Tensor) -> Tensor:
 
 
 class MLPStack(nn.Module):
-    """M independent MLPs: d_in -> width (x depth, GELU) -> d_out, as batched matmuls."""
+    """M independent MLPs: d_in -> width (x depth, GELU) -> d_out, as batched matmuls.
 
-    def __init__(self, M: int, d_in: int, width: int, d_out: int, depth: int):
+    `widths` gives each module its own hidden width: all are stored at the largest one, and units past
+    a module's width are masked to zero, so they neither compute nor learn anything.
+    """
+
+    def __init__(self, M: int, d_in: int, widths: list[int], d_out: int, depth: int):
         super().__init__()
+        width = max(widths)
         dims = [d_in] + [width] * depth + [d_out]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.randn(M, a, b) / math.sqrt(a)) for a, b in zip(dims[:-1], dims[1:])
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(M, 1, b)) for b in dims[1:])
+        self.widths = list(widths)
+        mask = (torch.arange(width) < torch.tensor(widths).unsqueeze(1)).float().unsqueeze(1)
+        self.register_buffer("mask", mask, persistent=False)  # [M, 1, width]
+        self.uniform = min(widths) == width
         with torch.no_grad():
             self.weights[-1].mul_(0.1)  # start near the mean prediction
 
@@ -37,8 +46,19 @@ class MLPStack(nn.Module):
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b[rows], x, w[rows])
             if i < last:
-                x = gelu(x)
+                x = gelu(x) if self.uniform else gelu(x) * self.mask[rows]
         return x
+
+    def trimmed(self, rows: slice, width: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The weights of modules `rows` (all of hidden width `width`) without their masked units."""
+        last = len(self.weights) - 1
+        weights = [w[rows][:, : width if i else None, : width if i < last else None] for i, w in enumerate(self.weights)]
+        biases = [b[rows][..., : width if i < last else None] for i, b in enumerate(self.biases)]
+        return weights, biases
+
+    def active_params(self) -> int:
+        d_in, d_out = self.weights[0].shape[1], self.weights[-1].shape[2]
+        return sum(self.num_params(d_in, w, d_out, len(self.weights) - 1) for w in self.widths)
 
     @staticmethod
     def num_params(d_in: int, width: int, d_out: int, depth: int) -> int:
@@ -55,33 +75,42 @@ def width_for(params: int, d_in: int, d_out: int, depth: int) -> int:
 
 
 class MLPBank(nn.Module):
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, target_width: int, score_width: int, depth: int):
+    variant = "mlp"
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, target_widths: int | list[int],
+                 score_widths: int | list[int], depth: int):
         super().__init__()
         self.layers, self.kv_heads, self.head_dim, self.depth = layers, kv_heads, head_dim, depth
+        self.target_widths = _per_layer(target_widths, layers)
+        self.score_widths = _per_layer(score_widths, layers)
         M, d = layers * kv_heads, head_dim
-        self.target = MLPStack(M, d, target_width, d, depth)
-        self.score = MLPStack(M, d, score_width, 1, depth)
+        self.target = MLPStack(M, d, [w for w in self.target_widths for _ in range(kv_heads)], d, depth)
+        self.score = MLPStack(M, d, [w for w in self.score_widths for _ in range(kv_heads)], 1, depth)
         self.score_skip = nn.Parameter(torch.zeros(M, d, 1))
         for name, shape in (("in_mean", (M, 1, d)), ("in_std", (M, 1, d)), ("o_mean", (M, 1, d)),
                             ("o_scale", (M, 1, 1)), ("lse_mean", (M, 1)), ("lse_scale", (M, 1))):
             self.register_buffer(name, torch.zeros(shape) if "mean" in name else torch.ones(shape))
 
     @classmethod
-    def for_budget(cls, layers: int, kv_heads: int, head_dim: int, params_per_module: int, depth: int,
+    def for_budget(cls, layers: int, kv_heads: int, head_dim: int, params_per_module: int | list[int], depth: int,
                    score_share: float) -> "MLPBank":
+        """The widest bank whose modules fit `params_per_module` (one number, or one per layer) each."""
         d = head_dim
-        fixed = 4 * d + 2 + d  # normalisation stats and the score skip
-        free = max(0, params_per_module - fixed)
-        score_width = width_for(int(free * score_share), d, 1, depth)
-        target_width = width_for(free - MLPStack.num_params(d, score_width, 1, depth), d, d, depth)
-        return cls(layers, kv_heads, head_dim, target_width, score_width, depth)
+        fixed = 4 * d + 3 + d  # normalisation stats and the score skip
+        target, score = [], []
+        for params in _per_layer(params_per_module, layers):
+            free = max(0, params - fixed)
+            score.append(width_for(int(free * score_share), d, 1, depth))
+            target.append(width_for(free - MLPStack.num_params(d, score[-1], 1, depth), d, d, depth))
+        return cls(layers, kv_heads, head_dim, target, score, depth)
 
-    @property
-    def widths(self) -> tuple[int, int]:
-        return self.target.weights[0].shape[-1], self.score.weights[0].shape[-1]
+    def sizes(self) -> dict:
+        return {"depth": self.depth, "target_widths": self.target_widths, "score_widths": self.score_widths}
 
     def num_params(self) -> int:
-        return sum(t.numel() for t in self.state_dict().values())
+        """Numbers the module needs (masked units excluded): what the byte budget counts."""
+        fixed = self.score_skip.numel() + sum(b.numel() for b in self.buffers(recurse=False))
+        return self.target.active_params() + self.score.active_params() + fixed
 
     def predict(self, q: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
         """q [m, N, d] (raw post-RoPE queries of modules `rows`) -> (o [m, N, d], lse [m, N]), fp32."""
@@ -92,10 +121,47 @@ class MLPBank(nn.Module):
 
     def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
         """Context-provider interface: q [b, kv_heads, m, d] -> (out [b, kv_heads, m, d], lse [b, kv_heads, m])."""
-        b, h, m, d = q.shape
-        rows = slice(layer * h, (layer + 1) * h)
-        o, lse = self.predict(q.transpose(0, 1).reshape(h, b * m, d), rows)
-        return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
+        return _per_layer_call(self.predict, layer, q)
+
+    def inference(self) -> nn.Module:
+        return FusedBank(self)
+
+    def rows(self, layer: int) -> slice:
+        return slice(layer * self.kv_heads, (layer + 1) * self.kv_heads)
+
+    def layer_weights(self, layer: int) -> tuple[tuple[list[Tensor], list[Tensor]], tuple[list[Tensor], list[Tensor]]]:
+        """((target weights, biases), (score weights, biases)) of one layer, masked units cut off."""
+        rows = self.rows(layer)
+        return self.target.trimmed(rows, self.target_widths[layer]), self.score.trimmed(rows, self.score_widths[layer])
+
+    def export(self) -> dict[str, Tensor]:
+        """Tensors to store, one set per layer at its own width: padding never reaches the file."""
+        out = {}
+        for layer in range(self.layers):
+            rows = self.rows(layer)
+            for net, (weights, biases) in zip(("target", "score"), self.layer_weights(layer)):
+                out.update({f"{layer}.{net}.w{i}": w for i, w in enumerate(weights)})
+                out.update({f"{layer}.{net}.b{i}": b for i, b in enumerate(biases)})
+            out[f"{layer}.score_skip"] = self.score_skip[rows]
+            out.update({f"{layer}.{name}": buf[rows] for name, buf in self.named_buffers(recurse=False)})
+        return out
+
+    @classmethod
+    def from_export(cls, model: dict, sizes: dict, tensors: dict[str, Tensor]) -> "MLPBank":
+        bank = cls(model["layers"], model["kv_heads"], model["head_dim"], sizes["target_widths"],
+                   sizes["score_widths"], sizes["depth"])
+        with torch.no_grad():
+            for layer in range(bank.layers):
+                for net in (bank.target, bank.score):
+                    name = "target" if net is bank.target else "score"
+                    for i, (w, b) in enumerate(zip(*net.trimmed(bank.rows(layer), max(net.widths)))):
+                        stored_w, stored_b = tensors[f"{layer}.{name}.w{i}"], tensors[f"{layer}.{name}.b{i}"]
+                        w[:, : stored_w.shape[1], : stored_w.shape[2]] = stored_w
+                        b[..., : stored_b.shape[-1]] = stored_b
+                bank.score_skip[bank.rows(layer)] = tensors[f"{layer}.score_skip"]
+                for name, buf in bank.named_buffers(recurse=False):
+                    buf[bank.rows(layer)] = tensors[f"{layer}.{name}"]
+        return bank
 
     @torch.no_grad()
     def standardise(self, q: Tensor, o_ctx: Tensor, lse_ctx: Tensor, ridge: float = 1e-2) -> None:
@@ -111,6 +177,103 @@ class MLPBank(nn.Module):
         y = ((lse_ctx - self.lse_mean) / self.lse_scale).unsqueeze(-1)
         gram = x.transpose(1, 2) @ x / x.shape[1] + ridge * torch.eye(x.shape[-1])
         self.score_skip.copy_(torch.linalg.solve(gram, x.transpose(1, 2) @ y / x.shape[1]))
+
+
+def _per_layer(value: int | list[int], layers: int) -> list[int]:
+    values = [int(value)] * layers if isinstance(value, (int, float)) else [int(v) for v in value]
+    if len(values) != layers:
+        raise ValueError(f"expected {layers} per-layer values, got {len(values)}")
+    return values
+
+
+def _per_layer_call(predict, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a [modules, N, d] predictor on one layer's provider-shaped queries [b, kv_heads, m, d]."""
+    b, h, m, d = q.shape
+    o, lse = predict(q.transpose(0, 1).reshape(h, b * m, d), slice(layer * h, (layer + 1) * h))
+    return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
+
+
+class QuadratureBank(nn.Module):
+    """Nectar's quadrature variant: per module, m learned nodes (key kappa_j, value nu_j, log-weight w_j).
+
+    lse(q) = logsumexp_j(s q.kappa_j + w_j) and o(q) = softmax_j(...) . nu: a compact, learned KV cache
+    whose nodes start as k-means clusters of the document's keys (w_j = log cluster size, nu_j = mean
+    value), which is already a fair approximation before any fitting.
+    """
+
+    variant = "quadrature"
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, nodes: int, scaling: float):
+        super().__init__()
+        self.layers, self.kv_heads, self.head_dim, self.nodes, self.scaling = layers, kv_heads, head_dim, nodes, scaling
+        M = layers * kv_heads
+        self.keys = nn.Parameter(torch.zeros(M, nodes, head_dim))
+        self.values = nn.Parameter(torch.zeros(M, nodes, head_dim))
+        self.log_weights = nn.Parameter(torch.zeros(M, nodes))
+        # Loss units only (set from the data in `standardise`); the prediction does not use them.
+        self.register_buffer("o_scale", torch.ones(M, 1, 1), persistent=False)
+        self.register_buffer("lse_scale", torch.ones(M, 1), persistent=False)
+
+    @classmethod
+    def for_budget(cls, layers: int, kv_heads: int, head_dim: int, params_per_module: int,
+                   scaling: float) -> "QuadratureBank":
+        return cls(layers, kv_heads, head_dim, max(1, params_per_module // (2 * head_dim + 1)), scaling)
+
+    def sizes(self) -> dict:
+        return {"nodes": self.nodes, "scaling": self.scaling}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def predict(self, q: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        scores = self.scaling * torch.bmm(q.float(), self.keys[rows].transpose(1, 2)) + self.log_weights[rows].unsqueeze(1)
+        lse = torch.logsumexp(scores, -1)
+        return torch.bmm(torch.exp(scores - lse.unsqueeze(-1)), self.values[rows]), lse
+
+    def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
+        return _per_layer_call(self.predict, layer, q)
+
+    def inference(self) -> nn.Module:
+        return self
+
+    def export(self) -> dict[str, Tensor]:
+        return {"keys": self.keys, "values": self.values, "log_weights": self.log_weights}
+
+    @classmethod
+    def from_export(cls, model: dict, sizes: dict, tensors: dict[str, Tensor]) -> "QuadratureBank":
+        bank = cls(model["layers"], model["kv_heads"], model["head_dim"], sizes["nodes"], sizes["scaling"])
+        bank.load_state_dict(tensors)
+        return bank
+
+    @torch.no_grad()
+    def init_from(self, keys: Tensor, values: Tensor, iters: int = 15, seed: int = 0) -> None:
+        """k-means of each module's keys [M, n, d] (values [M, n, d]) into its nodes."""
+        centres, assign, counts = kmeans(keys.float(), self.nodes, iters, seed)
+        sums = torch.zeros_like(self.values).scatter_add_(1, assign.unsqueeze(-1).expand_as(values), values.float())
+        self.keys.copy_(centres)
+        self.values.copy_(sums / counts.clamp_min(1).unsqueeze(-1))
+        self.log_weights.copy_(torch.where(counts > 0, counts.clamp_min(1).log(), torch.full_like(counts, -30.0)))
+
+    @torch.no_grad()
+    def standardise(self, q: Tensor, o_ctx: Tensor, lse_ctx: Tensor) -> None:
+        o = o_ctx.float()
+        self.o_scale.copy_((o - o.mean(1, keepdim=True)).pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-4))
+        self.lse_scale.copy_(lse_ctx.std(1, keepdim=True).clamp_min(1e-4))
+
+
+def kmeans(x: Tensor, k: int, iters: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Lloyd's algorithm on every module at once: x [M, n, d] -> (centres [M, k, d], assign [M, n], counts [M, k])."""
+    M, n, d = x.shape
+    centres = _kmeans_pp(x, min(k, n), torch.Generator().manual_seed(seed))
+    k = centres.shape[1]
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(-1)
+        counts = torch.zeros(M, k).scatter_add_(1, assign, torch.ones(M, n))
+        sums = torch.zeros(M, k, d).scatter_add_(1, assign.unsqueeze(-1).expand(M, n, d), x)
+        centres = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), centres)
+    assign = torch.cdist(x, centres).argmin(-1)
+    counts = torch.zeros(M, k).scatter_add_(1, assign, torch.ones(M, n))
+    return centres, assign, counts
 
 
 class FusedBank(nn.Module):
@@ -129,7 +292,7 @@ class FusedBank(nn.Module):
         self.biases: list[list[Tensor]] = []
         with torch.no_grad():
             for layer in range(bank.layers):
-                w, b = _fuse_layer(bank, slice(layer * bank.kv_heads, (layer + 1) * bank.kv_heads))
+                w, b = _fuse_layer(bank, layer)
                 self.weights.append([t.to(dtype).contiguous() for t in w])
                 self.biases.append([t.to(dtype).contiguous() for t in b])
 
@@ -159,7 +322,9 @@ def _block_diag(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def _fuse_layer(bank: MLPBank, rows: slice) -> tuple[list[Tensor], list[Tensor]]:
+def _fuse_layer(bank: MLPBank, layer: int) -> tuple[list[Tensor], list[Tensor]]:
+    rows = bank.rows(layer)
+    (target_w, target_b), (score_w, score_b) = bank.layer_weights(layer)
     mean, std = bank.in_mean[rows], bank.in_std[rows]  # [kv, 1, d]
     lse_scale = bank.lse_scale[rows].unsqueeze(-1)  # [kv, 1, 1]
 
@@ -167,15 +332,32 @@ def _fuse_layer(bank: MLPBank, rows: slice) -> tuple[list[Tensor], list[Tensor]]
         # ((q - mean) / std) @ w + bias == q @ (w / std^T) + (bias - (mean / std) @ w)
         return w / std.transpose(1, 2), bias - (mean / std) @ w
 
-    wt, bt = standardised_input(bank.target.weights[0][rows], bank.target.biases[0][rows])
-    ws, bs = standardised_input(bank.score.weights[0][rows], bank.score.biases[0][rows])
+    wt, bt = standardised_input(target_w[0], target_b[0])
+    ws, bs = standardised_input(score_w[0], score_b[0])
     wk, bk = standardised_input(bank.score_skip[rows] * lse_scale, torch.zeros_like(lse_scale))
     weights, biases = [torch.cat([wt, ws, wk], -1)], [torch.cat([bt, bs, bk], -1)]
-    for i in range(1, len(bank.target.weights) - 1):
-        weights.append(_block_diag(bank.target.weights[i][rows], bank.score.weights[i][rows]))
-        biases.append(torch.cat([bank.target.biases[i][rows], bank.score.biases[i][rows]], -1))
+    for i in range(1, len(target_w) - 1):
+        weights.append(_block_diag(target_w[i], score_w[i]))
+        biases.append(torch.cat([target_b[i], score_b[i]], -1))
     o_scale = bank.o_scale[rows]
-    weights.append(_block_diag(bank.target.weights[-1][rows] * o_scale, bank.score.weights[-1][rows] * lse_scale))
-    biases.append(torch.cat([bank.target.biases[-1][rows] * o_scale + bank.o_mean[rows],
-                             bank.score.biases[-1][rows] * lse_scale + bank.lse_mean[rows].unsqueeze(-1)], -1))
+    weights.append(_block_diag(target_w[-1] * o_scale, score_w[-1] * lse_scale))
+    biases.append(torch.cat([target_b[-1] * o_scale + bank.o_mean[rows],
+                             score_b[-1] * lse_scale + bank.lse_mean[rows].unsqueeze(-1)], -1))
     return weights, biases
+
+
+def _kmeans_pp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (each new centre drawn with probability ~ squared distance), for all modules."""
+    M, n, d = x.shape
+    pick = torch.randint(n, (M, 1), generator=generator)
+    centres = [x.gather(1, pick.unsqueeze(-1).expand(M, 1, d))]
+    dist = (x - centres[0]).pow(2).sum(-1)
+    for _ in range(k - 1):
+        pick = torch.multinomial(dist.clamp_min(1e-12), 1, generator=generator)
+        centres.append(x.gather(1, pick.unsqueeze(-1).expand(M, 1, d)))
+        dist = torch.minimum(dist, (x - centres[-1]).pow(2).sum(-1))
+    return torch.cat(centres, 1)
+
+
+Bank = MLPBank | QuadratureBank
+BANKS = {cls.variant: cls for cls in (MLPBank, QuadratureBank)}

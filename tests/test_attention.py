@@ -115,25 +115,6 @@ def test_fused_kernel_matches_reference_with_mask_and_fully_masked_rows():
     assert torch.isfinite(fast[0]).all()
 
 
-def test_fused_bank_computes_the_same_function_as_the_training_bank():
-    from nectar.modules import FusedBank, MLPBank
-
-    torch.manual_seed(0)
-    for depth in (1, 2, 3):
-        bank = MLPBank(layers=3, kv_heads=2, head_dim=16, target_width=7, score_width=5, depth=depth)
-        q, o = torch.randn(6, 50, 16) * 3 + 1, torch.randn(6, 50, 16)
-        bank.standardise(q, o, torch.randn(6, 50) * 2 + 5)
-        with torch.no_grad():
-            for p in bank.parameters():
-                p.add_(torch.randn_like(p) * 0.3)
-        fused = FusedBank(bank)
-        x = torch.randn(4, 2, 9, 16) * 3
-        for layer in range(3):
-            want, got = bank(layer, x), fused(layer, x)
-            torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
-
-
 def test_merge_all_of_three_parts_equals_attention_over_all_keys():
     from nectar.attention import merge_all
 

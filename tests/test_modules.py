@@ -1,0 +1,95 @@
+"""Module banks: the inference form, per-layer widths, the quadrature variant and budget allocation."""
+import pytest
+import torch
+
+from nectar.attention import reference_attention
+from nectar.compiler import allocate
+from nectar.modules import FusedBank, MLPBank, QuadratureBank
+
+
+def _trained_looking_bank(depth: int, target_widths, score_widths) -> MLPBank:
+    torch.manual_seed(0)
+    bank = MLPBank(layers=3, kv_heads=2, head_dim=16, target_widths=target_widths, score_widths=score_widths,
+                   depth=depth)
+    q, o = torch.randn(6, 50, 16) * 3 + 1, torch.randn(6, 50, 16)
+    bank.standardise(q, o, torch.randn(6, 50) * 2 + 5)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return bank
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("widths", [(7, 5), ([3, 9, 6], [2, 5, 4])], ids=["uniform", "per-layer"])
+def test_fused_bank_computes_the_same_function_as_the_training_bank(depth, widths):
+    bank = _trained_looking_bank(depth, *widths)
+    fused = FusedBank(bank)
+    x = torch.randn(4, 2, 9, 16) * 3
+    for layer in range(3):
+        want, got = bank(layer, x), fused(layer, x)
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+
+
+def test_masked_units_neither_compute_nor_learn():
+    bank = _trained_looking_bank(2, [3, 9, 6], [2, 5, 4])
+    x = torch.randn(4, 2, 9, 16)
+    with torch.no_grad():
+        before = bank(0, x)
+        bank.target.weights[1][0:2, 3:, :] += 100.0  # layer 0's units past width 3 do not exist
+        after = bank(0, x)
+    torch.testing.assert_close(after[0], before[0])
+    o, lse = bank.predict(torch.randn(6, 20, 16))
+    (o.sum() + lse.sum()).backward()
+    assert bank.target.weights[0].grad[0:2, :, 3:].abs().max() == 0
+    assert bank.target.weights[1].grad[0:2, 3:, :].abs().max() == 0
+    assert bank.target.weights[0].grad[2:4, :, :9].abs().max() > 0
+
+
+def test_export_stores_each_layer_at_its_own_width_and_round_trips():
+    bank = _trained_looking_bank(2, [3, 9, 6], [2, 5, 4])
+    tensors = bank.export()
+    assert tensors["0.target.w1"].shape == (2, 3, 3) and tensors["1.target.w1"].shape == (2, 9, 9)
+    assert tensors["2.score.w2"].shape == (2, 4, 1)
+    assert bank.num_params() == sum(t.numel() for t in tensors.values())
+    model = {"layers": 3, "kv_heads": 2, "head_dim": 16}
+    back = MLPBank.from_export(model, bank.sizes(), {k: v.clone() for k, v in tensors.items()})
+    x = torch.randn(2, 2, 5, 16)
+    for layer in range(3):
+        torch.testing.assert_close(back(layer, x), bank(layer, x))
+
+
+def test_quadrature_with_a_node_per_key_is_exact_attention():
+    torch.manual_seed(0)
+    keys, values = torch.randn(6, 24, 16), torch.randn(6, 24, 16)  # 3 layers x 2 kv heads
+    bank = QuadratureBank(3, 2, 16, nodes=24, scaling=0.25)
+    bank.init_from(keys, values)
+    q = torch.randn(1, 2, 7, 16)
+    for layer in range(3):
+        rows = slice(2 * layer, 2 * layer + 2)
+        want = reference_attention(q, keys[None, rows], values[None, rows], 0.25)
+        got = bank(layer, q, 0.25)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_quadrature_kmeans_start_is_close_with_fewer_nodes():
+    torch.manual_seed(0)
+    centres = torch.randn(2, 4, 16) * 4
+    keys = (centres.repeat_interleave(30, 1) + 0.05 * torch.randn(2, 120, 16))
+    values = torch.randn(2, 120, 16)
+    bank = QuadratureBank(1, 2, 16, nodes=4, scaling=0.25)
+    bank.init_from(keys, values)
+    q = torch.randn(1, 2, 10, 16) * 0.3
+    want_lse = reference_attention(q, keys[None], values[None], 0.25)[1]
+    assert (bank(0, q, 0.25)[1] - want_lse).abs().max() < 0.05
+
+
+def test_allocate_follows_difficulty_within_bounds_and_never_exceeds_the_uniform_total():
+    difficulty = [0.01, 0.2, 0.3, 5.0, 0.1, 0.1]
+    params = allocate(difficulty, 1000, low=0.25, high=3.0)
+    assert sum(params) <= 6 * 1000
+    assert sum(params) > 6 * 1000 * 0.98
+    assert min(params) >= 250 - 1 and max(params) <= 3000
+    assert params[3] == max(params) and params[0] == min(params)
+    assert params[2] >= params[1] >= params[4]
