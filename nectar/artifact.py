@@ -162,6 +162,7 @@ def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: 
             "params_per_module": bank.num_params() // (cfg.num_hidden_layers * cfg.num_key_value_heads),
             "dtype": str(STORE_DTYPE).removeprefix("torch."),
         },
+        "config": config.to_dict(),
         "budget": config.budget,
         "sink_tokens": config.sink_tokens,
         "seed": config.seed,

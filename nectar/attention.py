@@ -58,7 +58,7 @@ def exact_attention(
 ) -> tuple[Tensor, Tensor]:
     """Attention of q [b, H, m, d] over k, v [b, Hkv, s, d] (H a multiple of Hkv, GQA) -> fp32 (out, lse).
 
-    mask, if given, is additive and broadcasts to [b, 1, m, s]. On CPU this is PyTorch's fused flash
+    mask, if given, is additive and broadcasts to [b, 1, m, s] (or to [b, H, m, s] when H == Hkv). On CPU this is PyTorch's fused flash
     kernel, which handles GQA and returns the log-sum-exp too (about 6x faster than materialising
     the scores, and no copy of the keys per query head).
     """
@@ -90,8 +90,8 @@ def reference_attention(
 
 def _grouped_mask(mask: Tensor | None, groups: int, length: int) -> Tensor | None:
     """[b, 1, L, s] -> [b, 1, groups * L, s], matching the grouped query layout."""
-    if mask is None:
-        return None
+    if mask is None or groups == 1:
+        return mask
     b, _, L, s = mask.shape
     return mask.float().unsqueeze(2).expand(b, 1, groups, L, s).reshape(b, 1, groups * L, s)
 
@@ -102,6 +102,7 @@ class ExactContext:
 
     keys: list[Tensor]
     values: list[Tensor]
+    bias: list[Tensor] | None = None  # per layer [kv_heads, n], -inf where a key counts as evicted
 
     def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         k, v = self.keys[layer], self.values[layer]
@@ -110,7 +111,8 @@ class ExactContext:
         # Fold the batch into the query rows: a broadcast matmul would copy K once per batch row.
         b, h, m, d = q.shape
         rows = q.transpose(0, 1).reshape(1, h, b * m, d)
-        o, lse = exact_attention(rows, k.to(q.dtype)[None], v.to(q.dtype)[None], scaling)
+        mask = None if self.bias is None else self.bias[layer].to(q.device)[None, :, None, :]
+        o, lse = exact_attention(rows, k.to(q.dtype)[None], v.to(q.dtype)[None], scaling, mask)
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
 
 
@@ -154,8 +156,11 @@ def unbind(module: torch.nn.Module) -> None:
     _BINDINGS.pop(module, None)
 
 
-def nectar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Drop-in for transformers' attention functions: query [b, H, L, d], key/value [b, Hkv, s, d]."""
+def nectar_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Drop-in for transformers' attention functions: query [b, H, L, d], key/value [b, Hkv, s, d].
+
+    Arguments in SDPA's order: kvpress's wrapper passes `dropout` by position.
+    """
     b, heads, length, d = query.shape
     kv_heads = key.shape[1]
     scaling = d**-0.5 if scaling is None else scaling

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -193,6 +194,73 @@ def cmd_bench(args) -> None:
     print(f"\npeak RSS {report['peak_rss_mb']:.0f} MB; wrote {args.out}/bench.json and {args.out}/bench.png")
 
 
+def cmd_eval(args) -> None:
+    import torch
+
+    from .artifact import Artifact
+    from .compare import Comparison, EvalConfig, held_out, read_questions, table, write_report
+    from .compiler import Workbench
+    from .config import CompileConfig
+
+    config = EvalConfig(budgets=tuple(args.sweep or ()), methods=tuple(args.methods or EvalConfig.methods),
+                        generate=not args.no_generate, gap_prompts=args.gap_prompts)
+    questions = read_questions(args.questions) if args.questions else None  # before the slow part
+    artifact = None
+    if args.target.endswith(".nectar"):
+        artifact = Artifact.load(args.target)
+        model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype)
+        artifact.check_compatible(model, tokenizer)
+        compiled = CompileConfig.from_dict(artifact.manifest["config"])
+        ids = _document_of(artifact, args.document, model, tokenizer, compiled)
+        bench = Workbench(model, tokenizer, torch.tensor(ids), compiled)
+    else:
+        text = read_document(args.target)
+        model, tokenizer = _load(args.model or "smollm2-135m", args.dtype)
+        if text.startswith("pydoc"):
+            text = _resolve_pydoc(text, tokenizer)
+        bench = Workbench(model, tokenizer, text, _document_config(args))
+    out = Path(args.out)
+    prompts = held_out(bench, artifact, questions, config.batch_size)
+    report = Comparison(bench, artifact, prompts, out, config).run()
+    print(table(report))
+    print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
+
+
+def _document_config(args):
+    from .config import CompileConfig, FitConfig
+
+    return CompileConfig(budget=args.budget, truncate=args.truncate, fit=FitConfig(steps=args.steps))
+
+
+def _document_of(artifact, spec: str | None, model, tokenizer, config) -> list[int]:
+    """The artifact's document ids: stored in it, or re-tokenised from the text the user passes."""
+    from .compiler import document_ids, templates_for
+
+    if spec is None:
+        if artifact.document_ids is None:
+            raise NectarError("this artifact does not hold its document, which the baselines and the full-cache "
+                              "reference need: pass --document FILE (the text it was compiled from)")
+        return artifact.document_ids
+    text = read_document(spec)
+    if text.startswith("pydoc"):
+        text = _resolve_pydoc(text, tokenizer)
+    ids = document_ids(text, tokenizer, model, config, templates_for(tokenizer, config)["document"])
+    if hashlib.sha256(json.dumps(ids).encode()).hexdigest() != artifact.manifest["document"]["sha256"]:
+        raise NectarError(f"{spec} is not the document this artifact was compiled from: pass that one")
+    return ids
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _sizes(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -242,6 +310,21 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32)
     _model_args(b, default=None, dtype="bfloat16")
     b.set_defaults(run=cmd_bench)
+
+    e = sub.add_parser("eval", help="fidelity against the full cache, beside every baseline at the same bytes")
+    e.add_argument("target", help="an artifact (.nectar), or a document to compile first (file or pydoc:TOKENS)")
+    e.add_argument("--questions", help="JSON list of questions (default: the held-out prompts of the compile)")
+    e.add_argument("--document", help="the text the artifact was compiled from, if it does not hold its ids")
+    e.add_argument("--sweep", type=_budgets, help="more budgets to compare at, e.g. 0.005,0.01,0.02,0.05,0.1")
+    e.add_argument("--methods", type=_names, help="comma-separated subset of methods (default: all)")
+    e.add_argument("--budget", type=float, default=0.02, help="budget when TARGET is a document (default 0.02)")
+    e.add_argument("--steps", type=int, default=1000, help="fitting steps of each compile (default 1000)")
+    e.add_argument("--out", default="eval", help="folder for eval.json, the plots and cached compiles")
+    e.add_argument("--no-generate", action="store_true", help="skip greedy generation (faster)")
+    e.add_argument("--gap-prompts", type=int, default=24, help="prompts for the per-layer gap probe (0: off)")
+    e.add_argument("--truncate", action="store_true", help="cut a document too long for the model")
+    _model_args(e, default=None, dtype="bfloat16")
+    e.set_defaults(run=cmd_eval)
 
     d = sub.add_parser("demo", help="compile a bundled document, ask three questions, compare with the full cache")
     d.add_argument("-o", "--output", default="demo.nectar")

@@ -1,7 +1,7 @@
 """Typed, validated configuration. Every check raises NectarError with what to change."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .errors import NectarError
 
@@ -87,3 +87,12 @@ class CompileConfig:
             _require("{document}" in self.document_template, "document_template needs a {document} slot")
         if self.question_template is not None:
             _require("{question}" in self.question_template, "question_template needs a {question} slot")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompileConfig:
+        data = dict(data)
+        prompts, fit = PromptConfig(**data.pop("prompts")), FitConfig(**data.pop("fit"))
+        return cls(**data, prompts=prompts, fit=fit)

@@ -5,12 +5,14 @@ split-attention path, batched identically, so their numbers are comparable.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .attach import bound
-from .attention import ContextProvider
+from .attention import ContextProvider, merge
 from .generate import right_pad
 
 Method = tuple[ContextProvider, "ContextProvider | None"]
@@ -63,3 +65,54 @@ def next_token_fidelity(
         name: {part: {"agreement": a / max(t, 1), "kl": k / max(t, 1), "tokens": t} for part, (a, k, t) in parts.items()}
         for name, parts in sums.items()
     }
+
+
+def document_part(method: Method):
+    """The whole stand-in a method keeps for the document (its context merged with any exact-kept tokens)."""
+    context, kept = method
+    if kept is None:
+        return context
+
+    def provider(layer: int, q: torch.Tensor, scaling: float):
+        return merge(*kept(layer, q, scaling), *context(layer, q, scaling))
+
+    return provider
+
+
+@torch.no_grad()
+def layer_errors(method: Method, store, kv_heads: int, scaling: float, chunk: int = 4096) -> dict[str, list]:
+    """Per-layer errors (DESIGN section 6) against a store captured with the full document as context:
+    o_ctx relative, |lse_ctx| absolute (None where a method keeps nothing) and merged output relative."""
+    provider = document_part(method)
+    layers = store.q.shape[0] // kv_heads
+    out: dict[str, list] = {"o_rel": [], "lse_abs": [], "merged_rel": []}
+    for layer in range(layers):
+        rows = slice(layer * kv_heads, (layer + 1) * kv_heads)
+        sums = torch.zeros(3)
+        for start in range(0, store.size, chunk):
+            span = slice(start, start + chunk)
+            q = store.q[rows, span].float().unsqueeze(0)
+            o, lse = (t[0] for t in provider(layer, q, scaling))
+            o_true, lse_true = store.o_ctx[rows, span].float(), store.lse_ctx[rows, span]
+            o_loc, lse_loc = store.o_loc[rows, span].float(), store.lse_loc[rows, span]
+            merged, _ = merge(o_true, lse_true, o_loc, lse_loc)
+            approx, _ = merge(o.float(), lse.float(), o_loc, lse_loc)
+            sums += torch.stack([_rel(o, o_true).sum(), (lse - lse_true).abs().sum(), _rel(approx, merged).sum()])
+        mean = (sums / (kv_heads * store.size)).tolist()
+        out["o_rel"].append(mean[0])
+        out["lse_abs"].append(mean[1] if math.isfinite(mean[1]) else None)
+        out["merged_rel"].append(mean[2])
+    return out
+
+
+def _rel(approx: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    return (approx - true).norm(dim=-1) / true.norm(dim=-1).clamp_min(1e-6)
+
+
+def generation_match(answers: list[str], references: list[str]) -> dict[str, float]:
+    """Exact-match rate and mean MiniLM cosine of greedy answers against the full-cache answers."""
+    from .semantic import cosine
+
+    exact = [a.strip() == r.strip() for a, r in zip(answers, references)]
+    return {"exact_match": sum(exact) / max(1, len(exact)),
+            "cosine": sum(cosine(a, r) for a, r in zip(answers, references)) / max(1, len(answers))}

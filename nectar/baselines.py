@@ -1,0 +1,91 @@
+"""What else could stand in for the document's KV cache at the same bytes, each as a context provider.
+
+Every baseline is fixed before any question is seen (query-agnostic), as a compiled document is:
+no document at all, StreamingLLM's sinks + recent window, and KV-compression presses run through
+NVIDIA's kvpress itself on the document alone. A kept subset of keys is an `ExactContext`, so every
+method is answered by the same split-attention code path as nectar.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .attach import attention_layers
+from .attention import ExactContext, NoContext
+from .errors import NectarError
+
+# name -> kvpress class; each keeps (1 - compression_ratio) of the document's tokens per layer.
+PRESSES = {
+    "knorm": "KnormPress",
+    "snapkv": "SnapKVPress",
+    "expected_attention": "ExpectedAttentionPress",
+    "tova": "TOVAPress",
+    "kvzip": "KVzipPress",
+}
+
+
+def kept_tokens(n: int, budget: float) -> int:
+    """Tokens whose exact K/V fit in `budget` x the document's KV bytes."""
+    return max(1, int(budget * n))
+
+
+def no_document() -> NoContext:
+    return NoContext()
+
+
+def streaming_llm(full: ExactContext, budget: float, sinks: int = 4) -> ExactContext:
+    """The first `sinks` tokens and the most recent ones (Xiao et al., 2023)."""
+    n = full.keys[0].shape[-2]
+    keep = kept_tokens(n, budget)
+    index = torch.cat([torch.arange(min(sinks, keep)), torch.arange(n - max(0, keep - sinks), n)]).unique()
+    return ExactContext([k[:, index] for k in full.keys], [v[:, index] for v in full.values])
+
+
+@torch.no_grad()
+def press(model, doc_ids: list[int], name: str, budget: float) -> ExactContext:
+    """The document's KV cache compressed by kvpress press `name` to `budget` of its tokens."""
+    if name not in PRESSES:
+        raise NectarError(f"unknown press '{name}': choose from {', '.join(PRESSES)}")
+    # Imported here only: importing kvpress wraps transformers' attention functions (DESIGN section 8).
+    import kvpress
+
+    compressor = getattr(kvpress, PRESSES[name])(compression_ratio=1.0 - budget)
+    cache = DynamicCache()
+    ids = torch.tensor([doc_ids], device=model.device)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")  # kvpress's presses run on SDPA (KVzip refuses eager)
+    try:
+        with compressor(model):
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+    finally:
+        model.set_attn_implementation(previous)
+    keys = [layer.keys[0].contiguous() for layer in cache.layers]
+    values = [layer.values[0].contiguous() for layer in cache.layers]
+    return ExactContext(keys, values, _evicted(model, keys))
+
+
+def _evicted(model, keys: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Presses with a different budget per head (KVzip) evict by masking, not by cutting the cache:
+    turn their marks into an additive bias, and clear them so that nothing else sees them."""
+    layers = attention_layers(model)
+    if all(getattr(m, "masked_key_indices", None) is None for m in layers):
+        return None
+    bias = []
+    for module, k in zip(layers, keys):
+        b = torch.zeros(k.shape[:2], device=k.device)
+        marks = getattr(module, "masked_key_indices", None)
+        if marks is not None:
+            _, heads, positions = marks
+            b[heads.to(k.device), positions.to(k.device)] = float("-inf")
+        bias.append(b)
+        module.masked_key_indices = None
+    return bias
+
+
+def context_tokens(context) -> float:
+    """Tokens kept per (layer, head) on average by an exact context (0 for none)."""
+    if not isinstance(context, ExactContext):
+        return 0.0
+    if context.bias is None:
+        return sum(k.shape[-2] for k in context.keys) / len(context.keys)
+    return sum(torch.isfinite(b).float().mean(0).sum().item() for b in context.bias) / len(context.bias)

@@ -1,0 +1,136 @@
+"""`nectar eval` end to end on a tiny model: every method on one path, the report, the plots, the cache,
+and the bad inputs the issue lists."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import nectar.cli as cli
+from nectar.compare import spearman
+from nectar.cli import main
+from conftest import sample_document, tiny_llama
+from test_cli import _one_line_error, _run
+from test_compile import FAST
+
+SMALL = ["--budget", "0.05", "--gap-prompts", "4"]
+
+
+@pytest.fixture
+def tiny(monkeypatch, tokenizer, tmp_path):
+    """`nectar eval` loads the tiny model; its tokenizer is saved where kvpress's KVzip looks for it."""
+    model = tiny_llama()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    model.config.name_or_path = str(tmp_path / "tok")
+    monkeypatch.setattr(cli, "_load", lambda name, dtype: (model, tokenizer))
+    monkeypatch.setattr(cli, "_document_config", lambda args: replace(FAST, budget=args.budget))
+    return model
+
+
+@pytest.fixture
+def doc(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(sample_document(1500))
+    return path
+
+
+def test_eval_compares_every_method_and_caches(tiny, doc, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ev"
+    import nectar.compare as compare
+
+    monkeypatch.setattr(compare, "METHODS", compare.METHODS)
+    code = main(["eval", str(doc), "--out", str(out), *SMALL, "--sweep", "0.1"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "eval.json").read_text())
+    methods = {r["method"] for r in report["rows"]}
+    assert methods == set(compare.METHODS)
+    assert {r["budget"] for r in report["rows"]} == {0.05, 0.1}
+    for r in report["rows"]:
+        assert r["method"] == "no_document" or 0 < r["bytes_ratio"] <= r["budget"] * 1.01, r
+        assert len(r["layers"]["merged_rel"]) == tiny.config.num_hidden_layers
+        assert set(r["questions"]) == {"question", "answer"}
+    rows = {(r["method"], r["budget"]): r for r in report["rows"]}
+    assert rows[("no_document", 0.05)]["errors"]["lse_abs"] is None
+    assert rows[("nectar", 0.05)]["errors"]["merged_rel"] < rows[("no_document", 0.05)]["errors"]["merged_rel"]
+    assert "generation" in rows[("nectar", 0.05)] and "generation" not in rows[("nectar", 0.1)]
+    assert len(rows[("nectar", 0.05)]["layer_gap"]) == tiny.config.num_hidden_layers
+    assert (out / "fidelity_vs_bytes.png").stat().st_size > 0 and (out / "error_vs_gap.png").stat().st_size > 0
+    stdout = capsys.readouterr().out
+    assert "streaming_llm" in stdout and "Spearman" in stdout
+
+    # A re-run refits nothing and re-evaluates nothing.
+    import nectar.compiler as compiler
+
+    monkeypatch.setattr(compiler, "fit", lambda *a, **k: pytest.fail("refitted"))
+    monkeypatch.setattr(compare.Comparison, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
+    assert main(["eval", str(doc), "--out", str(out), *SMALL, "--sweep", "0.1"]) == 0
+
+
+def test_eval_of_an_artifact_with_user_questions(tiny, doc, tmp_path, capsys, tokenizer):
+    from nectar.compiler import compile
+
+    art = compile(tiny, tokenizer, doc.read_text(), FAST)
+    path = art.save(tmp_path / "a.nectar")
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps({"questions": ["What does assert do?", {"question": "What is pass?"}]}))
+    out = tmp_path / "ev"
+    code = main(["eval", str(path), "--questions", str(questions), "--out", str(out), "--methods",
+                 "nectar,no_document,knorm", "--gap-prompts", "0"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "eval.json").read_text())
+    assert report["prompts"] == {"user": 2}
+    assert [r["method"] for r in report["rows"]] == ["nectar", "no_document", "knorm"]
+    assert report["rows"][0]["bytes_ratio"] == pytest.approx(art.memory_ratio())
+
+
+def test_artifact_without_its_document_needs_one(tiny, doc, tmp_path, capsys, tokenizer):
+    from dataclasses import replace
+
+    from nectar.compiler import compile
+
+    art = compile(tiny, tokenizer, doc.read_text(), replace(FAST, keep_document=False))
+    path = art.save(tmp_path / "a.nectar")
+    capsys.readouterr()
+    _one_line_error(*_run(capsys, "eval", str(path)), "pass --document")
+    other = tmp_path / "other.txt"
+    other.write_text(sample_document(900))
+    _one_line_error(*_run(capsys, "eval", str(path), "--document", str(other)), "not the document")
+
+
+@pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"), ("[]", "no questions"),
+                                              ('{"questions": [""]}', "no questions")])
+def test_bad_question_file(tiny, doc, tmp_path, capsys, content, message):
+    questions = tmp_path / "q.json"
+    questions.write_text(content)
+    _one_line_error(*_run(capsys, "eval", str(doc), "--questions", str(questions)), message)
+
+
+@pytest.mark.parametrize("sweep", ["0,0.02", "0.02,1.5", "-0.1"])
+def test_sweep_outside_zero_one(tiny, doc, capsys, sweep):
+    _one_line_error(*_run(capsys, "eval", str(doc), "--sweep", sweep), "budgets must be in (0, 1)")
+
+
+def test_unknown_method(tiny, doc, capsys):
+    _one_line_error(*_run(capsys, "eval", str(doc), "--methods", "nectar,h2o"), "unknown method")
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert abs(spearman([1, 2, 3, 4, 5], [2, 5, 1, 4, 3])) < 0.5
+
+
+def test_importing_kvpress_leaves_nectar_attention_unchanged(tokenizer):
+    """kvpress wraps transformers' attention functions on import (DESIGN section 8)."""
+    from nectar.attach import bound, prefill
+
+    model = tiny_llama()
+    ids = torch.randint(3, 300, (2, 40))
+    full = prefill(model, ids[0, :30])
+    with bound(model, full):
+        before = model(input_ids=ids[:, 30:], position_ids=30 + torch.arange(10).expand(2, -1)).logits
+    import kvpress  # noqa: F401
+
+    with bound(model, full):
+        after = model(input_ids=ids[:, 30:], position_ids=30 + torch.arange(10).expand(2, -1)).logits
+    torch.testing.assert_close(after, before)
