@@ -134,3 +134,22 @@ def test_importing_kvpress_leaves_nectar_attention_unchanged(tokenizer):
     with bound(model, full):
         after = model(input_ids=ids[:, 30:], position_ids=30 + torch.arange(10).expand(2, -1)).logits
     torch.testing.assert_close(after, before)
+
+
+def test_layer_errors_are_zero_for_the_exact_document_and_total_for_none():
+    from nectar.attach import prefill, split_context
+    from nectar.attention import NoContext
+    from nectar.capture import capture
+    from nectar.evaluate import layer_errors
+
+    model = tiny_llama()
+    doc = torch.randint(3, 300, (60,))
+    full = prefill(model, doc)
+    store, _ = capture(model, [torch.randint(3, 300, (9,)).tolist()], 60, full, None, desc=None)
+    sinks, rest = split_context(full, 4)
+    kv, scaling = model.config.num_key_value_heads, model.config.head_dim ** -0.5
+    exact = layer_errors((rest, sinks), store, kv, scaling)  # sinks kept exact + the rest: the whole document
+    assert max(exact["o_rel"]) < 2e-2 and max(exact["lse_abs"]) < 2e-2 and max(exact["merged_rel"]) < 2e-2
+    none = layer_errors((NoContext(), None), store, kv, scaling)
+    assert none["o_rel"] == pytest.approx([1.0] * 3) and none["lse_abs"] == [None] * 3
+    assert min(none["merged_rel"]) > 0.05
