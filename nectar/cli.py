@@ -198,7 +198,7 @@ def cmd_eval(args) -> None:
     import torch
 
     from .artifact import Artifact
-    from .compare import Comparison, EvalConfig, held_out, read_questions, table, write_report
+    from .compare import Comparison, EvalConfig, read_questions, table, write_report
     from .compiler import Workbench
     from .config import CompileConfig
 
@@ -220,8 +220,7 @@ def cmd_eval(args) -> None:
             text = _resolve_pydoc(text, tokenizer)
         bench = Workbench(model, tokenizer, text, _document_config(args))
     out = Path(args.out)
-    prompts = held_out(bench, artifact, questions, config.batch_size)
-    report = Comparison(bench, artifact, prompts, out, config).run()
+    report = Comparison(bench, artifact, questions, out, config).run()
     print(table(report))
     print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
 
@@ -321,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=1000, help="fitting steps of each compile (default 1000)")
     e.add_argument("--out", default="eval", help="folder for eval.json, the plots and cached compiles")
     e.add_argument("--no-generate", action="store_true", help="skip greedy generation (faster)")
-    e.add_argument("--gap-prompts", type=int, default=24, help="prompts for the per-layer gap probe (0: off)")
+    e.add_argument("--gap-prompts", type=int, default=16, help="prompts for the per-layer gap probe (0: off)")
     e.add_argument("--truncate", action="store_true", help="cut a document too long for the model")
     _model_args(e, default=None, dtype="bfloat16")
     e.set_defaults(run=cmd_eval)

@@ -12,7 +12,8 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ class EvalConfig:
     budgets: tuple[float, ...] = ()  # empty: the artifact's own budget
     methods: tuple[str, ...] = METHODS
     generate: bool = True  # greedy answers against the full cache's (main budget only)
-    gap_prompts: int = 24  # prompts for the per-layer gap probe (main budget only; 0: off)
+    gap_prompts: int = 16  # prompts for the per-layer gap probe (main budget only; 0: off)
     max_new_tokens: int = 40
     batch_size: int = 16
 
@@ -76,20 +77,30 @@ def read_questions(path: str | os.PathLike) -> list[str]:
 
 
 class Comparison:
-    def __init__(self, workbench: Workbench, artifact: Artifact | None, prompts: list[Prompt], out: Path,
+    def __init__(self, workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, out: Path,
                  config: EvalConfig):
-        self.wb, self.artifact, self.prompts, self.out, self.config = workbench, artifact, prompts, out, config
+        self.wb, self.artifact, self.questions, self.out, self.config = workbench, artifact, questions, out, config
         self.model, self.tokenizer, self.n = workbench.model, workbench.tokenizer, workbench.n
         cfg = self.model.config
         self.kv_heads, self.scaling = cfg.num_key_value_heads, attention_scaling(self.model)
         self.main_budget = artifact.manifest["budget"] if artifact else workbench.config.budget
         self.budgets = sorted(set(config.budgets) | {self.main_budget})
-        self.key = hashlib.sha256(json.dumps([workbench.doc_ids, workbench.config.to_dict()]).encode()).hexdigest()[:12]
+        identity = [workbench.doc_ids, workbench.config.to_dict()] + ([questions] if questions else [])
+        self.key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
         self.rows_path = out / "rows.json"
         cached = json.loads(self.rows_path.read_text()) if self.rows_path.is_file() else {}
         self.rows: dict = cached if cached.get("key") == self.key else {"key": self.key}
         self._store = None
         self._references: list[str] | None = None
+
+    @cached_property
+    def prompts(self) -> list[Prompt]:
+        """Made once per output folder (writing prompts and answers is slow), then read back."""
+        if "prompts" not in self.rows:
+            prompts = held_out(self.wb, self.artifact, self.questions, self.config.batch_size)
+            self.rows["prompts"] = [asdict(p) for p in prompts]
+            _write_json(self.rows_path, self.rows)
+        return [Prompt(**p) for p in self.rows["prompts"]]
 
     # -- methods ----------------------------------------------------------------------------------
     def method(self, name: str, budget: float):
@@ -168,13 +179,11 @@ class Comparison:
         """Answer-token KL when only layer l uses the method and every other layer the full cache."""
         pairs = [(p.question_ids, p.answer_ids) for p in self.prompts][: self.config.gap_prompts]
         provider = document_part(method)
-        gaps = []
-        for layer in range(self.model.config.num_hidden_layers):
-            one = _OneLayer(layer, provider, self.wb.full)
-            fid = next_token_fidelity(self.model, pairs, self.n, (self.wb.full, None), {"x": (one, None)},
-                                      self.config.batch_size, progress=False)
-            gaps.append(fid["x"]["answer"]["kl"])
-        return gaps
+        layers = range(self.model.config.num_hidden_layers)
+        # One call with every layer as a method: the full-cache reference runs once per batch, not per layer.
+        swapped = {str(layer): (_OneLayer(layer, provider, self.wb.full), None) for layer in layers}
+        fid = next_token_fidelity(self.model, pairs, self.n, (self.wb.full, None), swapped, self.config.batch_size)
+        return [fid[str(layer)]["answer"]["kl"] for layer in layers]
 
     def methods_at(self, budget: float) -> list[str]:
         # The allocation ablation is one comparison at the main budget, not a curve.
