@@ -140,7 +140,7 @@ class Comparison:
 
     def references(self) -> list[str]:
         if self._references is None:
-            self._references = self._answers((self.wb.full, None))
+            self._references = self._answers((self.wb.full, None), "full cache")
         return self._references
 
     @property
@@ -149,10 +149,11 @@ class Comparison:
         kinds = sorted({p.kind for p in self.prompts})
         return [k for k in kinds if k != "recall"] or kinds
 
-    def _answers(self, method) -> list[str]:
+    def _answers(self, method, name: str) -> list[str]:
         questions = [p.question_ids for p in self.prompts if p.kind in self.question_kinds]
         ids = generate_ids(self.model, self.tokenizer, questions, self.n, *method,
-                           max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size)
+                           max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
+                           desc=f"greedy answers, {name}")
         return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in ids]
 
     def evaluate(self, name: str, budget: float) -> dict:
@@ -168,7 +169,7 @@ class Comparison:
                "layers": layer_errors(method, self.store, self.kv_heads, self.scaling)}
         row["errors"] = {k: _mean(v) for k, v in row["layers"].items()}
         if self.config.generate and budget == self.main_budget:
-            answers = self._answers(method)
+            answers = self._answers(method, name)
             row["generation"] = generation_match(answers, self.references())
             row["generation"]["answers"] = answers
         if self.config.gap_prompts and name == "nectar" and budget == self.main_budget:
