@@ -139,6 +139,11 @@ def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def document_hash(doc_ids: list[int]) -> str:
+    """What the manifest records of the document: a hash of its token ids."""
+    return hashlib.sha256(json.dumps(list(doc_ids)).encode()).hexdigest()
+
+
 def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: Bank, config,
                    metrics: dict, timings: dict) -> dict:
     cfg = model.config
@@ -152,7 +157,7 @@ def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: 
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "document": {
             "tokens": len(doc_ids),
-            "sha256": hashlib.sha256(json.dumps(list(doc_ids)).encode()).hexdigest(),
+            "sha256": document_hash(doc_ids),
         },
         "templates": templates,
         "modules": {

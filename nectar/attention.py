@@ -58,8 +58,8 @@ def exact_attention(
 ) -> tuple[Tensor, Tensor]:
     """Attention of q [b, H, m, d] over k, v [b, Hkv, s, d] (H a multiple of Hkv, GQA) -> fp32 (out, lse).
 
-    mask, if given, is additive and broadcasts to [b, 1, m, s] (or to [b, H, m, s] when H == Hkv). On CPU this is PyTorch's fused flash
-    kernel, which handles GQA and returns the log-sum-exp too (about 6x faster than materialising
+    mask, if given, is additive and broadcasts to [b, 1, m, s] (or to [b, H, m, s] when H == Hkv).
+    On CPU this is PyTorch's fused flash kernel, which handles GQA and returns the log-sum-exp too (about 6x faster than materialising
     the scores, and no copy of the keys per query head).
     """
     fused = q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.shape[0] == q.shape[0]

@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from .attach import attention_layers
-from .attention import ExactContext, NoContext
+from .attention import ExactContext
 from .errors import NectarError
 
 # name -> kvpress class; each keeps (1 - compression_ratio) of the document's tokens per layer.
@@ -27,10 +27,6 @@ PRESSES = {
 def kept_tokens(n: int, budget: float) -> int:
     """Tokens whose exact K/V fit in `budget` x the document's KV bytes."""
     return max(1, int(budget * n))
-
-
-def no_document() -> NoContext:
-    return NoContext()
 
 
 def streaming_llm(full: ExactContext, budget: float, sinks: int = 4) -> ExactContext:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .attach import bound
 from .attention import ContextProvider
 from .generate import right_pad
+from .models import head_dim
 
 
 @dataclass
@@ -67,13 +68,13 @@ def capture(
     """(store, teacher): teacher[i] is sequence i's top-k next-token (ids, log-probs), if topk > 0."""
     cfg = model.config
     layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d = head_dim(cfg)
     groups = cfg.num_attention_heads // kv_heads
     rows = groups * sum(len(s) for s in sequences)
     M = layers * kv_heads
     half = dict(dtype=torch.float16)
-    store = Store(torch.empty(M, rows, head_dim, **half), torch.empty(M, rows, head_dim, **half),
-                  torch.empty(M, rows), torch.empty(M, rows, head_dim, **half), torch.empty(M, rows))
+    store = Store(torch.empty(M, rows, d, **half), torch.empty(M, rows, d, **half),
+                  torch.empty(M, rows), torch.empty(M, rows, d, **half), torch.empty(M, rows))
     teacher: list = [None] * len(sequences)
     recorder = _Recorder(store, kv_heads)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less

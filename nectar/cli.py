@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -233,6 +232,7 @@ def _document_config(args):
 
 def _document_of(artifact, spec: str | None, model, tokenizer, config) -> list[int]:
     """The artifact's document ids: stored in it, or re-tokenised from the text the user passes."""
+    from .artifact import document_hash
     from .compiler import document_ids, templates_for
 
     if spec is None:
@@ -244,7 +244,7 @@ def _document_of(artifact, spec: str | None, model, tokenizer, config) -> list[i
     if text.startswith("pydoc"):
         text = _resolve_pydoc(text, tokenizer)
     ids = document_ids(text, tokenizer, model, config, templates_for(tokenizer, config)["document"])
-    if hashlib.sha256(json.dumps(ids).encode()).hexdigest() != artifact.manifest["document"]["sha256"]:
+    if document_hash(ids) != artifact.manifest["document"]["sha256"]:
         raise NectarError(f"{spec} is not the document this artifact was compiled from: pass that one")
     return ids
 

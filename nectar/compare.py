@@ -24,7 +24,7 @@ from .attention import ExactContext, NoContext
 from .capture import capture
 from .compiler import Workbench, attention_scaling
 from .errors import NectarError
-from .evaluate import document_part, generation_match, layer_errors, next_token_fidelity
+from .evaluate import document_part, generation_match, layer_errors, next_token_fidelity, pool
 from .generate import generate_ids, question_ids
 
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
@@ -90,7 +90,6 @@ class Comparison:
         self.rows_path = out / "rows.json"
         cached = json.loads(self.rows_path.read_text()) if self.rows_path.is_file() else {}
         self.rows: dict = cached if cached.get("key") == self.key else {"key": self.key}
-        self._store = None
         self._references: list[str] | None = None
 
     @cached_property
@@ -129,14 +128,11 @@ class Comparison:
         return art
 
     # -- measurements -----------------------------------------------------------------------------
-    @property
+    @cached_property
     def store(self):
         """Held-out queries with their exact attention over the whole document (no sinks split off)."""
-        if self._store is None:
-            seqs = [p.question_ids + p.answer_ids for p in self.prompts]
-            self._store, _ = capture(self.model, seqs, self.n, self.wb.full, None, self.config.batch_size,
-                                     "capture held-out")
-        return self._store
+        seqs = [p.question_ids + p.answer_ids for p in self.prompts]
+        return capture(self.model, seqs, self.n, self.wb.full, None, self.config.batch_size, "capture held-out")[0]
 
     def references(self) -> list[str]:
         if self._references is None:
@@ -220,13 +216,7 @@ class _OneLayer:
 
 
 def _pooled(fidelity: dict, kinds: list[str]) -> dict:
-    out = {}
-    for part in ("question", "answer"):
-        parts = [fidelity[k][part] for k in kinds]
-        tokens = sum(p["tokens"] for p in parts)
-        out[part] = {m: sum(p[m] * p["tokens"] for p in parts) / max(1, tokens) for m in ("agreement", "kl")}
-        out[part]["tokens"] = tokens
-    return out
+    return {part: pool([fidelity[k][part] for k in kinds]) for part in ("question", "answer")}
 
 
 def _mean(values: list) -> float | None:

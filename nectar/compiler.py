@@ -16,9 +16,10 @@ from .attention import ExactContext, NoContext
 from .capture import Store, capture
 from .config import CompileConfig
 from .errors import NectarError
-from .evaluate import next_token_fidelity
+from .evaluate import next_token_fidelity, pool
 from .fit import errors, fit
 from .generate import generate_ids, question_ids
+from .models import head_dim
 from .modules import Bank, MLPBank, QuadratureBank
 from .refine import refine
 
@@ -201,7 +202,7 @@ class Workbench:
         uniform = bank_for(per_module)
         if config.allocation == "uniform":
             return uniform
-        shares = allocate(self._probe(config, per_module, train_store, val_store), per_module)
+        shares = allocate(self._probe(bank_for(per_module), config, train_store, val_store), per_module)
         # Widths round down per layer; shrink until no more numbers than the uniform bank's, for a fair match.
         for scale in torch.linspace(1.0, 0.8, 41).tolist():
             bank = bank_for([int(p * scale) for p in shares])
@@ -209,16 +210,13 @@ class Workbench:
                 return bank
         return uniform
 
-    def _probe(self, config: CompileConfig, per_module: int, train_store: Store, val_store: Store) -> list[float]:
-        """Each layer's merged-output error after a short fit at uniform width: where capacity is short."""
-        cfg = self.model.config
-        probe = MLPBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg), per_module,
-                                   config.depth, config.score_share)
+    def _probe(self, probe: MLPBank, config: CompileConfig, train_store: Store, val_store: Store) -> list[float]:
+        """Each layer's merged-output error after a short fit of `probe` (uniform): where capacity is short."""
         steps = config.probe_steps
         fit(probe, train_store, val_store, replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10),
             seed=config.seed, progress=False)
         merged = errors(probe, val_store)["merged_rel"]
-        return merged.view(cfg.num_hidden_layers, -1).mean(1).tolist()
+        return merged.view(probe.layers, -1).mean(1).tolist()
 
 
 def allocate(difficulty: list[float], per_module: int, low: float = 0.25, high: float = 3.0) -> list[int]:
@@ -243,10 +241,6 @@ def allocate(difficulty: list[float], per_module: int, low: float = 0.25, high: 
 def compile(model, tokenizer, context, config: CompileConfig | None = None) -> Artifact:
     """Compile a document (text, or a 1-D tensor of token ids) into an Artifact for `model`."""
     return Workbench(model, tokenizer, context, config).compile()
-
-
-def head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def attention_scaling(model) -> float:
@@ -281,10 +275,5 @@ QUESTION_KINDS = ("self_study", "generic")  # questions answered in the model's 
 
 def pooled(fidelity: dict, kinds) -> dict:
     """Token-weighted answer-token fidelity over several prompt kinds, per method."""
-    out = {}
-    for method in next(iter(fidelity.values())):
-        parts = [fidelity[k][method]["answer"] for k in kinds if k in fidelity]
-        tokens = sum(p["tokens"] for p in parts)
-        out[method] = {m: sum(p[m] * p["tokens"] for p in parts) / max(tokens, 1) for m in ("agreement", "kl")}
-        out[method]["tokens"] = tokens
-    return out
+    methods = next(iter(fidelity.values()))
+    return {method: pool([fidelity[k][method]["answer"] for k in kinds if k in fidelity]) for method in methods}

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .attach import bound
 from .attention import ContextProvider, merge
+from .fit import relative_error
 from .generate import right_pad
 
 Method = tuple[ContextProvider, "ContextProvider | None"]
@@ -67,6 +68,14 @@ def next_token_fidelity(
     }
 
 
+def pool(parts: list[dict]) -> dict:
+    """Token-weighted agreement and KL over several {"agreement", "kl", "tokens"} results."""
+    tokens = sum(p["tokens"] for p in parts)
+    out = {m: sum(p[m] * p["tokens"] for p in parts) / max(tokens, 1) for m in ("agreement", "kl")}
+    out["tokens"] = tokens
+    return out
+
+
 def document_part(method: Method):
     """The whole stand-in a method keeps for the document (its context merged with any exact-kept tokens)."""
     context, kept = method
@@ -97,16 +106,13 @@ def layer_errors(method: Method, store, kv_heads: int, scaling: float, chunk: in
             o_loc, lse_loc = store.o_loc[rows, span].float(), store.lse_loc[rows, span]
             merged, _ = merge(o_true, lse_true, o_loc, lse_loc)
             approx, _ = merge(o.float(), lse.float(), o_loc, lse_loc)
-            sums += torch.stack([_rel(o, o_true).sum(), (lse - lse_true).abs().sum(), _rel(approx, merged).sum()])
+            sums += torch.stack([relative_error(o, o_true).sum(), (lse - lse_true).abs().sum(),
+                                 relative_error(approx, merged).sum()])
         mean = (sums / (kv_heads * store.size)).tolist()
         out["o_rel"].append(mean[0])
         out["lse_abs"].append(mean[1] if math.isfinite(mean[1]) else None)
         out["merged_rel"].append(mean[2])
     return out
-
-
-def _rel(approx: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    return (approx - true).norm(dim=-1) / true.norm(dim=-1).clamp_min(1e-6)
 
 
 def generation_match(answers: list[str], references: list[str]) -> dict[str, float]:

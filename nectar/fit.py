@@ -27,6 +27,11 @@ def loss_terms(bank: MLPBank, batch: Store) -> tuple[Tensor, Tensor]:
     return target, score
 
 
+def relative_error(approx: Tensor, true: Tensor) -> Tensor:
+    """|approx - true| / |true| over the last dimension."""
+    return (approx - true).norm(dim=-1) / true.norm(dim=-1).clamp_min(1e-6)
+
+
 @torch.no_grad()
 def errors(bank: MLPBank, store: Store, chunk: int = 8192) -> dict[str, Tensor]:
     """Per-module mean errors (DESIGN section 6): o_ctx relative, lse absolute, merged output relative."""
@@ -35,13 +40,13 @@ def errors(bank: MLPBank, store: Store, chunk: int = 8192) -> dict[str, Tensor]:
         part = store.rows(torch.arange(start, min(start + chunk, store.size)))
         o, lse = bank.predict(part.q)
         o_true, o_loc = part.o_ctx.float(), part.o_loc.float()
-        sums["o_rel"] = sums["o_rel"] + ((o - o_true).norm(dim=-1) / o_true.norm(dim=-1).clamp_min(1e-6)).sum(1)
+        sums["o_rel"] = sums["o_rel"] + relative_error(o, o_true).sum(1)
         sums["lse_abs"] = sums["lse_abs"] + (lse - part.lse_ctx).abs().sum(1)
         w_true = context_share(part.lse_ctx, part.lse_loc).unsqueeze(-1)
         w_pred = context_share(lse, part.lse_loc).unsqueeze(-1)
         merged = w_true * o_true + (1 - w_true) * o_loc
         approx = w_pred * o + (1 - w_pred) * o_loc
-        sums["merged_rel"] = sums["merged_rel"] + ((approx - merged).norm(dim=-1) / merged.norm(dim=-1).clamp_min(1e-6)).sum(1)
+        sums["merged_rel"] = sums["merged_rel"] + relative_error(approx, merged).sum(1)
     return {k: v / store.size for k, v in sums.items()}
 
 

@@ -95,6 +95,10 @@ def load_model(
     return model, tokenizer
 
 
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def model_fingerprint(model: PreTrainedModel) -> dict:
     """Name, config hash and a weights hash that is the same whether the model runs in fp32 or bf16."""
     config = model.config.to_dict()

@@ -38,7 +38,6 @@ def test_eval_compares_every_method_and_caches(tiny, doc, tmp_path, capsys, monk
     out = tmp_path / "ev"
     import nectar.compare as compare
 
-    monkeypatch.setattr(compare, "METHODS", compare.METHODS)
     code = main(["eval", str(doc), "--out", str(out), *SMALL, "--sweep", "0.1"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "eval.json").read_text())
