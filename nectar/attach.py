@@ -21,7 +21,7 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
 def bound(
     model: nn.Module,
     context: ContextProvider,
-    kept: ContextProvider | None = None,
+    kept: ExactContext | None = None,
     recorder: Recorder | None = None,
 ) -> Iterator[nn.Module]:
     """Inside, every attention layer merges exact local attention with `context` (plus exact `kept` tokens)."""

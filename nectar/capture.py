@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .attach import bound
-from .attention import ContextProvider
+from .attention import ContextProvider, ExactContext
 from .generate import right_pad
 from .models import head_dim
 
@@ -60,7 +60,7 @@ def capture(
     sequences: list[list[int]],
     n: int,
     context: ContextProvider,
-    kept: ContextProvider | None = None,
+    kept: ExactContext | None = None,
     batch_size: int = 16,
     desc: str | None = "capture",
     topk: int = 0,

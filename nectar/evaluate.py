@@ -12,11 +12,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .attach import bound
-from .attention import ContextProvider, merge
+from .attention import ContextProvider, ExactContext, merge
 from .fit import relative_error
 from .generate import right_pad
 
-Method = tuple[ContextProvider, "ContextProvider | None"]
+Method = tuple[ContextProvider, "ExactContext | None"]
 
 
 def _batch(pairs: list[tuple[list[int], list[int]]]):

@@ -5,7 +5,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attach import bound, positions_after, prefill
-from .attention import ContextProvider
+from .attention import ContextProvider, ExactContext
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +44,7 @@ def generate_ids(
     prompts: list[list[int]],
     n: int,
     context: ContextProvider,
-    kept: ContextProvider | None = None,
+    kept: ExactContext | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     sample: bool = False,

@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .attach import bound
-from .attention import ContextProvider
+from .attention import ExactContext
 from .generate import right_pad
 from .modules import MLPBank
 
@@ -33,7 +33,7 @@ def _distill_loss(model, bank, kept, seqs, teacher: Teacher, n: int) -> Tensor:
     return ce[valid].mean()
 
 
-def refine(model, bank: MLPBank, kept: ContextProvider | None, train: list[list[int]], teacher: Teacher,
+def refine(model, bank: MLPBank, kept: ExactContext | None, train: list[list[int]], teacher: Teacher,
            val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
            batch_size: int = 8, eval_every: int = 20, seed: int = 0, progress: bool = True) -> dict:
     """Adam on the bank's parameters only; keeps the state best on validation distillation loss."""

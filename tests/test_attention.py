@@ -1,4 +1,5 @@
 """The split attention path must equal transformers' eager attention when the document part is exact."""
+import pytest
 import torch
 
 from nectar.attach import bound, positions_after, prefill, split_context
@@ -47,12 +48,15 @@ def test_sinks_kept_exact_and_rest_as_context_matches_eager(model):
     assert (logits - reference).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("sink", [0, 4])
 @torch.no_grad()
-def test_step_by_step_decoding_matches_eager(model):
+def test_step_by_step_decoding_matches_eager(model, sink):
+    """Decode steps take the maskless path, with any sinks prepended to the local keys."""
     doc, prompt = torch.randint(3, 300, (33,)), torch.randint(3, 300, (12,))
     reference = _full_logits(model, doc, prompt)
     n = len(doc)
-    with bound(model, prefill(model, doc)):
+    sinks, rest = split_context(prefill(model, doc), sink=sink)
+    with bound(model, rest, kept=sinks if sink else None):
         out = model(input_ids=prompt[:4].view(1, -1), position_ids=n + torch.arange(4).view(1, -1), use_cache=True)
         steps = [out.logits[0]]
         cache = out.past_key_values
@@ -115,16 +119,36 @@ def test_fused_kernel_matches_reference_with_mask_and_fully_masked_rows():
     assert torch.isfinite(fast[0]).all()
 
 
-def test_merge_all_of_three_parts_equals_attention_over_all_keys():
-    from nectar.attention import merge_all
+def test_blend_is_merge_without_lse():
+    from nectar.attention import blend
 
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
     full = reference_attention_(q, k, v)
-    parts = [reference_attention_(q, k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 2), (2, 7), (7, 12))]
-    o, lse = merge_all(parts)
-    torch.testing.assert_close(o, full[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(lse, full[1], atol=1e-6, rtol=1e-5)
+    a, b = reference_attention_(q, k[:, :, :5], v[:, :, :5]), reference_attention_(q, k[:, :, 5:], v[:, :, 5:])
+    torch.testing.assert_close(blend(*a, *b), full[0], atol=1e-6, rtol=1e-5)
+    empty = (torch.zeros_like(a[0]), torch.full_like(a[1], float("-inf")))
+    torch.testing.assert_close(blend(*a, *empty), a[0])
+    torch.testing.assert_close(blend(*empty, *a), a[0])
+
+
+def test_prepended_sinks_equal_a_separate_exact_part():
+    """Sinks folded into the local keys give what merging them as their own part gives."""
+    from nectar.attention import ExactContext, exact_attention, merge
+
+    torch.manual_seed(2)
+    b, heads, kv, L, s, d = 2, 6, 3, 3, 5, 8
+    q, k, v = torch.randn(b, heads, L, d), torch.randn(b, kv, s, d), torch.randn(b, kv, s, d)
+    mask = torch.zeros(b, 1, L, s)
+    mask[0, :, :, :2] = torch.finfo(torch.float32).min  # row 0 is left-padded
+    sinks = ExactContext([torch.randn(kv, 4, d)], [torch.randn(kv, 4, d)])
+    folded = exact_attention(q, *sinks.prepend(0, k, v, mask)[:2], 0.3, sinks.prepend(0, k, v, mask)[2])
+    grouped = q.reshape(b, kv, -1, d)
+    local = exact_attention(q, k, v, 0.3, mask)
+    local = local[0].reshape(b, kv, -1, d), local[1].reshape(b, kv, -1)
+    o, lse = merge(*local, *sinks(0, grouped, 0.3))
+    torch.testing.assert_close(folded[0].reshape(b, kv, -1, d), o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded[1].reshape(b, kv, -1), lse, atol=1e-5, rtol=1e-5)
 
 
 def reference_attention_(q, k, v):
