@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from .attach import bound, positions_after, prefill
 from .attention import ExactContext
@@ -36,14 +37,16 @@ class BenchConfig:
             raise NectarError("batches, new_tokens (>= 2) and repeats must be positive")
 
 
-def _timed(fn, repeats: int) -> dict:
-    fn()  # warm-up: allocator, kernels, caches
+def _per_call(fn, repeats: int, inner: int = 50) -> list[float]:
+    """Seconds per call, each figure the mean of `inner` back-to-back calls (one call is too short to time)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"min": min(times), "median": statistics.median(times)}
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return times
 
 
 @torch.no_grad()
@@ -57,10 +60,10 @@ def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> li
     for n in sizes:
         k = torch.randn(1, kv, n, d, dtype=dtype)
         v = torch.randn(1, kv, n, d, dtype=dtype)
-        sdpa = _timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeats * 20)
-        module = _timed(lambda: bank(0, q.view(1, kv, heads // kv, d)), repeats * 20)
-        rows.append({"n": n, "sdpa_ms": sdpa["median"] * 1e3, "module_ms": module["median"] * 1e3,
-                     "speedup": sdpa["median"] / module["median"]})
+        sdpa = _per_call(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeats * 5)
+        module = _per_call(lambda: bank(0, q.view(1, kv, heads // kv, d)), repeats * 5)
+        rows.append({"n": n, "sdpa_ms": statistics.median(sdpa) * 1e3, "module_ms": statistics.median(module) * 1e3,
+                     "speedup": statistics.median(sdpa) / statistics.median(module)})
     return rows
 
 
@@ -72,27 +75,58 @@ def greedy_decode(model, prompt: torch.Tensor, n: int, new_tokens: int) -> None:
 
 
 def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: BenchConfig) -> list[dict]:
-    """Greedy decode tokens/s: no document, full cache (shared by all rows), nectar."""
+    """Greedy decode tokens/s: no document, the full cache at each n (shared by all rows), nectar.
+
+    Round-robin: every repeat times each case once, back to back, so drift in the machine's speed
+    hits all of them alike; `vs_*` are medians of the per-round time ratios, the figures to quote.
+    """
+    fulls = {n: prefill(model, torch.tensor(doc_ids[:n])) for n in cfg.decode_n}
     rows = []
-    prompt_len = 16
     for batch in cfg.batches:
-        prompt = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt_len))
-        base = _timed(lambda: greedy_decode(model, prompt, 0, cfg.new_tokens), cfg.repeats)
-        rows.append({"method": "no_document", "n": 0, "batch": batch, **_rate(base, batch, cfg.new_tokens)})
+        prompt = torch.randint(3, min(1000, model.config.vocab_size), (batch, 16))
+        cases = {("no_document", 0): lambda: greedy_decode(model, prompt, 0, cfg.new_tokens)}
+        for n, full in fulls.items():
+            cases["full_cache", n] = _bound_decode(model, prompt, n, cfg.new_tokens, full)
+        # The modules' cost does not depend on n; timing them at each n shows that it does not.
         for n in cfg.decode_n:
-            full = prefill(model, torch.tensor(doc_ids[:n]))
-            with bound(model, full):
-                t = _timed(lambda: greedy_decode(model, prompt, n, cfg.new_tokens), cfg.repeats)
-            rows.append({"method": "full_cache", "n": n, "batch": batch, **_rate(t, batch, cfg.new_tokens)})
-            del full
-            with bound(model, bank, kept=kept):
-                t = _timed(lambda: greedy_decode(model, prompt, n, cfg.new_tokens), cfg.repeats)
-            rows.append({"method": "nectar", "n": n, "batch": batch, **_rate(t, batch, cfg.new_tokens)})
+            cases["nectar", n] = _bound_decode(model, prompt, n, cfg.new_tokens, bank, kept)
+        times = _round_robin(cases, cfg.repeats)
+        for (method, n), t in times.items():
+            row = {"method": method, "n": n, "batch": batch, **_rate(t, batch, cfg.new_tokens)}
+            if method == "nectar":
+                row["vs_no_document"] = _paired(times["no_document", 0], t)
+                row["vs_full_cache"] = _paired(times["full_cache", n], t)
+            rows.append(row)
     return rows
 
 
-def _rate(t: dict, batch: int, new_tokens: int) -> dict:
-    return {"tok_s_median": batch * new_tokens / t["median"], "tok_s_best": batch * new_tokens / t["min"]}
+def _bound_decode(model, prompt, n, new_tokens, context, kept=None):
+    def run():
+        with bound(model, context, kept=kept):
+            greedy_decode(model, prompt, n, new_tokens)
+    return run
+
+
+def _round_robin(cases: dict, repeats: int) -> dict:
+    for fn in cases.values():
+        fn()  # warm-up: allocator, kernels, caches
+    times = {key: [] for key in cases}
+    for _ in tqdm(range(repeats), desc=f"decode, {len(cases)} cases", leave=False):
+        for key, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def _paired(other: list[float], mine: list[float]) -> float:
+    """Speed of `mine` over `other`: the median of ratios taken within one round."""
+    return statistics.median(o / m for o, m in zip(other, mine))
+
+
+def _rate(times: list[float], batch: int, new_tokens: int) -> dict:
+    tokens = batch * new_tokens
+    return {"tok_s_median": tokens / statistics.median(times), "tok_s_best": tokens / min(times)}
 
 
 def memory(model, artifact, sizes: list[int]) -> list[dict]:

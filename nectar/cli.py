@@ -184,9 +184,10 @@ def cmd_bench(args) -> None:
     print(f"{'n':>6} {'SDPA ms':>9} {'module ms':>10} {'speedup':>8}")
     for r in report["attention"]:
         print(f"{r['n']:>6} {r['sdpa_ms']:>9.3f} {r['module_ms']:>10.3f} {r['speedup']:>8.1f}")
-    print(f"\n{'method':>12} {'n':>6} {'batch':>6} {'tok/s med':>10} {'tok/s best':>11}")
+    print(f"\n{'method':>12} {'n':>6} {'batch':>6} {'tok/s med':>10} {'tok/s best':>11} {'x no doc':>9} {'x full':>7}")
     for r in report["decode"]:
-        print(f"{r['method']:>12} {r['n']:>6} {r['batch']:>6} {r['tok_s_median']:>10.1f} {r['tok_s_best']:>11.1f}")
+        ratios = f"{r['vs_no_document']:>9.2f} {r['vs_full_cache']:>7.2f}" if "vs_full_cache" in r else ""
+        print(f"{r['method']:>12} {r['n']:>6} {r['batch']:>6} {r['tok_s_median']:>10.1f} {r['tok_s_best']:>11.1f} {ratios}")
     print(f"\n{'n':>6} {'full cache MB':>14} {'nectar MB':>10} {'ratio':>8}")
     for r in report["memory"]:
         print(f"{r['n']:>6} {r['full_cache_bytes'] / 1e6:>14.2f} {r['nectar_bytes'] / 1e6:>10.2f} {r['ratio']:>8.4f}")

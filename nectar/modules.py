@@ -304,13 +304,18 @@ class FusedBank(nn.Module):
     def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
         b, h, m, d = q.shape
         weights, biases = self.weights[layer], self.biases[layer]
-        x = q.transpose(0, 1).reshape(h, b * m, d).to(weights[0].dtype)
-        z = torch.baddbmm(biases[0], x, weights[0])
+        # Batch 1 (the common decode) needs no transposes: each view or cast here costs a microsecond.
+        x = q[0] if b == 1 else q.transpose(0, 1).reshape(h, b * m, d)
+        z = torch.baddbmm(biases[0], x.to(weights[0].dtype), weights[0])
         skip, x = z[..., -1], gelu(z[..., :-1])
         for w, bias in zip(weights[1:-1], biases[1:-1]):
             x = gelu(torch.baddbmm(bias, x, w))
-        out = torch.baddbmm(biases[-1], x, weights[-1]).float()
-        o, lse = out[..., :d], out[..., d] + skip.float()
+        out = torch.baddbmm(biases[-1], x, weights[-1])
+        if out.dtype != torch.float32:
+            out, skip = out.float(), skip.float()
+        o, lse = out[..., :d], out[..., d] + skip
+        if b == 1:
+            return o[None], lse[None]
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
 
 

@@ -157,6 +157,25 @@ def reference_attention_(q, k, v):
     return reference_attention(q, k, v, 0.4)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_grouped_kernel_matches_reference(padded):
+    """One query per head runs with the query heads of a KV head as rows of one head."""
+    from nectar.attention import reference_attention
+
+    torch.manual_seed(3)
+    q, k, v = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 11, 8), torch.randn(3, 2, 11, 8)
+    mask = None
+    if padded:
+        mask = torch.zeros(3, 1, 1, 11)
+        mask[1, :, :, :4] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        fast = exact_attention(q, k, v, 0.3, mask)
+    grouped = q.view(3, 2, 3, 8)
+    ref = reference_attention(grouped, k, v, 0.3, None if mask is None else mask.expand(3, 1, 3, 11))
+    torch.testing.assert_close(fast[0], ref[0].view(3, 6, 1, 8), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], ref[1].view(3, 6, 1), atol=1e-5, rtol=1e-5)
+
+
 def test_gqa_reference_path_matches_fused_kernel():
     torch.manual_seed(2)
     q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)

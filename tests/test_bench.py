@@ -18,6 +18,8 @@ def test_bench_writes_report_and_plot(tmp_path, tokenizer):
     report = run(model, art, doc, cfg, tmp_path)
     assert {r["method"] for r in report["decode"]} == {"no_document", "full_cache", "nectar"}
     assert all(r["ratio"] < 1 for r in report["memory"])
+    nectar_rows = [r for r in report["decode"] if r["method"] == "nectar"]
+    assert len(nectar_rows) == 4 and all(r["vs_full_cache"] > 0 and r["vs_no_document"] > 0 for r in nectar_rows)
     assert json.loads((tmp_path / "bench.json").read_text())["attention"][0]["n"] == 64
     assert (tmp_path / "bench.png").stat().st_size > 0
 
