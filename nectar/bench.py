@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .attach import bound, positions_after, prefill
-from .attention import ExactContext
+from .attention import IMPLEMENTATION, ExactContext
 from .errors import NectarError
 from .modules import FusedBank
 
@@ -77,14 +77,16 @@ def greedy_decode(model, prompt: torch.Tensor, n: int, new_tokens: int) -> None:
 def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: BenchConfig) -> list[dict]:
     """Greedy decode tokens/s: no document, the full cache at each n (shared by all rows), nectar.
 
-    Round-robin: every repeat times each case once, back to back, so drift in the machine's speed
+    `no_document` is the stock model (transformers' SDPA), `no_document_nectar_kernel` the same through
+    nectar's attention function with nothing bound. Round-robin: every repeat times each case once, back to back, so drift in the machine's speed
     hits all of them alike; `vs_*` are medians of the per-round time ratios, the figures to quote.
     """
     fulls = {n: prefill(model, torch.tensor(doc_ids[:n])) for n in cfg.decode_n}
     rows = []
     for batch in cfg.batches:
         prompt = torch.randint(3, min(1000, model.config.vocab_size), (batch, 16))
-        cases = {("no_document", 0): lambda: greedy_decode(model, prompt, 0, cfg.new_tokens)}
+        cases = {("no_document", 0): lambda: greedy_decode(model, prompt, 0, cfg.new_tokens),
+                 ("no_document_nectar_kernel", 0): _plain_nectar_decode(model, prompt, cfg.new_tokens)}
         for n, full in fulls.items():
             cases["full_cache", n] = _bound_decode(model, prompt, n, cfg.new_tokens, full)
         # The modules' cost does not depend on n; timing them at each n shows that it does not.
@@ -95,6 +97,7 @@ def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: 
             row = {"method": method, "n": n, "batch": batch, **_rate(t, batch, cfg.new_tokens)}
             if method == "nectar":
                 row["vs_no_document"] = _paired(times["no_document", 0], t)
+                row["vs_no_document_nectar_kernel"] = _paired(times["no_document_nectar_kernel", 0], t)
                 row["vs_full_cache"] = _paired(times["full_cache", n], t)
             rows.append(row)
     return rows
@@ -104,6 +107,21 @@ def _bound_decode(model, prompt, n, new_tokens, context, kept=None):
     def run():
         with bound(model, context, kept=kept):
             greedy_decode(model, prompt, n, new_tokens)
+    return run
+
+
+def _plain_nectar_decode(model, prompt, new_tokens):
+    """No document, through nectar's attention function: the modules' own cost is nectar's time over this.
+
+    (Stock SDPA is slower than nectar's kernel at decode, so against it the modules look cheaper.)
+    """
+    def run():
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(IMPLEMENTATION)
+        try:
+            greedy_decode(model, prompt, 0, new_tokens)
+        finally:
+            model.set_attn_implementation(previous)
     return run
 
 
@@ -155,8 +173,10 @@ def plot(report: dict, path: Path) -> None:
             pts = [r for r in rows if r["method"] == method and r["batch"] == batch]
             ax1.plot([r["n"] for r in pts], [r["tok_s_median"] for r in pts], style, label=f"{method}, batch {batch}")
         ax1.axhline(base["tok_s_median"], ls=":", color="gray")
+        kernel = next(r for r in rows if r["method"] == "no_document_nectar_kernel" and r["batch"] == batch)
+        ax1.axhline(kernel["tok_s_median"], ls="-.", color="gray", lw=0.8)
     ax1.set(xscale="log", xlabel="document tokens n", ylabel="decode tokens/s (median)",
-            title="Greedy decode (dotted: no document)")
+            title="Greedy decode (no document: dotted stock, dash-dot nectar kernel)")
     ax1.legend(fontsize=8)
     att = report["attention"]
     ax2.plot([r["n"] for r in att], [r["sdpa_ms"] for r in att], "o-", label="SDPA over n keys")

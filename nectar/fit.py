@@ -57,6 +57,27 @@ def _lr(step: int, cfg: FitConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _shuffled(store: Store, generator: torch.Generator) -> Store:
+    """The training rows in one random order, without o_loc (only the reported errors use it).
+
+    One gather up front: each step then takes the next contiguous window, a view, where a random
+    gather per step cost 15% of the fit's time.
+    """
+    order = torch.randperm(store.size, generator=generator)
+    return Store(store.q[:, order], store.o_ctx[:, order], store.lse_ctx[:, order], None, store.lse_loc[:, order])
+
+
+def _window(store: Store, step: int, batch: int) -> Store:
+    """Rows [step * batch, (step + 1) * batch) of the shuffled store, wrapping around at its end."""
+    batch = min(batch, store.size)
+    start = step * batch % store.size
+    if start + batch <= store.size:
+        index = slice(start, start + batch)
+    else:
+        index = torch.cat([torch.arange(start, store.size), torch.arange(start + batch - store.size)])
+    return Store(store.q[:, index], store.o_ctx[:, index], store.lse_ctx[:, index], None, store.lse_loc[:, index])
+
+
 def fit(bank: MLPBank, train: Store, val: Store, cfg: FitConfig, seed: int = 0, progress: bool = True) -> dict:
     """Adam(W) with warmup + cosine and an EMA of the weights; keeps the EMA state best on validation."""
     bank.standardise(train.q, train.o_ctx, train.lse_ctx)
@@ -66,14 +87,12 @@ def fit(bank: MLPBank, train: Store, val: Store, cfg: FitConfig, seed: int = 0, 
     ema = copy.deepcopy(bank)
     ema_params = list(ema.parameters())
     best, best_state, stale, history = math.inf, copy.deepcopy(ema.state_dict()), 0, []
+    shuffled = _shuffled(train, generator)
     bar = tqdm(range(cfg.steps), desc="fit", disable=not progress, leave=False)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
-        idx = torch.randint(train.size, (min(cfg.batch, train.size),), generator=generator)
-        # o_loc only enters the reported errors, so training skips gathering it.
-        batch = Store(train.q[:, idx], train.o_ctx[:, idx], train.lse_ctx[:, idx], None, train.lse_loc[:, idx])
-        target, score = loss_terms(bank, batch)
+        target, score = loss_terms(bank, _window(shuffled, step, cfg.batch))
         loss = (target + score).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -93,3 +93,15 @@ def test_allocate_follows_difficulty_within_bounds_and_never_exceeds_the_uniform
     assert min(params) >= 250 - 1 and max(params) <= 3000
     assert params[3] == max(params) and params[0] == min(params)
     assert params[2] >= params[1] >= params[4]
+
+
+def test_fit_windows_cover_every_row_once_per_epoch():
+    from nectar.capture import Store
+    from nectar.fit import _shuffled, _window
+
+    n = 10
+    store = Store(torch.arange(n).float().view(1, n, 1), torch.zeros(1, n, 1), torch.zeros(1, n), None, torch.zeros(1, n))
+    shuffled = _shuffled(store, torch.Generator().manual_seed(0))
+    seen = torch.cat([_window(shuffled, step, 4).q.flatten() for step in range(5)])  # 20 rows: two epochs
+    assert sorted(seen.tolist()) == sorted(2 * list(range(n)))
+    assert shuffled.q.flatten().tolist() != list(range(n))
