@@ -5,6 +5,7 @@ and the claims are ratios between methods measured back to back.
 """
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import statistics
@@ -75,11 +76,14 @@ def greedy_decode(model, prompt: torch.Tensor, n: int, new_tokens: int) -> None:
 
 
 def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: BenchConfig) -> list[dict]:
-    """Greedy decode tokens/s: no document, the full cache at each n (shared by all rows), nectar.
+    """Greedy decode tokens/s: no document, the full cache at each n, nectar; each at every batch size.
 
-    `no_document` is the stock model (transformers' SDPA), `no_document_nectar_kernel` the same through
-    nectar's attention function with nothing bound. Round-robin: every repeat times each case once, back to back, so drift in the machine's speed
-    hits all of them alike; `vs_*` are medians of the per-round time ratios, the figures to quote.
+    `no_document` is the stock model (transformers' SDPA); `no_document_nectar_kernel` the same through
+    nectar's attention function with nothing bound, the reference for the modules' own cost.
+    `full_cache` attends exactly to the document's keys, shared by all rows as a prefix cache would,
+    through nectar's kernel; `full_cache_stock` (batch 1) is transformers' own path: a DynamicCache
+    holding the document, read by SDPA. Round-robin: every repeat times each case once, back to back,
+    so drift in the machine's speed hits all alike; `vs_*` are medians of per-round time ratios.
     """
     fulls = {n: prefill(model, torch.tensor(doc_ids[:n])) for n in cfg.decode_n}
     rows = []
@@ -89,6 +93,8 @@ def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: 
                  ("no_document_nectar_kernel", 0): _plain_nectar_decode(model, prompt, cfg.new_tokens)}
         for n, full in fulls.items():
             cases["full_cache", n] = _bound_decode(model, prompt, n, cfg.new_tokens, full)
+            if batch == 1:  # per-row caches: at batch 16 and 8k this path takes minutes a run
+                cases["full_cache_stock", n] = _stock_decode(model, prompt, doc_ids[:n], cfg.new_tokens)
         # The modules' cost does not depend on n; timing them at each n shows that it does not.
         for n in cfg.decode_n:
             cases["nectar", n] = _bound_decode(model, prompt, n, cfg.new_tokens, bank, kept)
@@ -96,9 +102,10 @@ def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: 
         for (method, n), t in times.items():
             row = {"method": method, "n": n, "batch": batch, **_rate(t, batch, cfg.new_tokens)}
             if method == "nectar":
-                row["vs_no_document"] = _paired(times["no_document", 0], t)
-                row["vs_no_document_nectar_kernel"] = _paired(times["no_document_nectar_kernel", 0], t)
-                row["vs_full_cache"] = _paired(times["full_cache", n], t)
+                for other, at in (("no_document", 0), ("no_document_nectar_kernel", 0), ("full_cache", n),
+                                  ("full_cache_stock", n)):
+                    if (other, at) in times:
+                        row[f"vs_{other}"] = _paired(times[other, at], t)
             rows.append(row)
     return rows
 
@@ -111,10 +118,6 @@ def _bound_decode(model, prompt, n, new_tokens, context, kept=None):
 
 
 def _plain_nectar_decode(model, prompt, new_tokens):
-    """No document, through nectar's attention function: the modules' own cost is nectar's time over this.
-
-    (Stock SDPA is slower than nectar's kernel at decode, so against it the modules look cheaper.)
-    """
     def run():
         previous = model.config._attn_implementation
         model.set_attn_implementation(IMPLEMENTATION)
@@ -125,15 +128,35 @@ def _plain_nectar_decode(model, prompt, new_tokens):
     return run
 
 
+def _stock_decode(model, prompt, doc_ids, new_tokens):
+    """(prepare, run): generate extends its cache in place, so each run gets a fresh copy, made off the clock."""
+    doc = torch.tensor(doc_ids).view(1, -1)
+    with torch.no_grad():
+        template = model(input_ids=doc, use_cache=True).past_key_values
+    ids = torch.cat([doc.expand(prompt.shape[0], -1), prompt], 1)
+
+    def run(cache):
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return lambda: copy.deepcopy(template), run
+
+
 def _round_robin(cases: dict, repeats: int) -> dict:
-    for fn in cases.values():
-        fn()  # warm-up: allocator, kernels, caches
+    """Per case, `repeats` timings; a case is a function, or (prepare, run) with prepare off the clock."""
+    def once(case) -> float:
+        prepare, run = case if isinstance(case, tuple) else (None, case)
+        args = () if prepare is None else (prepare(),)
+        start = time.perf_counter()
+        run(*args)
+        return time.perf_counter() - start
+
+    for case in cases.values():
+        once(case)  # warm-up: allocator, kernels, caches
     times = {key: [] for key in cases}
     for _ in tqdm(range(repeats), desc=f"decode, {len(cases)} cases", leave=False):
-        for key, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
+        for key, case in cases.items():
+            times[key].append(once(case))
     return times
 
 
@@ -169,8 +192,10 @@ def plot(report: dict, path: Path) -> None:
     rows = report["decode"]
     for batch in sorted({r["batch"] for r in rows}):
         base = next(r for r in rows if r["method"] == "no_document" and r["batch"] == batch)
-        for method, style in (("full_cache", "o-"), ("nectar", "s-")):
+        for method, style in (("full_cache", "o-"), ("full_cache_stock", "x--"), ("nectar", "s-")):
             pts = [r for r in rows if r["method"] == method and r["batch"] == batch]
+            if not pts:
+                continue
             ax1.plot([r["n"] for r in pts], [r["tok_s_median"] for r in pts], style, label=f"{method}, batch {batch}")
         ax1.axhline(base["tok_s_median"], ls=":", color="gray")
         kernel = next(r for r in rows if r["method"] == "no_document_nectar_kernel" and r["batch"] == batch)

@@ -184,12 +184,14 @@ def cmd_bench(args) -> None:
     print(f"{'n':>6} {'SDPA ms':>9} {'module ms':>10} {'speedup':>8}")
     for r in report["attention"]:
         print(f"{r['n']:>6} {r['sdpa_ms']:>9.3f} {r['module_ms']:>10.3f} {r['speedup']:>8.1f}")
-    print("(x: speed of nectar over that method, median of ratios within a round; "
-          "no doc*: no document through nectar's attention kernel)")
-    print(f"\n{'method':>26} {'n':>6} {'batch':>6} {'tok/s med':>10} {'tok/s best':>11} {'x no doc':>9} {'x no doc*':>10} {'x full':>7}")
+    print("\nx: nectar's speed over that method, median of ratios within a round. no doc*: no document "
+          "through nectar's kernel; full*: transformers' own DynamicCache + SDPA path (batch 1)")
+    others = ("no_document", "no_document_nectar_kernel", "full_cache", "full_cache_stock")
+    print(f"{'method':>26} {'n':>6} {'batch':>6} {'tok/s med':>10} {'tok/s best':>11} "
+          f"{'x no doc':>9} {'x no doc*':>10} {'x full':>7} {'x full*':>8}")
     for r in report["decode"]:
-        ratios = (f"{r['vs_no_document']:>9.2f} {r['vs_no_document_nectar_kernel']:>10.2f} "
-                  f"{r['vs_full_cache']:>7.2f}" if "vs_full_cache" in r else "")
+        ratios = " ".join(f"{r[f'vs_{o}']:>{w}.2f}" if f"vs_{o}" in r else " " * w
+                          for o, w in zip(others, (9, 10, 7, 8))) if r["method"] == "nectar" else ""
         print(f"{r['method']:>26} {r['n']:>6} {r['batch']:>6} {r['tok_s_median']:>10.1f} {r['tok_s_best']:>11.1f} {ratios}")
     print(f"\n{'n':>6} {'full cache MB':>14} {'nectar MB':>10} {'ratio':>8}")
     for r in report["memory"]:

@@ -16,10 +16,12 @@ def test_bench_writes_report_and_plot(tmp_path, tokenizer):
     doc = torch.randint(3, 300, (1024,)).tolist()
     cfg = BenchConfig(attention_n=[64, 256], decode_n=[128, 256], batches=[1, 2], new_tokens=3, repeats=1)
     report = run(model, art, doc, cfg, tmp_path)
-    assert {r["method"] for r in report["decode"]} == {"no_document", "no_document_nectar_kernel", "full_cache", "nectar"}
+    assert {r["method"] for r in report["decode"]} == {"no_document", "no_document_nectar_kernel", "full_cache",
+                                                     "full_cache_stock", "nectar"}
     assert all(r["ratio"] < 1 for r in report["memory"])
     nectar_rows = [r for r in report["decode"] if r["method"] == "nectar"]
     assert len(nectar_rows) == 4 and all(r["vs_full_cache"] > 0 and r["vs_no_document"] > 0 for r in nectar_rows)
+    assert all(("vs_full_cache_stock" in r) == (r["batch"] == 1) for r in nectar_rows)
     assert json.loads((tmp_path / "bench.json").read_text())["attention"][0]["n"] == 64
     assert (tmp_path / "bench.png").stat().st_size > 0
 
