@@ -181,7 +181,7 @@ def cmd_bench(args) -> None:
     artifact.check_compatible(model, tokenizer)
     doc_ids = tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"]
     report = run(model, artifact, doc_ids, cfg, Path(args.out))
-    print(f"{'n':>6} {'SDPA ms':>9} {'module ms':>10} {'speedup':>8}")
+    print(f"{'n':>6} {'SDPA ms':>9} {'module ms':>10} {'speedup':>8}   (medians; min in bench.json)")
     for r in report["attention"]:
         print(f"{r['n']:>6} {r['sdpa_ms']:>9.3f} {r['module_ms']:>10.3f} {r['speedup']:>8.1f}")
     print("\nx: nectar's speed over that method, median of ratios within a round. no doc*: no document "
