@@ -38,11 +38,19 @@ class BenchConfig:
             raise NectarError("batches, new_tokens (>= 2) and repeats must be positive")
 
 
+def _sync() -> None:
+    """GPU work is queued: a clock read without this times the queueing, not the work."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _per_call(fn, inner: int = 50) -> float:
     """Seconds per call, the mean of `inner` back-to-back calls (one call is too short to time)."""
+    _sync()
     start = time.perf_counter()
     for _ in range(inner):
         fn()
+    _sync()
     return (time.perf_counter() - start) / inner
 
 
@@ -55,11 +63,11 @@ def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> li
     """
     cfg = model.config
     heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, bank.head_dim
-    dtype = next(model.parameters()).dtype
-    q = torch.randn(1, heads, 1, d, dtype=dtype)
+    like = dict(dtype=next(model.parameters()).dtype, device=model.device)
+    q = torch.randn(1, heads, 1, d, **like)
     calls = {}
     for n in sizes:
-        k, v = torch.randn(1, kv, n, d, dtype=dtype), torch.randn(1, kv, n, d, dtype=dtype)
+        k, v = torch.randn(1, kv, n, d, **like), torch.randn(1, kv, n, d, **like)
         calls["sdpa", n] = lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         calls["module", n] = lambda: bank(0, q.view(1, kv, heads // kv, d))
     times = {key: [] for key in calls}
@@ -97,7 +105,7 @@ def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: 
     fulls = {n: prefill(model, torch.tensor(doc_ids[:n])) for n in cfg.decode_n}
     rows = []
     for batch in cfg.batches:
-        prompt = torch.randint(3, min(1000, model.config.vocab_size), (batch, 16))
+        prompt = torch.randint(3, min(1000, model.config.vocab_size), (batch, 16), device=model.device)
         cases = {("no_document", 0): lambda: greedy_decode(model, prompt, 0, cfg.new_tokens),
                  ("no_document_nectar_kernel", 0): _plain_nectar_decode(model, prompt, cfg.new_tokens)}
         for n, full in fulls.items():
@@ -139,7 +147,7 @@ def _plain_nectar_decode(model, prompt, new_tokens):
 
 def _stock_decode(model, prompt, doc_ids, new_tokens):
     """(prepare, run): generate extends its cache in place, so each run gets a fresh copy, made off the clock."""
-    doc = torch.tensor(doc_ids).view(1, -1)
+    doc = torch.tensor(doc_ids, device=model.device).view(1, -1)
     with torch.no_grad():
         template = model(input_ids=doc, use_cache=True).past_key_values
     ids = torch.cat([doc.expand(prompt.shape[0], -1), prompt], 1)
@@ -156,8 +164,10 @@ def _round_robin(cases: dict, repeats: int) -> dict:
     def once(case) -> float:
         prepare, run = case if isinstance(case, tuple) else (None, case)
         args = () if prepare is None else (prepare(),)
+        _sync()
         start = time.perf_counter()
         run(*args)
+        _sync()
         return time.perf_counter() - start
 
     for case in cases.values():
@@ -234,6 +244,9 @@ def run(model, artifact, doc_ids: list[int], cfg: BenchConfig, out: Path) -> dic
     report["decode"] = decode(model, bank, kept, doc_ids, cfg)
     report["memory"] = memory(model, artifact, cfg.decode_n)
     report["peak_rss_mb"] = peak_rss_mb()
+    report["device"] = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+    if model.device.type == "cuda":
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(model.device) / 2**20
     report["torch_threads"] = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))

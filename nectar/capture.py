@@ -35,6 +35,10 @@ class Store:
     def rows(self, index: Tensor) -> "Store":
         return Store(*(t[:, index] for t in (self.q, self.o_ctx, self.lse_ctx, self.o_loc, self.lse_loc)))
 
+    def to(self, device) -> "Store":
+        return Store(*(None if t is None else t.to(device) for t in (self.q, self.o_ctx, self.lse_ctx, self.o_loc,
+                                                                        self.lse_loc)))
+
 
 class _Recorder:
     def __init__(self, store: Store, kv_heads: int):
@@ -84,7 +88,7 @@ def capture(
             ids, valid = right_pad([sequences[i] for i in index])
             recorder.valid = valid
             # Right padding: real tokens never attend to the pads that follow them.
-            out = model(input_ids=ids.to(model.device), position_ids=(n + torch.arange(ids.shape[1])).expand_as(ids),
+            out = model(input_ids=ids.to(model.device), position_ids=(n + torch.arange(ids.shape[1], device=model.device)).expand(ids.shape),
                         logits_to_keep=0 if topk else 1)
             recorder.offset += groups * int(valid.sum())
             if topk:

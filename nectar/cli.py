@@ -46,12 +46,12 @@ def _resolve_pydoc(spec: str, tokenizer) -> str:
         raise NectarError(f"'{spec}': write pydoc or pydoc:TOKENS, e.g. pydoc:4096") from None
 
 
-def _load(name: str, dtype: str):
+def _load(name: str, dtype: str, device: str = "auto"):
     import torch
 
     from .models import load_model
 
-    return load_model(name, dtype=getattr(torch, dtype))
+    return load_model(name, dtype=getattr(torch, dtype), device=device)
 
 
 def cmd_compile(args) -> None:
@@ -62,7 +62,7 @@ def cmd_compile(args) -> None:
     text = read_document(args.document)
     config = CompileConfig(budget=args.budget, variant=args.variant, allocation=args.allocation, seed=args.seed,
                            truncate=args.truncate, fit=FitConfig(steps=args.steps))
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = _load(args.model, args.dtype, args.device)
     if text.startswith("pydoc"):
         text = _resolve_pydoc(text, tokenizer)
     artifact = compile(model, tokenizer, text, config)
@@ -115,7 +115,7 @@ def cmd_ask(args) -> None:
     from .generate import ask, ask_full
 
     artifact = Artifact.load(args.artifact)
-    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype)
+    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
     start = time.perf_counter()
     answer = ask(model, tokenizer, artifact, [args.question], max_new_tokens=args.max_new_tokens)[0]
     print(f"nectar ({time.perf_counter() - start:.1f} s): {answer}")
@@ -177,7 +177,7 @@ def cmd_bench(args) -> None:
     cfg = BenchConfig(attention_n=args.attention_n, decode_n=args.n, batches=args.batch, repeats=args.repeats,
                       new_tokens=args.new_tokens)
     artifact = Artifact.load(args.artifact)
-    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype)
+    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
     artifact.check_compatible(model, tokenizer)
     doc_ids = tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"]
     report = run(model, artifact, doc_ids, cfg, Path(args.out))
@@ -196,7 +196,8 @@ def cmd_bench(args) -> None:
     print(f"\n{'n':>6} {'full cache MB':>14} {'nectar MB':>10} {'ratio':>8}")
     for r in report["memory"]:
         print(f"{r['n']:>6} {r['full_cache_bytes'] / 1e6:>14.2f} {r['nectar_bytes'] / 1e6:>10.2f} {r['ratio']:>8.4f}")
-    print(f"\npeak RSS {report['peak_rss_mb']:.0f} MB; wrote {args.out}/bench.json and {args.out}/bench.png")
+    gpu = f", peak GPU memory {report['peak_gpu_mb']:.0f} MB on {report['device']}" if "peak_gpu_mb" in report else ""
+    print(f"\npeak RSS {report['peak_rss_mb']:.0f} MB{gpu}; wrote {args.out}/bench.json and {args.out}/bench.png")
 
 
 def cmd_eval(args) -> None:
@@ -213,14 +214,14 @@ def cmd_eval(args) -> None:
     artifact = None
     if args.target.endswith(".nectar"):
         artifact = Artifact.load(args.target)
-        model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype)
+        model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
         artifact.check_compatible(model, tokenizer)
         compiled = CompileConfig.from_dict(artifact.manifest["config"])
         ids = _document_of(artifact, args.document, model, tokenizer, compiled)
         bench = Workbench(model, tokenizer, torch.tensor(ids), compiled)
     else:
         text = read_document(args.target)
-        model, tokenizer = _load(args.model or "smollm2-135m", args.dtype)
+        model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
         if text.startswith("pydoc"):
             text = _resolve_pydoc(text, tokenizer)
         bench = Workbench(model, tokenizer, text, _document_config(args))
@@ -343,6 +344,7 @@ def parser() -> argparse.ArgumentParser:
 def _model_args(p, default, dtype) -> None:
     p.add_argument("--model", default=default, help="model name or local folder (default: the artifact's)")
     p.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16"))
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU if there is one)")
 
 
 def main(argv: list[str] | None = None) -> int:

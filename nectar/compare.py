@@ -162,7 +162,7 @@ class Comparison:
                                                  self.config.batch_size)[name]
         row = {"method": name, "budget": budget, "bytes_ratio": ratio, "fidelity": fidelity,
                "questions": _pooled(fidelity, self.question_kinds),
-               "layers": layer_errors(method, self.store, self.kv_heads, self.scaling)}
+               "layers": layer_errors(method, self.store, self.kv_heads, self.scaling, device=self.model.device)}
         row["errors"] = {k: _mean(v) for k, v in row["layers"].items()}
         if self.config.generate and budget == self.main_budget:
             answers = self._answers(method, name)

@@ -158,15 +158,22 @@ class Workbench:
             val_store, val_teacher = capture(self.model, val_seqs, self.n, rest, sinks, size, "capture val", topk)
         return train_store, val_store, teacher, val_teacher
 
+    @cached_property
+    def device_stores(self) -> tuple[Store, Store]:
+        """(train, validation) stores on the model's device: the fit runs where the model does."""
+        train_store, val_store, _, _ = self.stores
+        return train_store.to(self.model.device), val_store.to(self.model.device)
+
     def compile(self, **changes) -> Artifact:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
         config = replace(self.config, **changes)
         train, val = self.prompts
-        train_store, val_store, teacher, val_teacher = self.stores
+        _, _, teacher, val_teacher = self.stores
+        train_store, val_store = self.device_stores
         sinks, rest = self.split
         timings = dict(self.timings)
         with _stage(timings, "fit"):
-            bank = self._bank(config, train_store, val_store)
+            bank = self._bank(config, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
         if config.refine_steps:
@@ -182,7 +189,8 @@ class Workbench:
         timings["total"] = round(sum(timings.values()), 1)
         manifest = build_manifest(self.model, self.tokenizer, self.doc_ids, self.templates, bank, config, metrics,
                                   timings)
-        artifact = Artifact(manifest, bank, sinks, self.doc_ids if config.keep_document else None)
+        sinks = ExactContext([k.cpu() for k in sinks.keys], [v.cpu() for v in sinks.values])
+        artifact = Artifact(manifest, bank.cpu(), sinks, self.doc_ids if config.keep_document else None)
         artifact.manifest["memory_ratio"] = artifact.memory_ratio()
         return artifact
 
@@ -193,7 +201,7 @@ class Workbench:
             bank = QuadratureBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, d, per_module,
                                              attention_scaling(self.model))
             _, rest = self.split
-            bank.init_from(torch.cat(rest.keys).float(), torch.cat(rest.values).float(), seed=config.seed)
+            bank.init_from(torch.cat(rest.keys).float().cpu(), torch.cat(rest.values).float().cpu(), seed=config.seed)
             return bank
         def bank_for(params) -> MLPBank:
             return MLPBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, d, params, config.depth,
@@ -213,7 +221,7 @@ class Workbench:
     def _probe(self, probe: MLPBank, config: CompileConfig, train_store: Store, val_store: Store) -> list[float]:
         """Each layer's merged-output error after a short fit of `probe` (uniform): where capacity is short."""
         steps = config.probe_steps
-        fit(probe, train_store, val_store, replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10),
+        fit(probe.to(train_store.q.device), train_store, val_store, replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10),
             seed=config.seed, progress=False)
         merged = errors(probe, val_store)["merged_rel"]
         return merged.view(probe.layers, -1).mean(1).tolist()

@@ -89,9 +89,11 @@ def document_part(method: Method):
 
 
 @torch.no_grad()
-def layer_errors(method: Method, store, kv_heads: int, scaling: float, chunk: int = 4096) -> dict[str, list]:
+def layer_errors(method: Method, store, kv_heads: int, scaling: float, chunk: int = 4096,
+                 device: torch.device | str = "cpu") -> dict[str, list]:
     """Per-layer errors (DESIGN section 6) against a store captured with the full document as context:
-    o_ctx relative, |lse_ctx| absolute (None where a method keeps nothing) and merged output relative."""
+    o_ctx relative, |lse_ctx| absolute (None where a method keeps nothing) and merged output relative.
+    The store stays on the CPU; each chunk of queries visits `device`, where the method's tensors are."""
     provider = document_part(method)
     layers = store.q.shape[0] // kv_heads
     out: dict[str, list] = {"o_rel": [], "lse_abs": [], "merged_rel": []}
@@ -100,8 +102,8 @@ def layer_errors(method: Method, store, kv_heads: int, scaling: float, chunk: in
         sums = torch.zeros(3)
         for start in range(0, store.size, chunk):
             span = slice(start, start + chunk)
-            q = store.q[rows, span].float().unsqueeze(0)
-            o, lse = (t[0] for t in provider(layer, q, scaling))
+            q = store.q[rows, span].float().unsqueeze(0).to(device)
+            o, lse = (t[0].cpu() for t in provider(layer, q, scaling))
             o_true, lse_true = store.o_ctx[rows, span].float(), store.lse_ctx[rows, span]
             o_loc, lse_loc = store.o_loc[rows, span].float(), store.lse_loc[rows, span]
             merged, _ = merge(o_true, lse_true, o_loc, lse_loc)

@@ -83,16 +83,30 @@ def resolve(name: str) -> Path:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) in eval mode. fp32 for numerics; bf16 runs prefill about 3x faster on CPU."""
+    device = resolve_device(device)
     path = resolve(name)
     hf_logging.disable_progress_bar()  # a per-tensor bar for a one-second load is noise
     hf_logging.set_verbosity_error()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.name_or_path = name  # fingerprints name the model as the user did, not by a cache path
     return model, tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is the GPU when there is one; asking for one that is not there is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise NectarError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise NectarError(f"device '{device}' asked for, but torch sees no GPU: use --device cpu")
+    return resolved
 
 
 def head_dim(cfg) -> int:

@@ -175,7 +175,7 @@ class MLPBank(nn.Module):
         self.lse_scale.copy_(lse_ctx.std(1, keepdim=True).clamp_min(1e-4))
         x = (q - self.in_mean) / self.in_std
         y = ((lse_ctx - self.lse_mean) / self.lse_scale).unsqueeze(-1)
-        gram = x.transpose(1, 2) @ x / x.shape[1] + ridge * torch.eye(x.shape[-1])
+        gram = x.transpose(1, 2) @ x / x.shape[1] + ridge * torch.eye(x.shape[-1], device=x.device)
         self.score_skip.copy_(torch.linalg.solve(gram, x.transpose(1, 2) @ y / x.shape[1]))
 
 

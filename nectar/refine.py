@@ -21,16 +21,17 @@ Teacher = list[tuple[Tensor, Tensor]]  # per sequence: top-k ids [len, k], log-p
 def _distill_loss(model, bank, kept, seqs, teacher: Teacher, n: int) -> Tensor:
     """Cross-entropy of the model's next-token distribution against the teacher's renormalised top-k."""
     ids, valid = right_pad(seqs)
+    ids = ids.to(model.device)
     with bound(model, bank, kept):
-        logits = model(input_ids=ids, position_ids=(n + torch.arange(ids.shape[1])).expand_as(ids)).logits
+        logits = model(input_ids=ids, position_ids=(n + torch.arange(ids.shape[1], device=ids.device)).expand_as(ids)).logits
     logp = torch.log_softmax(logits.float(), -1)
     width = ids.shape[1]
     top_ids = torch.stack([torch.nn.functional.pad(t[0], (0, 0, 0, width - len(t[0]))) for t in teacher])
     top_lp = torch.stack([torch.nn.functional.pad(t[1].float(), (0, 0, 0, width - len(t[1])), value=-1e4)
                           for t in teacher])
-    target = torch.softmax(top_lp, -1)
-    ce = -(target * logp.gather(-1, top_ids)).sum(-1)
-    return ce[valid].mean()
+    target = torch.softmax(top_lp.to(logp.device), -1)
+    ce = -(target * logp.gather(-1, top_ids.to(logp.device))).sum(-1)
+    return ce[valid.to(ce.device)].mean()
 
 
 def refine(model, bank: MLPBank, kept: ExactContext | None, train: list[list[int]], teacher: Teacher,

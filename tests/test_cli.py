@@ -60,7 +60,7 @@ def test_ctrl_c_during_compile_writes_nothing(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(compile_module, "compile", interrupted)
-    monkeypatch.setattr("nectar.cli._load", lambda name, dtype: (None, None))
+    monkeypatch.setattr("nectar.cli._load", lambda name, dtype, device="auto": (None, None))
     path = tmp_path / "doc.txt"
     path.write_text("a document")
     code = main(["compile", str(path), "-o", str(tmp_path / "a.nectar")])
@@ -81,3 +81,15 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, pattern", [("tpu7", "unknown device"), ("cuda", "no GPU")])
+def test_bad_device(tmp_path, capsys, device, pattern):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path = tmp_path / "doc.txt"
+    path.write_text(sample_document(500))
+    _one_line_error(*_run(capsys, "compile", str(path), "-o", str(tmp_path / "a.nectar"), "--device", device),
+                    pattern)

@@ -22,7 +22,7 @@ def tiny(monkeypatch, tokenizer, tmp_path):
     model = tiny_llama()
     tokenizer.save_pretrained(tmp_path / "tok")
     model.config.name_or_path = str(tmp_path / "tok")
-    monkeypatch.setattr(cli, "_load", lambda name, dtype: (model, tokenizer))
+    monkeypatch.setattr(cli, "_load", lambda name, dtype, device="auto": (model, tokenizer))
     monkeypatch.setattr(cli, "_document_config", lambda args: replace(FAST, budget=args.budget))
     return model
 

@@ -1,0 +1,88 @@
+"""The same claims on a GPU: the split attention equals eager attention there, a compile runs there,
+and an artifact gives the same logits on either device. Skipped where torch sees no GPU (CI)."""
+import pytest
+import torch
+
+import nectar
+from nectar.attach import bound, positions_after, prefill, split_context
+from nectar.attention import exact_attention, reference_attention
+from nectar.bench import BenchConfig, run
+from conftest import sample_document, tiny_llama
+from test_compile import FAST
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+CUDA = torch.device("cuda")
+
+
+def _full_logits(model, doc, prompt):
+    return model(input_ids=torch.cat([doc, prompt]).view(1, -1)).logits[0, len(doc):]
+
+
+@torch.no_grad()
+def test_exact_attention_on_gpu_matches_cpu_with_mask():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 16), torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
+    mask = torch.zeros(2, 1, 5, 40)
+    mask[0, :, :, :7] = float("-inf")
+    o_cpu, lse_cpu = exact_attention(q, k, v, 0.25, mask)
+    o_gpu, lse_gpu = exact_attention(q.to(CUDA), k.to(CUDA), v.to(CUDA), 0.25, mask.to(CUDA))
+    torch.testing.assert_close(o_gpu.cpu(), o_cpu, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse_gpu.cpu(), lse_cpu, atol=1e-4, rtol=1e-4)
+    o_ref, _ = reference_attention(q[:, :3], k, v, 0.25)
+    torch.testing.assert_close(o_ref, exact_attention(q[:, :3], k, v, 0.25)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sink", [0, 4])
+@torch.no_grad()
+def test_step_by_step_decoding_on_gpu_matches_eager(sink):
+    model = tiny_llama().to(CUDA)
+    doc, prompt = torch.randint(3, 300, (33,), device=CUDA), torch.randint(3, 300, (12,), device=CUDA)
+    reference = _full_logits(model, doc, prompt)
+    n = len(doc)
+    sinks, rest = split_context(prefill(model, doc), sink=sink)
+    with bound(model, rest, kept=sinks if sink else None):
+        out = model(input_ids=prompt[:4].view(1, -1), position_ids=n + torch.arange(4, device=CUDA).view(1, -1),
+                    use_cache=True)
+        steps, cache = [out.logits[0]], out.past_key_values
+        for i in range(4, 12):
+            out = model(input_ids=prompt[i].view(1, 1), position_ids=torch.tensor([[n + i]], device=CUDA),
+                        past_key_values=cache)
+            steps.append(out.logits[0])
+    assert (torch.cat(steps) - reference).abs().max() <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def gpu_compiled(tokenizer):
+    model = tiny_llama().to(CUDA)
+    return model, nectar.compile(model, tokenizer, sample_document(1500), FAST)
+
+
+def test_compile_on_gpu_writes_a_cpu_artifact_that_beats_no_document(gpu_compiled, tmp_path):
+    _, art = gpu_compiled
+    for fid in art.manifest["metrics"]["fidelity"].values():
+        assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
+    art.save(tmp_path / "a.nectar")
+    loaded = nectar.Artifact.load(tmp_path / "a.nectar")
+    assert all(t.device.type == "cpu" for t in loaded.bank.state_dict().values())
+
+
+@torch.no_grad()
+def test_artifact_gives_the_same_logits_on_gpu_and_cpu(gpu_compiled):
+    gpu_model, art = gpu_compiled
+    cpu_model = tiny_llama()
+    ids = torch.randint(3, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    logits = {}
+    for name, model in (("cpu", cpu_model), ("gpu", gpu_model)):
+        with nectar.attach(model, art):
+            logits[name] = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 position_ids=positions_after(art.n, mask).to(model.device)).logits.cpu()
+    torch.testing.assert_close(logits["gpu"], logits["cpu"], atol=2e-3, rtol=1e-3)
+
+
+def test_bench_runs_on_gpu(tmp_path, gpu_compiled):
+    model, art = gpu_compiled
+    cfg = BenchConfig(attention_n=[64, 256], decode_n=[128], batches=[1, 4], new_tokens=3, repeats=1)
+    report = run(model, art, torch.randint(3, 300, (512,)).tolist(), cfg, tmp_path)
+    assert report["device"] != "cpu" and report["peak_gpu_mb"] > 0
+    assert {r["method"] for r in report["decode"]} >= {"no_document", "full_cache", "nectar"}
