@@ -56,6 +56,7 @@ def _gguf_path(source: GGUFSource) -> Path:
 def _convert(source: GGUFSource, target: Path) -> None:
     gguf = _gguf_path(source)
     print(f"converting {gguf.name} to safetensors once (about 30 s)...", flush=True)
+    _quiet()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,11 @@ def _convert(source: GGUFSource, target: Path) -> None:
         tmp.rename(target)  # atomic: an interrupted conversion leaves no half copy behind
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quiet() -> None:
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a one-second load is noise
+    hf_logging.set_verbosity_error()
 
 
 def resolve(name: str) -> Path:
@@ -88,8 +94,7 @@ def load_model(
     """(model, tokenizer) in eval mode. fp32 for numerics; bf16 runs prefill about 3x faster on CPU."""
     device = resolve_device(device)
     path = resolve(name)
-    hf_logging.disable_progress_bar()  # a per-tensor bar for a one-second load is noise
-    hf_logging.set_verbosity_error()
+    _quiet()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.name_or_path = name  # fingerprints name the model as the user did, not by a cache path
@@ -124,7 +129,7 @@ def model_fingerprint(model: PreTrainedModel) -> dict:
         flat = param.detach().flatten()
         sample = flat[:: max(1, flat.numel() // 4096)][:4096]
         # Rounding to bf16 makes the hash agree between a model and its bf16 cast.
-        weights.update(name.encode() + sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        weights.update(name.encode() + sample.to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes())
     return {"name": getattr(model, "name_or_path", ""), "config": config_hash, "weights": weights.hexdigest()[:16]}
 
 
