@@ -5,7 +5,7 @@ import torch
 
 import nectar
 from nectar.attach import bound, positions_after, prefill, split_context
-from nectar.attention import exact_attention, reference_attention
+from nectar.attention import _grouped_mask, exact_attention, reference_attention
 from nectar.bench import BenchConfig, run
 from conftest import sample_document, tiny_llama
 from test_compile import FAST
@@ -86,3 +86,24 @@ def test_bench_runs_on_gpu(tmp_path, gpu_compiled):
     report = run(model, art, torch.randint(3, 300, (512,)).tolist(), cfg, tmp_path)
     assert report["device"] != "cpu" and report["peak_gpu_mb"] > 0
     assert {r["method"] for r in report["decode"]} >= {"no_document", "full_cache", "nectar"}
+
+
+@pytest.mark.parametrize("dtype, masked", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)])
+@torch.no_grad()
+def test_fused_cuda_kernels_match_reference(dtype, masked):
+    """Flash (bf16, no mask) and memory-efficient (a mask, or fp32) kernels against the written-out path,
+    a fully masked row (transformers' finite minimum) included."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 6, m, 64, device=CUDA) for m in (3, 37, 37))
+    mask = None
+    if masked:
+        mask = torch.zeros(2, 1, 3, 37, device=CUDA)
+        mask[0, :, :, 20:] = torch.finfo(torch.float32).min
+        mask[1, :, 0, :] = torch.finfo(torch.float32).min
+    o, lse = exact_attention(q.to(dtype), k.to(dtype), v.to(dtype), 0.125, mask)
+    grouped = q.to(dtype).float().reshape(2, 3, 6, 64)
+    o_ref, lse_ref = reference_attention(grouped, k.to(dtype).float(), v.to(dtype).float(), 0.125,
+                                         _grouped_mask(mask, 2, 3))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(o, o_ref.view(2, 6, 3, 64), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, lse_ref.view(2, 6, 3), atol=tol, rtol=tol)
