@@ -89,9 +89,11 @@ def _cuda_attention(q: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tenso
     bias = None
     if mask is not None:
         # The kernel wants the bias's rows 16-aligned in memory: pad a buffer, view the first s columns.
+        # It also scales scores by log2(e) before exp2, so transformers' float minimum would overflow to
+        # -inf and turn a fully masked row (a left pad) into zeros and an infinite lse; -1e30 stays finite.
         b, _, m, s = mask.shape
         bias = q.new_zeros(b, k.shape[1], m, -(-s // 16) * 16)[..., :s]
-        bias.copy_(mask.expand(b, k.shape[1], m, s))
+        bias.copy_(mask.expand(b, k.shape[1], m, s).clamp_min(-1e30))
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False,
                                                                       scale=scaling)[:2]
     return out.float(), lse[..., : q.shape[2]]
