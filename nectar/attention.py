@@ -55,9 +55,9 @@ def exact_attention(
     On CPU this is PyTorch's fused flash kernel, which handles GQA and returns the log-sum-exp too (about 6x faster than materialising
     the scores, and no copy of the keys per query head).
     """
-    fused = q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.shape[0] == q.shape[0]
-    # The fused kernel passes no gradient through its lse; refinement needs one.
-    if fused and not (torch.is_grad_enabled() and q.requires_grad):
+    # The fused kernels pass no gradient through their lse; refinement needs one.
+    fusable = k.shape[0] == q.shape[0] and not (torch.is_grad_enabled() and q.requires_grad)
+    if fusable and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         b, heads, m, d = q.shape
         kv = k.shape[1]
         if m == 1 and heads > kv:
@@ -73,7 +73,7 @@ def exact_attention(
     kv = k.shape[1]
     grouped = q.reshape(b, kv, heads // kv * m, d)  # query head h uses KV head h // groups, as repeat_kv
     mask = _grouped_mask(mask, heads // kv, m)
-    if q.device.type == "cuda" and k.shape[0] == b and not (torch.is_grad_enabled() and q.requires_grad):
+    if fusable and q.device.type == "cuda":
         out, lse = _cuda_attention(grouped, k, v, scaling, mask)
     else:
         out, lse = reference_attention(grouped, k, v, scaling, mask)

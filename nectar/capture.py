@@ -86,9 +86,10 @@ def capture(
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             index = order[start: start + batch_size]
             ids, valid = right_pad([sequences[i] for i in index])
+            ids = ids.to(model.device)
             recorder.valid = valid
             # Right padding: real tokens never attend to the pads that follow them.
-            out = model(input_ids=ids.to(model.device), position_ids=(n + torch.arange(ids.shape[1], device=model.device)).expand(ids.shape),
+            out = model(input_ids=ids, position_ids=(n + torch.arange(ids.shape[1], device=ids.device)).expand_as(ids),
                         logits_to_keep=0 if topk else 1)
             recorder.offset += groups * int(valid.sum())
             if topk:

@@ -54,6 +54,11 @@ def _load(name: str, dtype: str, device: str = "auto"):
     return load_model(name, dtype=getattr(torch, dtype), device=device)
 
 
+def _load_for(artifact, args):
+    """The model the artifact was compiled for, unless --model names another."""
+    return _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
+
+
 def cmd_compile(args) -> None:
     from .artifact import Artifact  # noqa: F401  (fail early on a broken install)
     from .compiler import compile
@@ -115,7 +120,7 @@ def cmd_ask(args) -> None:
     from .generate import ask, ask_full
 
     artifact = Artifact.load(args.artifact)
-    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
+    model, tokenizer = _load_for(artifact, args)
     start = time.perf_counter()
     answer = ask(model, tokenizer, artifact, [args.question], max_new_tokens=args.max_new_tokens)[0]
     print(f"nectar ({time.perf_counter() - start:.1f} s): {answer}")
@@ -177,7 +182,7 @@ def cmd_bench(args) -> None:
     cfg = BenchConfig(attention_n=args.attention_n, decode_n=args.n, batches=args.batch, repeats=args.repeats,
                       new_tokens=args.new_tokens)
     artifact = Artifact.load(args.artifact)
-    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
+    model, tokenizer = _load_for(artifact, args)
     artifact.check_compatible(model, tokenizer)
     doc_ids = tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"]
     report = run(model, artifact, doc_ids, cfg, Path(args.out))
@@ -214,7 +219,7 @@ def cmd_eval(args) -> None:
     artifact = None
     if args.target.endswith(".nectar"):
         artifact = Artifact.load(args.target)
-        model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
+        model, tokenizer = _load_for(artifact, args)
         artifact.check_compatible(model, tokenizer)
         compiled = CompileConfig.from_dict(artifact.manifest["config"])
         ids = _document_of(artifact, args.document, model, tokenizer, compiled)

@@ -23,7 +23,8 @@ def _distill_loss(model, bank, kept, seqs, teacher: Teacher, n: int) -> Tensor:
     ids, valid = right_pad(seqs)
     ids = ids.to(model.device)
     with bound(model, bank, kept):
-        logits = model(input_ids=ids, position_ids=(n + torch.arange(ids.shape[1], device=ids.device)).expand_as(ids)).logits
+        positions = (n + torch.arange(ids.shape[1], device=ids.device)).expand_as(ids)
+        logits = model(input_ids=ids, position_ids=positions).logits
     logp = torch.log_softmax(logits.float(), -1)
     width = ids.shape[1]
     top_ids = torch.stack([torch.nn.functional.pad(t[0], (0, 0, 0, width - len(t[0]))) for t in teacher])

@@ -8,14 +8,11 @@ from nectar.attach import bound, positions_after, prefill, split_context
 from nectar.attention import _grouped_mask, exact_attention, reference_attention
 from nectar.bench import BenchConfig, run
 from conftest import sample_document, tiny_llama
+from test_attention import _full_logits
 from test_compile import FAST
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 CUDA = torch.device("cuda")
-
-
-def _full_logits(model, doc, prompt):
-    return model(input_ids=torch.cat([doc, prompt]).view(1, -1)).logits[0, len(doc):]
 
 
 @torch.no_grad()
@@ -28,8 +25,6 @@ def test_exact_attention_on_gpu_matches_cpu_with_mask():
     o_gpu, lse_gpu = exact_attention(q.to(CUDA), k.to(CUDA), v.to(CUDA), 0.25, mask.to(CUDA))
     torch.testing.assert_close(o_gpu.cpu(), o_cpu, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse_gpu.cpu(), lse_cpu, atol=1e-4, rtol=1e-4)
-    o_ref, _ = reference_attention(q[:, :3], k, v, 0.25)
-    torch.testing.assert_close(o_ref, exact_attention(q[:, :3], k, v, 0.25)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("sink", [0, 4])
@@ -88,7 +83,8 @@ def test_bench_runs_on_gpu(tmp_path, gpu_compiled):
     assert {r["method"] for r in report["decode"]} >= {"no_document", "full_cache", "nectar"}
 
 
-@pytest.mark.parametrize("dtype, masked", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False), (torch.float32, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("masked", [False, True])
 @torch.no_grad()
 def test_fused_cuda_kernels_match_reference(dtype, masked):
     """Flash (bf16, no mask) and memory-efficient (a mask, or fp32) kernels against the written-out path,
