@@ -19,6 +19,8 @@ from torch import Tensor
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .graphs import graphable, graphs_for
+
 IMPLEMENTATION = "nectar"
 
 
@@ -214,11 +216,21 @@ def nectar_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         # [b, H, L] is laid out as [b, Hkv, groups * L]: views, no copies.
         q = query.reshape(b, kv_heads, -1, d)
         out, lse = out.reshape(b, kv_heads, -1, d), lse.reshape(b, kv_heads, -1)
-        o_ctx, lse_ctx = binding.context(binding.layer, q, scaling)
-        if binding.recorder is not None:
-            binding.recorder(binding.layer, q, o_ctx, lse_ctx, out, lse)
-        out = blend(out, lse, o_ctx, lse_ctx)
+        if binding.recorder is None and graphable(binding.context, query):
+            out = graphs_for(binding.context)(binding.layer, scaling, _document_step(binding, scaling), q, out, lse)
+        else:
+            o_ctx, lse_ctx = binding.context(binding.layer, q, scaling)
+            if binding.recorder is not None:
+                binding.recorder(binding.layer, q, o_ctx, lse_ctx, out, lse)
+            out = blend(out, lse, o_ctx, lse_ctx)
     return out.to(query.dtype).reshape(b, heads, length, d).transpose(1, 2).contiguous(), None
+
+
+def _document_step(binding: Binding, scaling: float):
+    """The document part of a step and its merge, as one function of tensors: what a CUDA graph captures."""
+    def step(q: Tensor, out: Tensor, lse: Tensor) -> Tensor:
+        return blend(out, lse, *binding.context(binding.layer, q, scaling))
+    return step
 
 
 def nectar_mask(batch_size: int, cache_position: Tensor, kv_length: int, *args, **kwargs) -> Tensor | None:

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .graphs import forget
+
 
 def gelu(x: Tensor) -> Tensor:
     # The tanh form: the same smooth curve to ~1e-3, and 3x cheaper than erf on small CPU tensors.
@@ -285,6 +287,8 @@ class FusedBank(nn.Module):
     decode step costs depth + 1 batched matmuls and depth GELUs per layer.
     """
 
+    graphable = True  # on a GPU its decode step runs as a CUDA graph (nectar.graphs)
+
     def __init__(self, bank: MLPBank, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.head_dim, self.kv_heads = bank.head_dim, bank.kv_heads
@@ -300,6 +304,7 @@ class FusedBank(nn.Module):
                 self.biases.append([t.to(dtype).contiguous() for t in b])
 
     def _apply(self, fn, recurse=True):
+        forget(self)
         self.weights = [[fn(t) for t in layer] for layer in self.weights]
         self.biases = [[fn(t) for t in layer] for layer in self.biases]
         return self

@@ -122,3 +122,34 @@ def test_left_padding_with_no_document_stays_finite_on_gpu():
     with bound(model, NoContext()):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_after(10, mask)).logits
     assert torch.isfinite(logits).all()
+
+
+@torch.no_grad()
+def test_decode_through_cuda_graphs_matches_eager_and_captures_each_layer_once(gpu_compiled):
+    from nectar.graphs import forget, graphs_for
+
+    model, art = gpu_compiled
+    bank, _ = art.providers(model)
+    forget(bank)  # other tests on this fixture captured their own shapes
+    ids = torch.randint(3, 300, (2, 6), device=CUDA)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+
+    def decode():
+        with nectar.attach(model, art):
+            out = model.generate(input_ids=ids, attention_mask=mask, position_ids=positions_after(art.n, mask),
+                                 max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits)
+
+    bank.graphable = False
+    try:
+        eager_tokens, eager_logits = decode()
+    finally:
+        del bank.graphable
+    tokens, logits = decode()
+    captured = len(graphs_for(bank).graphs)
+    assert captured == model.config.num_hidden_layers  # one shape (batch 2, one query) per layer
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
+    decode()
+    assert len(graphs_for(bank).graphs) == captured  # replayed, not captured again
