@@ -120,18 +120,44 @@ def cmd_ask(args) -> None:
     from .generate import ask, ask_full
 
     artifact = Artifact.load(args.artifact)
+    questions = read_questions(args.questions)
+    if args.compare and artifact.document_ids is None:
+        raise NectarError("this artifact was compiled without its document ids: recompile it, or drop --compare")
     model, tokenizer = _load_for(artifact, args)
     start = time.perf_counter()
-    answer = ask(model, tokenizer, artifact, [args.question], max_new_tokens=args.max_new_tokens)[0]
-    print(f"nectar ({time.perf_counter() - start:.1f} s): {answer}")
-    if args.compare:
-        if artifact.document_ids is None:
-            raise NectarError("this artifact was compiled without its document ids: recompile with --keep-document")
-        start = time.perf_counter()
-        full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, [args.question],
-                        max_new_tokens=args.max_new_tokens)[0]
-        print(f"full cache ({time.perf_counter() - start:.1f} s): {full}")
-        print(f"similarity: {similarity(answer, full):.3f}")
+    answers = ask(model, tokenizer, artifact, questions, max_new_tokens=args.max_new_tokens)
+    took = time.perf_counter() - start
+    if not args.compare:
+        for q, a in zip(questions, answers):
+            print(f"Q: {q}\n  {a}\n")
+        print(f"{len(questions)} answer(s) in {took:.1f} s")
+        return
+    start = time.perf_counter()
+    full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, questions,
+                    max_new_tokens=args.max_new_tokens)
+    report_comparison(artifact, questions, answers, full, took, time.perf_counter() - start)
+
+
+def read_questions(given: list[str]) -> list[str]:
+    """The questions on the command line, or one per line from standard input for `-`."""
+    if given == ["-"]:
+        given = [line.strip() for line in sys.stdin]
+    questions = [q for q in given if q.strip()]
+    if not questions:
+        raise NectarError("no questions: give them as arguments, or '-' and one per line on standard input")
+    return questions
+
+
+def report_comparison(artifact, questions, answers, full, took: float, took_full: float) -> None:
+    """Each answer beside the full cache's, then what the user compiled for: fidelity, memory, time."""
+    scores = [similarity(a, f) for a, f in zip(answers, full)]
+    for q, a, f, score in zip(questions, answers, full, scores):
+        print(f"Q: {q}\n  nectar:     {a}\n  full cache: {f}\n  similarity: {score:.3f}\n")
+    print(f"similarity to the full cache: mean {sum(scores) / len(scores):.3f}, "
+          f"identical answers {sum(a == f for a, f in zip(answers, full))}/{len(full)}")
+    print(f"memory for the document: {artifact.nbytes() / 1e6:.2f} MB of modules and sink tokens against "
+          f"{artifact.kv_bytes() / 1e6:.1f} MB of bf16 KV cache ({artifact.memory_ratio():.4f})")
+    print(f"time: {took:.1f} s with nectar, {took_full:.1f} s with the full cache (including its prefill)")
 
 
 def similarity(a: str, b: str) -> float:
@@ -162,16 +188,14 @@ def cmd_demo(args) -> None:
     path = artifact.save(args.output)
     _summary(artifact, path)
     print()
+    questions = list(DEMO_QUESTIONS)
     t0 = time.perf_counter()
-    answers = ask(model, tokenizer, artifact, list(DEMO_QUESTIONS), max_new_tokens=64)
+    answers = ask(model, tokenizer, artifact, questions, max_new_tokens=64)
     t1 = time.perf_counter()
-    full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, list(DEMO_QUESTIONS),
+    full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, questions,
                     max_new_tokens=64)
-    t2 = time.perf_counter()
-    for q, a, f in zip(DEMO_QUESTIONS, answers, full):
-        print(f"Q: {q}\n  nectar:     {a}\n  full cache: {f}\n  similarity: {similarity(a, f):.3f}\n")
-    print(f"answers took {t1 - t0:.1f} s with nectar, {t2 - t1:.1f} s with the full cache (incl. its prefill); "
-          f"demo total {time.perf_counter() - start:.0f} s")
+    report_comparison(artifact, questions, answers, full, t1 - t0, time.perf_counter() - t1)
+    print(f"demo total {time.perf_counter() - start:.0f} s")
 
 
 def cmd_bench(args) -> None:
@@ -297,9 +321,9 @@ def parser() -> argparse.ArgumentParser:
     _model_args(c, default="smollm2-135m", dtype="bfloat16")
     c.set_defaults(run=cmd_compile)
 
-    a = sub.add_parser("ask", help="answer a question with a compiled document")
+    a = sub.add_parser("ask", help="answer questions with a compiled document")
     a.add_argument("artifact")
-    a.add_argument("question")
+    a.add_argument("questions", nargs="+", metavar="question", help="one or more; '-' reads one per line from stdin")
     a.add_argument("--compare", action="store_true", help="also answer with the full KV cache, and compare")
     a.add_argument("--max-new-tokens", type=int, default=128)
     _model_args(a, default=None, dtype="float32")

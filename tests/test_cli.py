@@ -93,3 +93,38 @@ def test_bad_device(tmp_path, capsys, device, pattern):
     path.write_text(sample_document(500))
     _one_line_error(*_run(capsys, "compile", str(path), "-o", str(tmp_path / "a.nectar"), "--device", device),
                     pattern)
+
+
+@pytest.fixture
+def asked(tmp_path, monkeypatch, tokenizer):
+    """An artifact on disk, and `nectar.cli._load` returning the tiny model it was compiled for."""
+    model = tiny_llama()
+    path = nectar.compile(model, tokenizer, sample_document(1500), FAST).save(tmp_path / "a.nectar")
+    monkeypatch.setattr("nectar.cli._load", lambda name, dtype, device="auto": (model, tokenizer))
+    return path
+
+
+def test_ask_compares_several_questions_with_the_full_cache(asked, capsys):
+    capsys.readouterr()
+    code = main(["ask", str(asked), "What is a list?", "How does del work?", "--compare", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("Q: ") == 2 and out.count("  full cache: ") == 2
+    assert "memory for the document" in out and "identical answers" in out
+
+
+def test_ask_reads_questions_from_stdin(asked, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is a list?\n\nWhat is a tuple?\n"))
+    capsys.readouterr()
+    assert main(["ask", str(asked), "-", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("Q: ") == 2
+
+
+def test_ask_without_questions(asked, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n  \n"))
+    capsys.readouterr()
+    _one_line_error(*_run(capsys, "ask", str(asked), "-"), "no questions")
