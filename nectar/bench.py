@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .attach import bound, positions_after, prefill
+from .attach import bound, generation_inputs, prefill
 from .attention import IMPLEMENTATION, ExactContext
 from .errors import NectarError
 from .modules import FusedBank
@@ -86,9 +86,8 @@ def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> li
 
 
 @torch.no_grad()
-def greedy_decode(model, prompt: torch.Tensor, n: int, new_tokens: int) -> None:
-    mask = torch.ones_like(prompt)
-    model.generate(input_ids=prompt, attention_mask=mask, position_ids=positions_after(n, mask),
+def greedy_decode(model, prompt: torch.Tensor, n: int, new_tokens: int, kept: ExactContext | None = None) -> None:
+    model.generate(**generation_inputs(model, prompt, torch.ones_like(prompt), n, kept),
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
@@ -129,8 +128,8 @@ def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: 
 
 def _bound_decode(model, prompt, n, new_tokens, context, kept=None):
     def run():
-        with bound(model, context, kept=kept):
-            greedy_decode(model, prompt, n, new_tokens)
+        with bound(model, context):
+            greedy_decode(model, prompt, n, new_tokens, kept)
     return run
 
 

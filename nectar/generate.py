@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .attach import bound, positions_after, prefill
+from .attach import bound, generation_inputs, prefill
 from .attention import ContextProvider, ExactContext
 
 
@@ -55,13 +55,12 @@ def generate_ids(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     answers: list[list[int]] = []
     batches = range(0, len(prompts), batch_size)
-    with bound(model, context, kept):
+    with bound(model, context):
         for start in tqdm(batches, desc=desc, disable=desc is None, leave=False):
             ids, mask = left_pad(prompts[start: start + batch_size], pad)
+            inputs = generation_inputs(model, ids, mask, n, kept)
             out = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                position_ids=positions_after(n, mask).to(model.device),
+                **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=sample,
                 temperature=0.8 if sample else None,
@@ -70,7 +69,7 @@ def generate_ids(
                 eos_token_id=stops,
                 pad_token_id=pad,
             )
-            answers.extend(_until_stop(row.tolist(), stops) for row in out[:, ids.shape[1]:])
+            answers.extend(_until_stop(row.tolist(), stops) for row in out[:, inputs["input_ids"].shape[1]:])
     return answers
 
 

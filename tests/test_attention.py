@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nectar.attach import bound, positions_after, prefill, split_context
+from nectar.attach import bound, generation_inputs, prefill, split_context
 from nectar.attention import NoContext, exact_attention, merge
 
 
@@ -66,8 +66,10 @@ def test_step_by_step_decoding_matches_eager(model, sink):
     assert (torch.cat(steps) - reference).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("sink", [0, 4])
 @torch.no_grad()
-def test_generate_with_left_padding_matches_full_cache_generate(model):
+def test_generate_with_left_padding_matches_full_cache_generate(model, sink):
+    """Sinks ride in a prefix cache (`generation_inputs`) rather than being prepended at every step."""
     doc = torch.randint(3, 300, (30,))
     prompts = [torch.randint(3, 300, (5,)), torch.randint(3, 300, (8,))]
     n = len(doc)
@@ -79,13 +81,14 @@ def test_generate_with_left_padding_matches_full_cache_generate(model):
     mask = torch.zeros(2, 8, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, 8 - len(p):], mask[row, 8 - len(p):] = p, 1
-    with bound(model, prefill(model, doc)):
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, position_ids=positions_after(n, mask),
-            max_new_tokens=6, do_sample=False,
-        )
+    sinks, rest = split_context(prefill(model, doc), sink=sink)
+    inputs = generation_inputs(model, ids, mask, n, sinks if sink else None)
+    with bound(model, rest):
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    start = inputs["input_ids"].shape[1]
+    assert start == 8 + sink
     for row in range(2):
-        assert out[row, 8:].tolist() == expected[row].tolist()
+        assert out[row, start:].tolist() == expected[row].tolist()
 
 
 @torch.no_grad()
