@@ -31,8 +31,8 @@ def main():
             run = (lambda: decode(model, prompt, 0, args.tokens)) if ctx is None else None
             if ctx is not None:
                 def run():
-                    with bound(model, ctx[0], kept=ctx[1]):
-                        decode(model, prompt, art.n, args.tokens)
+                    with bound(model, ctx[0]):
+                        decode(model, prompt, art.n, args.tokens, ctx[1])  # sinks in a prefix cache
             run()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run()
