@@ -117,25 +117,21 @@ def cmd_info(args) -> None:
 
 def cmd_ask(args) -> None:
     from .artifact import Artifact
-    from .generate import ask, ask_full
+    from .generate import ask
 
     artifact = Artifact.load(args.artifact)
     questions = read_questions(args.questions)
     if args.compare and artifact.document_ids is None:
         raise NectarError("this artifact was compiled without its document ids: recompile it, or drop --compare")
     model, tokenizer = _load_for(artifact, args)
-    start = time.perf_counter()
-    answers = ask(model, tokenizer, artifact, questions, max_new_tokens=args.max_new_tokens)
-    took = time.perf_counter() - start
-    if not args.compare:
-        for q, a in zip(questions, answers):
-            print(f"Q: {q}\n  {a}\n")
-        print(f"{len(questions)} answer(s) in {took:.1f} s")
+    if args.compare:
+        compare_answers(model, tokenizer, artifact, questions, args.max_new_tokens)
         return
     start = time.perf_counter()
-    full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, questions,
-                    max_new_tokens=args.max_new_tokens)
-    report_comparison(artifact, questions, answers, full, took, time.perf_counter() - start)
+    answers = ask(model, tokenizer, artifact, questions, max_new_tokens=args.max_new_tokens)
+    for q, a in zip(questions, answers):
+        print(f"Q: {q}\n  {a}\n")
+    print(f"{len(questions)} answer(s) in {time.perf_counter() - start:.1f} s")
 
 
 def read_questions(given: list[str]) -> list[str]:
@@ -148,8 +144,17 @@ def read_questions(given: list[str]) -> list[str]:
     return questions
 
 
-def report_comparison(artifact, questions, answers, full, took: float, took_full: float) -> None:
-    """Each answer beside the full cache's, then what the user compiled for: fidelity, memory, time."""
+def compare_answers(model, tokenizer, artifact, questions: list[str], max_new_tokens: int) -> None:
+    """Answer with nectar, then with the full cache; print each pair, then what the user compiled for:
+    fidelity, memory, time."""
+    from .generate import ask, ask_full
+
+    start = time.perf_counter()
+    answers = ask(model, tokenizer, artifact, questions, max_new_tokens=max_new_tokens)
+    took = time.perf_counter() - start
+    full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, questions,
+                    max_new_tokens=max_new_tokens)
+    took_full = time.perf_counter() - start - took
     scores = [similarity(a, f) for a, f in zip(answers, full)]
     for q, a, f, score in zip(questions, answers, full, scores):
         print(f"Q: {q}\n  nectar:     {a}\n  full cache: {f}\n  similarity: {score:.3f}\n")
@@ -176,7 +181,6 @@ def cmd_demo(args) -> None:
 
     from .compiler import compile
     from .config import CompileConfig, FitConfig, PromptConfig
-    from .generate import ask, ask_full
 
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "bfloat16")
@@ -188,13 +192,7 @@ def cmd_demo(args) -> None:
     path = artifact.save(args.output)
     _summary(artifact, path)
     print()
-    questions = list(DEMO_QUESTIONS)
-    t0 = time.perf_counter()
-    answers = ask(model, tokenizer, artifact, questions, max_new_tokens=64)
-    t1 = time.perf_counter()
-    full = ask_full(model, tokenizer, artifact.document_ids, artifact.question_template, questions,
-                    max_new_tokens=64)
-    report_comparison(artifact, questions, answers, full, t1 - t0, time.perf_counter() - t1)
+    compare_answers(model, tokenizer, artifact, list(DEMO_QUESTIONS), max_new_tokens=64)
     print(f"demo total {time.perf_counter() - start:.0f} s")
 
 
