@@ -20,7 +20,7 @@ demo: setup
 	.venv/bin/nectar demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -1,4 +1,4 @@
-"""Profile one greedy decode of the attached model (issue 5: the decode path must carry no waste).
+"""Profile one greedy decode of the attached model: where a decode step spends its time, op by op.
 
     python benchmarks/profile_decode.py ARTIFACT [--batch 1] [--tokens 32]
 
@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import nectar
-from nectar.attach import bound
+from nectar.binding import bound
 from nectar.bench import greedy_decode as decode
 
 
@@ -24,10 +24,10 @@ def main():
     args = p.parse_args()
     art = nectar.Artifact.load(args.artifact)
     model, _ = nectar.load_model(art.manifest["model"]["fingerprint"]["name"], dtype=torch.bfloat16)
-    modules, kept = art.providers(model)
+    modules, sinks = art.providers(model)
     prompt = torch.randint(100, 1000, (args.batch, 16))
     with torch.no_grad():
-        for name, ctx in (("no document", None), ("nectar", (modules, kept))):
+        for name, ctx in (("no document", None), ("nectar", (modules, sinks))):
             run = (lambda: decode(model, prompt, 0, args.tokens)) if ctx is None else None
             if ctx is not None:
                 def run():

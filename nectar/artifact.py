@@ -1,15 +1,15 @@
 """One compiled document = one file: safetensors tensors with a JSON manifest in its header.
 
 Writes go to a temporary file renamed into place, so an interrupted save never leaves a file that
-loads. The manifest holds a hash of the tensor bytes, so a corrupted file is refused, not run.
+loads. The manifest holds a hash of itself and of the tensor bytes, so a file changed by one byte,
+header included, is refused, not run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,19 +18,24 @@ from safetensors.torch import load_file, save_file
 
 from .attention import ExactContext
 from .errors import NectarError
+from .files import atomic_path
 from .models import model_fingerprint, tokenizer_fingerprint
-from .modules import BANKS, Bank
+from .modules import MLPBank
+from .quadrature import QuadratureBank
 
-FORMAT_VERSION = 2  # 2: per-layer module widths, quadrature variant
+FORMAT_VERSION = 3  # 3: the checksum covers the manifest too
 STORE_DTYPE = torch.float16
+Bank = MLPBank | QuadratureBank
+BANKS = {cls.variant: cls for cls in (MLPBank, QuadratureBank)}
 
 
 @dataclass
 class Artifact:
     manifest: dict
     bank: Bank
-    kept: ExactContext  # the exact-kept document tokens (attention sinks)
-    document_ids: list[int] | None = None  # kept for reference runs only, never read at inference
+    sinks: ExactContext  # the first document tokens, kept exact
+    document_ids: list[int] | None = None  # for reference runs only, never read at inference
+    _providers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -41,34 +46,33 @@ class Artifact:
     def question_template(self) -> str:
         return self.manifest["templates"]["question"]
 
-    def providers(self, model) -> tuple[torch.nn.Module, ExactContext]:
-        """(modules, exact-kept tokens) ready for `model`'s device and dtype, built once per artifact."""
+    def providers(self, model) -> tuple:
+        """(modules, sink tokens) ready for `model`'s device and dtype, built once per (dtype, device)."""
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-        key = (dtype, device)
-        if getattr(self, "_providers_key", None) != key:
+        if (dtype, device) not in self._providers:
             # Modules stay fp32: they are tiny, and bf16 would cost the lse its precision.
             fused = self.bank.inference().to(device)
-            kept = ExactContext([k.to(device, dtype) for k in self.kept.keys],
-                                [v.to(device, dtype) for v in self.kept.values])
-            self._providers, self._providers_key = (fused, kept), key
-        return self._providers
+            sinks = ExactContext([k.to(device, dtype) for k in self.sinks.keys],
+                                 [v.to(device, dtype) for v in self.sinks.values])
+            self._providers[dtype, device] = (fused, sinks)
+        return self._providers[dtype, device]
 
     def kv_bytes(self, dtype_bytes: int = 2) -> int:
         m = self.manifest["model"]
         return 2 * self.n * m["layers"] * m["kv_heads"] * m["head_dim"] * dtype_bytes
 
     def nbytes(self, dtype_bytes: int = 2) -> int:
-        """Bytes kept for the document (modules + exact tokens) at `dtype_bytes` per number."""
-        kept = sum(k.numel() + v.numel() for k, v in zip(self.kept.keys, self.kept.values))
-        return (self.bank.num_params() + kept) * dtype_bytes
+        """Bytes kept for the document (modules + sink tokens) at `dtype_bytes` per number."""
+        sinks = sum(k.numel() + v.numel() for k, v in zip(self.sinks.keys, self.sinks.values))
+        return (self.bank.num_params() + sinks) * dtype_bytes
 
     def memory_ratio(self) -> float:
         return self.nbytes() / self.kv_bytes()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"bank.{k}": v.detach().to(STORE_DTYPE).contiguous() for k, v in self.bank.export().items()}
-        out["kept.keys"] = torch.stack(self.kept.keys).to(STORE_DTYPE).contiguous()
-        out["kept.values"] = torch.stack(self.kept.values).to(STORE_DTYPE).contiguous()
+        out["sinks.keys"] = torch.stack(self.sinks.keys).to(STORE_DTYPE).contiguous()
+        out["sinks.values"] = torch.stack(self.sinks.values).to(STORE_DTYPE).contiguous()
         if self.document_ids is not None:
             out["document.ids"] = torch.tensor(self.document_ids, dtype=torch.int32)
         return out
@@ -76,16 +80,11 @@ class Artifact:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         tensors = self.tensors()
-        manifest = dict(self.manifest, format_version=FORMAT_VERSION, tensors_sha256=_tensor_hash(tensors))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        os.close(fd)
-        try:
+        manifest = dict(self.manifest, format_version=FORMAT_VERSION)
+        manifest.pop("sha256", None)
+        manifest["sha256"] = _checksum(manifest, tensors)
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"nectar": json.dumps(manifest)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         self.manifest = manifest
         return path
 
@@ -104,10 +103,14 @@ class Artifact:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise NectarError(f"{path} has format {manifest.get('format_version')}, this nectar reads "
                               f"{FORMAT_VERSION}: recompile it")
-        if manifest.get("tensors_sha256") != _tensor_hash(tensors):
-            raise NectarError(f"{path} is corrupted (its tensors do not match their checksum): recompile it")
+        if manifest.get("sha256") != _checksum({k: v for k, v in manifest.items() if k != "sha256"}, tensors):
+            raise NectarError(f"{path} is corrupted (it does not match its checksum): recompile it")
+        try:
+            bank, sinks = _bank_from(manifest, tensors), _sinks_from(tensors)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise NectarError(f"{path} does not hold what its manifest describes ({e}): recompile it") from None
         ids = tensors.get("document.ids")
-        return cls(manifest, _bank_from(manifest, tensors), _kept_from(tensors), None if ids is None else ids.tolist())
+        return cls(manifest, bank, sinks, None if ids is None else ids.tolist())
 
     def check_compatible(self, model, tokenizer=None) -> None:
         """Refuse a model (or tokenizer) other than the one the artifact was compiled for."""
@@ -126,13 +129,14 @@ def _bank_from(manifest: dict, tensors: dict) -> Bank:
     return bank.eval().requires_grad_(False)
 
 
-def _kept_from(tensors: dict) -> ExactContext:
-    keys, values = tensors["kept.keys"].float(), tensors["kept.values"].float()
+def _sinks_from(tensors: dict) -> ExactContext:
+    keys, values = tensors["sinks.keys"].float(), tensors["sinks.values"].float()
     return ExactContext(list(keys.unbind(0)), list(values.unbind(0)))
 
 
-def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
+def _checksum(manifest: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the manifest (without its checksum) and of every tensor's name and bytes."""
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
     for name in sorted(tensors):
         digest.update(name.encode())
         digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())

@@ -54,8 +54,8 @@ def exact_attention(
     """Attention of q [b, H, m, d] over k, v [b, Hkv, s, d] (H a multiple of Hkv, GQA) -> fp32 (out, lse).
 
     mask, if given, is additive and broadcasts to [b, 1, m, s] (or to [b, H, m, s] when H == Hkv).
-    On CPU this is PyTorch's fused flash kernel, which handles GQA and returns the log-sum-exp too (about 6x faster than materialising
-    the scores, and no copy of the keys per query head).
+    On CPU this is PyTorch's fused flash kernel, which handles GQA and returns the log-sum-exp too, without
+    materialising the scores or copying the keys per query head.
     """
     # The fused kernels pass no gradient through their lse; refinement needs one.
     fusable = k.shape[0] == q.shape[0] and not (torch.is_grad_enabled() and q.requires_grad)
@@ -64,7 +64,7 @@ def exact_attention(
         kv = k.shape[1]
         if m == 1 and heads > kv:
             # A decode step: the query heads sharing a KV head become rows of one head. The kernel then
-            # reads each key block once, not once per query head: 2-5x faster, bitwise the same output.
+            # reads each key block once, not once per query head, with bitwise the same output.
             q = q.view(b, kv, heads // kv, d)
             mask = None if mask is None else mask.expand(b, 1, heads // kv, mask.shape[-1])
         attn_mask = None if mask is None else mask.to(q.dtype)
@@ -140,11 +140,10 @@ class ExactContext:
         o, lse = exact_attention(rows, k.to(q.dtype)[None], v.to(q.dtype)[None], scaling, mask)
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
 
-
     def prepend(self, layer: int, key: Tensor, value: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Put these tokens in front of the local keys [b, Hkv, s, d]: one attention call covers both.
 
-        This is how a few exact-kept tokens (attention sinks) ride along in decode at the cost of two
+        This is how a few sink tokens ride along in decode at the cost of two
         small concatenations, instead of a second attention call and a second merge per layer.
         """
         if self.bias is not None:
@@ -178,14 +177,14 @@ Recorder = Callable[[int, Tensor, Tensor, Tensor, Tensor, Tensor], None]
 class Binding:
     """What one attention layer sees of the document while bound.
 
-    `kept` is attended exactly and counts as local (attention sinks): its tokens join the local keys.
+    `sinks` are document tokens attended exactly as if local: they join the local keys.
     `context` covers the rest of the document.
     `recorder(layer, q, o_ctx, lse_ctx, o_loc, lse_loc)` sees every call, for capture.
     """
 
     layer: int
     context: ContextProvider
-    kept: ExactContext | None = None
+    sinks: ExactContext | None = None
     recorder: Recorder | None = None
 
 
@@ -209,8 +208,8 @@ def nectar_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     kv_heads = key.shape[1]
     scaling = d**-0.5 if scaling is None else scaling
     binding = _BINDINGS.get(module)
-    if binding is not None and binding.kept is not None:
-        key, value, attention_mask = binding.kept.prepend(binding.layer, key, value, attention_mask)
+    if binding is not None and binding.sinks is not None:
+        key, value, attention_mask = binding.sinks.prepend(binding.layer, key, value, attention_mask)
     out, lse = exact_attention(query, key, value, scaling, attention_mask)
     if binding is not None:
         # [b, H, L] is laid out as [b, Hkv, groups * L]: views, no copies.

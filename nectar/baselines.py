@@ -2,17 +2,17 @@
 
 Every baseline is fixed before any question is seen (query-agnostic), as a compiled document is:
 no document at all, StreamingLLM's sinks + recent window, and KV-compression presses run through
-NVIDIA's kvpress itself on the document alone. A kept subset of keys is an `ExactContext`, so every
-method is answered by the same split-attention code path as nectar.
+NVIDIA's kvpress itself on the document alone. A subset of the document's keys is an `ExactContext`,
+so every method is answered by the same split-attention code path as nectar.
 """
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
-from .attach import attention_layers
 from .attention import ExactContext
 from .errors import NectarError
+from .models import attention_layers, attn_implementation
 
 # name -> kvpress class; each keeps (1 - compression_ratio) of the document's tokens per layer.
 PRESSES = {
@@ -24,7 +24,7 @@ PRESSES = {
 }
 
 
-def kept_tokens(n: int, budget: float) -> int:
+def tokens_for_budget(n: int, budget: float) -> int:
     """Tokens whose exact K/V fit in `budget` x the document's KV bytes."""
     return max(1, int(budget * n))
 
@@ -32,7 +32,7 @@ def kept_tokens(n: int, budget: float) -> int:
 def streaming_llm(full: ExactContext, budget: float, sinks: int = 4) -> ExactContext:
     """The first `sinks` tokens and the most recent ones (Xiao et al., 2023)."""
     n = full.keys[0].shape[-2]
-    keep = kept_tokens(n, budget)
+    keep = tokens_for_budget(n, budget)
     index = torch.cat([torch.arange(min(sinks, keep)), torch.arange(n - max(0, keep - sinks), n)]).unique()
     return ExactContext([k[:, index] for k in full.keys], [v[:, index] for v in full.values])
 
@@ -42,19 +42,15 @@ def press(model, doc_ids: list[int], name: str, budget: float) -> ExactContext:
     """The document's KV cache compressed by kvpress press `name` to `budget` of its tokens."""
     if name not in PRESSES:
         raise NectarError(f"unknown press '{name}': choose from {', '.join(PRESSES)}")
-    # Imported here only: importing kvpress wraps transformers' attention functions (DESIGN section 8).
+    # Imported here only: importing kvpress wraps transformers' attention functions, and nectar's own
+    # paths must not run through those wrappers.
     import kvpress
 
     compressor = getattr(kvpress, PRESSES[name])(compression_ratio=1.0 - budget)
     cache = DynamicCache()
     ids = torch.tensor([doc_ids], device=model.device)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")  # kvpress's presses run on SDPA (KVzip refuses eager)
-    try:
-        with compressor(model):
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
-    finally:
-        model.set_attn_implementation(previous)
+    with attn_implementation(model, "sdpa"), compressor(model):  # KVzip refuses eager; presses run on SDPA
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
     keys = [layer.keys[0].contiguous() for layer in cache.layers]
     values = [layer.values[0].contiguous() for layer in cache.layers]
     return ExactContext(keys, values, _evicted(model, keys))

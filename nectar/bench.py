@@ -6,21 +6,22 @@ and the claims are ratios between methods measured back to back.
 from __future__ import annotations
 
 import copy
-import json
 import resource
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .attach import bound, generation_inputs, prefill
+from .binding import bound, generation_inputs
 from .attention import IMPLEMENTATION, ExactContext
 from .errors import NectarError
+from .models import attn_implementation
 from .modules import FusedBank
+from .prefill import prefill
 
 
 @dataclass
@@ -61,8 +62,7 @@ def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> li
     Round-robin over n as for decode, so that the module, whose work is the same at every n, is timed
     under the same drift as SDPA; min and median of the rounds.
     """
-    cfg = model.config
-    heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, bank.head_dim
+    heads, kv, d = model.config.num_attention_heads, model.config.num_key_value_heads, bank.head_dim
     like = dict(dtype=next(model.parameters()).dtype, device=model.device)
     q = torch.randn(1, heads, 1, d, **like)
     calls = {}
@@ -86,12 +86,12 @@ def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> li
 
 
 @torch.no_grad()
-def greedy_decode(model, prompt: torch.Tensor, n: int, new_tokens: int, kept: ExactContext | None = None) -> None:
-    model.generate(**generation_inputs(model, prompt, torch.ones_like(prompt), n, kept),
+def greedy_decode(model, prompt: torch.Tensor, n: int, new_tokens: int, sinks: ExactContext | None = None) -> None:
+    model.generate(**generation_inputs(model, prompt, torch.ones_like(prompt), n, sinks),
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
-def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: BenchConfig) -> list[dict]:
+def decode(model, bank: FusedBank, sinks: ExactContext, doc_ids: list[int], config: BenchConfig) -> list[dict]:
     """Greedy decode tokens/s: no document, the full cache at each n, nectar; each at every batch size.
 
     `no_document` is the stock model (transformers' SDPA); `no_document_nectar_kernel` the same through
@@ -101,22 +101,22 @@ def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: 
     holding the document, read by SDPA. Round-robin: every repeat times each case once, back to back,
     so drift in the machine's speed hits all alike; `vs_*` are medians of per-round time ratios.
     """
-    fulls = {n: prefill(model, torch.tensor(doc_ids[:n])) for n in cfg.decode_n}
+    fulls = {n: prefill(model, torch.tensor(doc_ids[:n])) for n in config.decode_n}
     rows = []
-    for batch in cfg.batches:
+    for batch in config.batches:
         prompt = torch.randint(3, min(1000, model.config.vocab_size), (batch, 16), device=model.device)
-        cases = {("no_document", 0): lambda: greedy_decode(model, prompt, 0, cfg.new_tokens),
-                 ("no_document_nectar_kernel", 0): _plain_nectar_decode(model, prompt, cfg.new_tokens)}
+        cases = {("no_document", 0): lambda: greedy_decode(model, prompt, 0, config.new_tokens),
+                 ("no_document_nectar_kernel", 0): _plain_nectar_decode(model, prompt, config.new_tokens)}
         for n, full in fulls.items():
-            cases["full_cache", n] = _bound_decode(model, prompt, n, cfg.new_tokens, full)
+            cases["full_cache", n] = _bound_decode(model, prompt, n, config.new_tokens, full)
             if batch == 1:  # per-row caches: at batch 16 and 8k this path takes minutes a run
-                cases["full_cache_stock", n] = _stock_decode(model, prompt, doc_ids[:n], cfg.new_tokens)
+                cases["full_cache_stock", n] = _stock_decode(model, prompt, doc_ids[:n], config.new_tokens)
         # The modules' cost does not depend on n; timing them at each n shows that it does not.
-        for n in cfg.decode_n:
-            cases["nectar", n] = _bound_decode(model, prompt, n, cfg.new_tokens, bank, kept)
-        times = _round_robin(cases, cfg.repeats)
+        for n in config.decode_n:
+            cases["nectar", n] = _bound_decode(model, prompt, n, config.new_tokens, bank, sinks)
+        times = _round_robin(cases, config.repeats)
         for (method, n), t in times.items():
-            row = {"method": method, "n": n, "batch": batch, **_rate(t, batch, cfg.new_tokens)}
+            row = {"method": method, "n": n, "batch": batch, **_rate(t, batch, config.new_tokens)}
             if method == "nectar":
                 for other, at in (("no_document", 0), ("no_document_nectar_kernel", 0), ("full_cache", n),
                                   ("full_cache_stock", n)):
@@ -126,21 +126,17 @@ def decode(model, bank: FusedBank, kept: ExactContext, doc_ids: list[int], cfg: 
     return rows
 
 
-def _bound_decode(model, prompt, n, new_tokens, context, kept=None):
+def _bound_decode(model, prompt, n, new_tokens, context, sinks=None):
     def run():
         with bound(model, context):
-            greedy_decode(model, prompt, n, new_tokens, kept)
+            greedy_decode(model, prompt, n, new_tokens, sinks)
     return run
 
 
 def _plain_nectar_decode(model, prompt, new_tokens):
     def run():
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(IMPLEMENTATION)
-        try:
+        with attn_implementation(model, IMPLEMENTATION):
             greedy_decode(model, prompt, 0, new_tokens)
-        finally:
-            model.set_attn_implementation(previous)
     return run
 
 
@@ -200,66 +196,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plot(report: dict, path: Path) -> None:
-    """One decode panel per batch size (their speeds differ tenfold), then attention time against n."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["decode"]
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(4.6 * (len(batches) + 1), 4))
-    methods = (("full_cache", "o-", "tab:blue"), ("full_cache_stock", "x--", "tab:orange"),
-               ("nectar", "s-", "tab:green"))
-    for ax, batch in zip(axes, batches):
-        for method, style, color in methods:
-            pts = [r for r in rows if r["method"] == method and r["batch"] == batch]
-            if pts:
-                ax.plot([r["n"] for r in pts], [r["tok_s_median"] for r in pts], style, color=color, label=method)
-        for method, style in (("no_document", ":"), ("no_document_nectar_kernel", "-.")):
-            base = next(r for r in rows if r["method"] == method and r["batch"] == batch)
-            ax.axhline(base["tok_s_median"], ls=style, color="gray", lw=1, label=method)
-        ax.set(xscale="log", ylim=(0, None), xlabel="document tokens n", ylabel="decode tokens/s (median)",
-               title=f"Greedy decode, batch {batch}")
-        ax.legend(fontsize=7, loc="lower left")
-        _n_ticks(ax, [r["n"] for r in rows if r["batch"] == batch and r["n"]])
-    att, ax = report["attention"], axes[-1]
-    ax.plot([r["n"] for r in att], [r["sdpa_ms"] for r in att], "o-", color="tab:blue", label="SDPA over n keys")
-    ax.plot([r["n"] for r in att], [r["module_ms"] for r in att], "s-", color="tab:green", label="nectar module")
-    ax.set(xscale="log", yscale="log", xlabel="document tokens n", ylabel="ms per decode token (one layer)",
-           title="Attention over the document")
-    ax.legend(fontsize=7)
-    _n_ticks(ax, [r["n"] for r in att])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def _n_ticks(ax, sizes: list[int]) -> None:
-    """Ticks at the measured sizes, written 1k, 8k, 1M: a log axis's own 3x10^3 labels collide."""
-    sizes = sorted(set(sizes))
-    ax.set_xticks(sizes, [f"{n / 2**20:.0f}M" if n >= 2**20 else f"{n / 1024:.0f}k" for n in sizes])
-    ax.minorticks_off()
-
-
-def run(model, artifact, doc_ids: list[int], cfg: BenchConfig, out: Path) -> dict:
-    limit = model.config.max_position_embeddings - cfg.new_tokens - 16
-    if max(cfg.decode_n) > limit:
-        print(f"[nectar] decode sizes above {limit} tokens do not fit this model: capped")
-        cfg.decode_n = sorted({min(n, limit) for n in cfg.decode_n})
-    if len(doc_ids) < max(cfg.decode_n):
-        raise NectarError(f"the bench document has {len(doc_ids)} tokens, fewer than n = {max(cfg.decode_n)}")
-    bank, kept = artifact.providers(model)
-    report = {"attention": attention_only(model, bank, cfg.attention_n, cfg.repeats)}
-    report["decode"] = decode(model, bank, kept, doc_ids, cfg)
-    report["memory"] = memory(model, artifact, cfg.decode_n)
+def run(model, artifact, doc_ids: list[int], config: BenchConfig) -> dict:
+    """Every measurement of `nectar bench`, as one report (see bench_report for its table, plot and JSON)."""
+    limit = model.config.max_position_embeddings - config.new_tokens - 16
+    if max(config.decode_n) > limit:
+        print(f"[nectar] decode sizes above {limit} tokens do not fit this model: capped", file=sys.stderr)
+        config = replace(config, decode_n=sorted({min(n, limit) for n in config.decode_n}))
+    if len(doc_ids) < max(config.decode_n):
+        raise NectarError(f"the bench document has {len(doc_ids)} tokens, fewer than n = {max(config.decode_n)}")
+    bank, sinks = artifact.providers(model)
+    report = {"attention": attention_only(model, bank, config.attention_n, config.repeats)}
+    report["decode"] = decode(model, bank, sinks, doc_ids, config)
+    report["memory"] = memory(model, artifact, config.decode_n)
     report["peak_rss_mb"] = peak_rss_mb()
     report["device"] = "cpu"
     if model.device.type == "cuda":
         report["device"] = torch.cuda.get_device_name(model.device)
         report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(model.device) / 2**20
     report["torch_threads"] = torch.get_num_threads()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "bench.png")
     return report

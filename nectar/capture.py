@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .attach import bound
+from .binding import bound
 from .attention import ContextProvider, ExactContext
-from .generate import right_pad
 from .models import head_dim
+from .padding import right_pad, right_padded_positions
 
 
 @dataclass
@@ -41,8 +41,10 @@ class Store:
 
 
 class _Recorder:
-    def __init__(self, store: Store, kv_heads: int):
-        self.store, self.kv_heads = store, kv_heads
+    """Copies each layer's (q, o_ctx, lse_ctx, o_loc, lse_loc) of the batch's real tokens into the store."""
+
+    def __init__(self, store: Store):
+        self.store = store
         self.valid: Tensor | None = None  # [b, L] for the batch in flight
         self.offset = 0
 
@@ -64,12 +66,11 @@ def capture(
     sequences: list[list[int]],
     n: int,
     context: ContextProvider,
-    kept: ExactContext | None = None,
+    sinks: ExactContext | None = None,
     batch_size: int = 16,
     desc: str | None = "capture",
-    topk: int = 0,
-) -> tuple[Store, list[tuple[Tensor, Tensor]] | None]:
-    """(store, teacher): teacher[i] is sequence i's top-k next-token (ids, log-probs), if topk > 0."""
+) -> Store:
+    """Every post-document query of `sequences`, teacher-forced, with `context` (+ `sinks`) as the document."""
     cfg = model.config
     layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     d = head_dim(cfg)
@@ -79,22 +80,14 @@ def capture(
     half = dict(dtype=torch.float16)
     store = Store(torch.empty(M, rows, d, **half), torch.empty(M, rows, d, **half),
                   torch.empty(M, rows), torch.empty(M, rows, d, **half), torch.empty(M, rows))
-    teacher: list = [None] * len(sequences)
-    recorder = _Recorder(store, kv_heads)
+    recorder = _Recorder(store)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
-    with bound(model, context, kept, recorder):
+    with bound(model, context, sinks, recorder):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             index = order[start: start + batch_size]
             ids, valid = right_pad([sequences[i] for i in index])
             ids = ids.to(model.device)
             recorder.valid = valid
-            # Right padding: real tokens never attend to the pads that follow them.
-            out = model(input_ids=ids, position_ids=(n + torch.arange(ids.shape[1], device=ids.device)).expand_as(ids),
-                        logits_to_keep=0 if topk else 1)
+            model(input_ids=ids, position_ids=right_padded_positions(n, ids), logits_to_keep=1)
             recorder.offset += groups * int(valid.sum())
-            if topk:
-                top = torch.log_softmax(out.logits.float(), -1).topk(topk, dim=-1)
-                for row, i in enumerate(index):
-                    length = len(sequences[i])
-                    teacher[i] = (top.indices[row, :length].cpu(), top.values[row, :length].half().cpu())
-    return store, (teacher if topk else None)
+    return store

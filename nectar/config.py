@@ -16,7 +16,12 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass
 class PromptConfig:
-    """How many training prompts of each kind, and their shape (see DESIGN section 3)."""
+    """How many training prompts of each kind, and their shape.
+
+    recall: quote or continue a span; self_study: a question the model writes about a chunk; generic:
+    summarise / explain / list a term. Answers are `answer_tokens` long; the document is cut into chunks
+    of `chunk_tokens`, and `val_fraction` of the chunks are held out for validation.
+    """
 
     recall: int = 128
     self_study: int = 96
@@ -32,9 +37,18 @@ class PromptConfig:
         _require(self.chunk_tokens >= 32, "chunk_tokens must be >= 32")
         _require(0.0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)")
 
+    @classmethod
+    def with_total(cls, total: int, **shape) -> PromptConfig:
+        """`total` prompts in the default mix: 40% recall, 30% self-study, 30% generic."""
+        _require(total >= 1, f"the number of training prompts must be >= 1, got {total}")
+        recall, self_study = round(0.4 * total), round(0.3 * total)
+        return cls(recall=recall, self_study=self_study, generic=total - recall - self_study, **shape)
+
 
 @dataclass
 class FitConfig:
+    """AdamW on all modules at once: warmup + cosine, an EMA of the weights, early stop on validation."""
+
     steps: int = 1000
     batch: int = 1024
     lr: float = 3e-3
@@ -63,7 +77,7 @@ class CompileConfig:
     depth: int = 2  # hidden layers per network
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
     refine_steps: int = 0  # end-to-end distillation steps after the per-layer fit (0: off)
-    sink_tokens: int = 4  # first document tokens kept exact (attention sinks)
+    sink_tokens: int = 4  # first document tokens kept exact: attention sinks, which carry much of the mass
     document_template: str | None = None  # "...{document}..."; None: derived from the chat template
     question_template: str | None = None  # "...{question}..."; None: derived from the chat template
     keep_document: bool = True  # store the token ids (not used at inference; lets `ask --compare` run)

@@ -1,6 +1,6 @@
-"""Next-token fidelity against the full document cache (DESIGN section 6), for any set of methods.
+"""Next-token fidelity against the full document cache, for any set of methods, and per-layer errors.
 
-A method is (context, kept) providers; all methods and the full-cache reference run through the same
+A method is (context, sinks) providers; all methods and the full-cache reference run through the same
 split-attention path, batched identically, so their numbers are comparable.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .attach import bound
+from .binding import bound
 from .attention import ContextProvider, ExactContext, merge
-from .fit import relative_error
-from .generate import right_pad
+from .metrics import module_errors
+from .padding import right_pad, right_padded_positions
 
 Method = tuple[ContextProvider, "ExactContext | None"]
 
@@ -32,9 +32,9 @@ def _batch(pairs: list[tuple[list[int], list[int]]]):
 
 @torch.no_grad()
 def _logprobs(model, ids: torch.Tensor, n: int, method: Method) -> torch.Tensor:
+    ids = ids.to(model.device)
     with bound(model, *method):
-        positions = (n + torch.arange(ids.shape[1])).expand(ids.shape[0], -1)
-        logits = model(input_ids=ids.to(model.device), position_ids=positions.to(model.device)).logits
+        logits = model(input_ids=ids, position_ids=right_padded_positions(n, ids)).logits
     return F.log_softmax(logits.float(), dim=-1).cpu()
 
 
@@ -68,52 +68,31 @@ def next_token_fidelity(
     }
 
 
-def pool(parts: list[dict]) -> dict:
-    """Token-weighted agreement and KL over several {"agreement", "kl", "tokens"} results."""
-    tokens = sum(p["tokens"] for p in parts)
-    out = {m: sum(p[m] * p["tokens"] for p in parts) / max(tokens, 1) for m in ("agreement", "kl")}
-    out["tokens"] = tokens
-    return out
-
-
 def document_part(method: Method):
-    """The whole stand-in a method keeps for the document (its context merged with any exact-kept tokens)."""
-    context, kept = method
-    if kept is None:
+    """The whole stand-in a method keeps for the document (its context merged with any sink tokens)."""
+    context, sinks = method
+    if sinks is None:
         return context
 
     def provider(layer: int, q: torch.Tensor, scaling: float):
-        return merge(*kept(layer, q, scaling), *context(layer, q, scaling))
+        return merge(*sinks(layer, q, scaling), *context(layer, q, scaling))
 
     return provider
 
 
-@torch.no_grad()
-def layer_errors(method: Method, store, kv_heads: int, scaling: float, chunk: int = 4096,
+def layer_errors(method: Method, store, kv_heads: int, scaling: float,
                  device: torch.device | str = "cpu") -> dict[str, list]:
-    """Per-layer errors (DESIGN section 6) against a store captured with the full document as context:
-    o_ctx relative, |lse_ctx| absolute (None where a method keeps nothing) and merged output relative.
-    The store stays on the CPU; each chunk of queries visits `device`, where the method's tensors are."""
+    """Per-layer mean errors (o_ctx relative, |lse_ctx| absolute, merged output relative) of a method against
+    a store captured with the whole document as context. |lse| is None where a method keeps nothing."""
     provider = document_part(method)
-    layers = store.q.shape[0] // kv_heads
-    out: dict[str, list] = {"o_rel": [], "lse_abs": [], "merged_rel": []}
-    for layer in range(layers):
-        rows = slice(layer * kv_heads, (layer + 1) * kv_heads)
-        sums = torch.zeros(3)
-        for start in range(0, store.size, chunk):
-            span = slice(start, start + chunk)
-            q = store.q[rows, span].float().unsqueeze(0).to(device)
-            o, lse = (t[0].cpu() for t in provider(layer, q, scaling))
-            o_true, lse_true = store.o_ctx[rows, span].float(), store.lse_ctx[rows, span]
-            o_loc, lse_loc = store.o_loc[rows, span].float(), store.lse_loc[rows, span]
-            merged, _ = merge(o_true, lse_true, o_loc, lse_loc)
-            approx, _ = merge(o.float(), lse.float(), o_loc, lse_loc)
-            sums += torch.stack([relative_error(o, o_true).sum(), (lse - lse_true).abs().sum(),
-                                 relative_error(approx, merged).sum()])
-        mean = (sums / (kv_heads * store.size)).tolist()
-        out["o_rel"].append(mean[0])
-        out["lse_abs"].append(mean[1] if math.isfinite(mean[1]) else None)
-        out["merged_rel"].append(mean[2])
+
+    def predict(rows: slice, q: torch.Tensor):
+        o, lse = provider(rows.start // kv_heads, q.float().unsqueeze(0), scaling)
+        return o[0], lse[0]
+
+    errors = module_errors(predict, store, block=kv_heads, chunk=4096, device=device)
+    out = {name: e.view(-1, kv_heads).mean(1).tolist() for name, e in errors.items()}
+    out["lse_abs"] = [v if math.isfinite(v) else None for v in out["lse_abs"]]
     return out
 
 

@@ -11,16 +11,17 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from .errors import NectarError  # noqa: E402
+from .errors import NectarError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -53,12 +54,28 @@ def _gguf_path(source: GGUFSource) -> Path:
     return path
 
 
+@contextmanager
+def offline() -> Iterator[None]:
+    """No network while a model loads (this machine has no hub); the rest of the process is left alone."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+
+
 def _convert(source: GGUFSource, target: Path) -> None:
     gguf = _gguf_path(source)
     print(f"converting {gguf.name} to safetensors once (about 30 s)...", flush=True)
     _quiet()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with offline():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:
@@ -95,8 +112,10 @@ def load_model(
     device = resolve_device(device)
     path = resolve(name)
     _quiet()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with offline():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                     local_files_only=True).eval().to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.name_or_path = name  # fingerprints name the model as the user did, not by a cache path
     return model, tokenizer
 
@@ -116,6 +135,29 @@ def resolve_device(device: str) -> torch.device:
 
 def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules in layer order (those transformers tags with a `layer_idx`)."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def attention_scaling(model: nn.Module) -> float:
+    """The factor on q.k in the model's attention (1/sqrt(head_dim) unless the model sets its own)."""
+    layer = attention_layers(model)[0]
+    return float(getattr(layer, "scaling", head_dim(model.config) ** -0.5))
+
+
+@contextmanager
+def attn_implementation(model: PreTrainedModel, name: str) -> Iterator[PreTrainedModel]:
+    """Run `model` with attention implementation `name` inside, and put the previous one back after."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def model_fingerprint(model: PreTrainedModel) -> dict:

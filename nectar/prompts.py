@@ -7,14 +7,17 @@ Three kinds, each tied to one chunk of the document so that train/validation spl
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import PromptConfig
-
-DOC_SLOT, QUESTION_SLOT = "\x00DOCUMENT\x00", "\x00QUESTION\x00"
+from .errors import NectarError
 
 RECALL = (
     'Continue the text that follows "{cue}" in the document.',
@@ -39,29 +42,62 @@ STOPWORDS = set("this that with from have will when which there their these thos
 
 @dataclass
 class Prompt:
-    kind: str
-    chunk: int
+    """A question after the document and its answer, in token ids once templated and answered."""
+
+    kind: str  # recall, self_study, generic (training) or user (a user's own question)
     question: str
-    answer_ids: list[int] | None = None  # None until answered with the full document cache
+    chunk: int | None = None  # the document chunk it is about, for the train/validation split
+    answer_ids: list[int] | None = None  # None until answered (teacher-forced for recall)
     question_ids: list[int] | None = None  # the question in the user's layout, once templated
 
+    @property
+    def ids(self) -> list[int]:
+        return self.question_ids + self.answer_ids
 
-def default_templates(tokenizer) -> tuple[str, str]:
-    """(document_template, question_template) cut from the model's chat template.
 
-    The document opens the user turn and each question follows it in the same turn, so the
-    document is a fixed prefix and everything after it is what the user types and the model answers.
+def read_questions(source: str | os.PathLike | list[str]) -> list[str]:
+    """A user's questions: a list (["-"] reads one a line from standard input), or a file holding a JSON
+    list (of strings, or of objects with a "question"), {"questions": [...]}, or plain text, one a line.
+
+    Blank lines of plain text are skipped; an empty or repeated question is refused.
     """
-    content = f"{DOC_SLOT}\n\nQuestion: {QUESTION_SLOT}"
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = content + "\nAnswer: "
-    before, rest = text.split(DOC_SLOT)
-    middle, after = rest.split(QUESTION_SLOT)
-    return before + "{document}", middle + "{question}" + after
+    if isinstance(source, list):
+        given = [line.strip() for line in sys.stdin] if source == ["-"] else source
+        return _checked([q for q in given if q.strip()], "the command line")
+    path = Path(source)
+    if not path.is_file():
+        raise NectarError(f"no such question file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise NectarError(f"{path} is not UTF-8 text: convert it and retry") from None
+    if not text.lstrip().startswith(("[", "{")):
+        return _checked([line.strip() for line in text.splitlines() if line.strip()], str(path))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NectarError(f"{path} is not valid JSON ({e}): write a list of questions, e.g. [\"What is ...?\"]") \
+            from None
+    if isinstance(data, dict):
+        data = data.get("questions", [])
+    items = [q.get("question") if isinstance(q, dict) else q for q in data] if isinstance(data, list) else []
+    if not all(isinstance(q, str) for q in items):
+        raise NectarError(f"{path}: every question must be a string (or an object with a \"question\")")
+    return _checked([q.strip() for q in items], str(path))
+
+
+def _checked(questions: list[str], where: str) -> list[str]:
+    if not questions:
+        raise NectarError(f"no questions in {where}: give at least one, e.g. [\"What is ...?\"] or one a line")
+    empty = [i + 1 for i, q in enumerate(questions) if not q.strip()]
+    if empty:
+        raise NectarError(f"question {empty[0]} in {where} is empty: remove it or write the question")
+    seen = set()
+    for q in questions:
+        if q in seen:
+            raise NectarError(f"the question \"{q[:60]}\" appears twice in {where}: keep one")
+        seen.add(q)
+    return questions
 
 
 def chunk_bounds(n: int, chunk_tokens: int) -> list[tuple[int, int]]:
@@ -80,18 +116,18 @@ def split_chunks(num_chunks: int, val_fraction: float, rng: random.Random) -> tu
 
 
 def _decode(tokenizer, ids) -> str:
-    # Without clean-up, decoded text keeps the spaces the ids had (see DESIGN section 8).
+    # Without clean-up, decoded text keeps the spaces the ids had (`sed 's/` does not become `sed's/`).
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False, skip_special_tokens=True)
 
 
-def recall_prompt(doc_ids, bounds, chunk, tokenizer, cfg: PromptConfig, rng: random.Random) -> Prompt:
+def recall_prompt(doc_ids, bounds, chunk, tokenizer, config: PromptConfig, rng: random.Random) -> Prompt:
     start, end = bounds[chunk]
     cue_len = rng.randint(8, 16)
-    answer_len = min(cfg.answer_tokens, max(1, end - start - cue_len))
+    answer_len = min(config.answer_tokens, max(1, end - start - cue_len))
     at = rng.randint(start, max(start, end - cue_len - answer_len))
     cue = " ".join(_decode(tokenizer, doc_ids[at: at + cue_len]).split())
     answer = list(doc_ids[at + cue_len: at + cue_len + answer_len])
-    return Prompt("recall", chunk, rng.choice(RECALL).format(cue=cue), answer)
+    return Prompt("recall", rng.choice(RECALL).format(cue=cue), chunk, answer)
 
 
 def salient_terms(text: str) -> list[str]:
@@ -101,7 +137,7 @@ def salient_terms(text: str) -> list[str]:
 
 def generic_prompt(chunk_text: str, chunk: int, rng: random.Random) -> Prompt:
     terms = salient_terms(chunk_text) or [" ".join(chunk_text.split()[:4])]
-    return Prompt("generic", chunk, rng.choice(GENERIC).format(term=rng.choice(terms)))
+    return Prompt("generic", rng.choice(GENERIC).format(term=rng.choice(terms)), chunk)
 
 
 def study_request(chunk_text: str) -> str:
@@ -115,20 +151,20 @@ def clean_question(generated: str) -> str | None:
     return line if len(line.split()) >= 3 else None
 
 
-def plan(doc_ids: list[int], tokenizer, cfg: PromptConfig, seed: int) -> tuple[list[Prompt], list[str], list[int]]:
+def plan(doc_ids: list[int], tokenizer, config: PromptConfig, seed: int) -> tuple[list[Prompt], list[str], list[int]]:
     """Recall and generic prompts, plus (study requests, their chunks) for the model to turn into questions.
 
     Chunks are drawn round-robin over a shuffled order so that every part of the document is covered.
     """
     rng = random.Random(seed)
-    bounds = chunk_bounds(len(doc_ids), cfg.chunk_tokens)
+    bounds = chunk_bounds(len(doc_ids), config.chunk_tokens)
     texts = [_decode(tokenizer, doc_ids[s:e]) for s, e in bounds]
     cycle = _round_robin(len(bounds), rng)
-    prompts = [recall_prompt(doc_ids, bounds, next(cycle), tokenizer, cfg, rng) for _ in range(cfg.recall)]
-    for _ in range(cfg.generic):
+    prompts = [recall_prompt(doc_ids, bounds, next(cycle), tokenizer, config, rng) for _ in range(config.recall)]
+    for _ in range(config.generic):
         chunk = next(cycle)
         prompts.append(generic_prompt(texts[chunk], chunk, rng))
-    study_chunks = [next(cycle) for _ in range(cfg.self_study)]
+    study_chunks = [next(cycle) for _ in range(config.self_study)]
     return prompts, [study_request(texts[c]) for c in study_chunks], study_chunks
 
 

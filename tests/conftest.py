@@ -1,6 +1,15 @@
+"""Tiny random-weight models built in code, a tokenizer trained in code, and one shared compiled artifact."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+import nectar
+from nectar.cli import main
+
+FAST = nectar.CompileConfig(
+    prompts=nectar.PromptConfig(recall=12, self_study=4, generic=6, chunk_tokens=64, answer_tokens=12),
+    fit=nectar.FitConfig(steps=60, eval_every=20),
+)
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -61,3 +70,51 @@ def sample_document(chars: int = 3000) -> str:
     from pydoc_data.topics import topics
 
     return topics["assert"][:chars] + "\n" + topics["if"][:chars]
+
+
+@pytest.fixture(scope="session")
+def compiled(tokenizer):
+    """(tiny model, its artifact): one compile shared by every test that only reads an artifact."""
+    model = tiny_llama()
+    return model, nectar.compile(model, tokenizer, sample_document(1500), FAST)
+
+
+@pytest.fixture(scope="session")
+def saved(compiled, tmp_path_factory):
+    """The shared artifact on disk (read-only: a test that changes the file copies it first)."""
+    return compiled[1].save(tmp_path_factory.mktemp("artifact") / "a.nectar")
+
+
+@pytest.fixture
+def cli_model(monkeypatch, compiled, tokenizer):
+    """`nectar`'s CLI loads the tiny model of the shared artifact instead of a real one."""
+    model = compiled[0]
+    monkeypatch.setattr("nectar.cli._load", lambda name, dtype, device="auto": (model, tokenizer))
+    return model
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `nectar ARGV`, with whatever was printed before dropped."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own exit (--help, or a bad flag)
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def assert_one_line_error(result, pattern: str) -> None:
+    code, _, err = result
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("nectar: error:"), err
+    assert pattern in err, err
+
+
+def full_logits(model, doc, prompt):
+    """Logits of `prompt` after `doc` with transformers' own attention and no nectar in the way."""
+    return model(input_ids=torch.cat([doc, prompt]).view(1, -1)).logits[0, len(doc):]
+
+
+# The device axis of parametrised tests: the GPU runs where torch sees one, and is skipped elsewhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]

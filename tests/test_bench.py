@@ -6,16 +6,15 @@ import torch
 
 import nectar
 from nectar.bench import BenchConfig, run
-from conftest import sample_document, tiny_llama
-from test_compile import FAST
+from nectar.bench_report import table, write_report
 
 
-def test_bench_writes_report_and_plot(tmp_path, tokenizer):
-    model = tiny_llama()
-    art = nectar.compile(model, tokenizer, sample_document(1500), FAST)
+def test_bench_writes_report_and_plot(tmp_path, compiled):
+    model, art = compiled
     doc = torch.randint(3, 300, (1024,)).tolist()
-    cfg = BenchConfig(attention_n=[64, 256], decode_n=[128, 256], batches=[1, 2], new_tokens=3, repeats=1)
-    report = run(model, art, doc, cfg, tmp_path)
+    config = BenchConfig(attention_n=[64, 256], decode_n=[128, 256], batches=[1, 2], new_tokens=3, repeats=1)
+    report = run(model, art, doc, config)
+    write_report(report, tmp_path)
     assert {r["method"] for r in report["decode"]} == {"no_document", "no_document_nectar_kernel", "full_cache",
                                                      "full_cache_stock", "nectar"}
     assert all(r["ratio"] < 1 for r in report["memory"])
@@ -24,15 +23,17 @@ def test_bench_writes_report_and_plot(tmp_path, tokenizer):
     assert all(("vs_full_cache_stock" in r) == (r["batch"] == 1) for r in nectar_rows)
     assert json.loads((tmp_path / "bench.json").read_text())["attention"][0]["n"] == 64
     assert (tmp_path / "bench.png").stat().st_size > 0
+    text = table(report)
+    assert "x full" in text and f"{report['memory'][0]['ratio']:.4f}" in text
 
 
-def test_bench_caps_sizes_above_the_model_window(tmp_path, tokenizer):
-    model = tiny_llama()
-    art = nectar.compile(model, tokenizer, sample_document(1500), FAST)
+def test_bench_caps_sizes_above_the_model_window_without_changing_its_config(compiled):
+    model, art = compiled
     doc = torch.randint(3, 300, (4096,)).tolist()
-    cfg = BenchConfig(attention_n=[64], decode_n=[128, 100_000], batches=[1], new_tokens=2, repeats=1)
-    report = run(model, art, doc, cfg, tmp_path)
+    config = BenchConfig(attention_n=[64], decode_n=[128, 100_000], batches=[1], new_tokens=2, repeats=1)
+    report = run(model, art, doc, config)
     assert max(r["n"] for r in report["decode"]) <= model.config.max_position_embeddings
+    assert config.decode_n == [128, 100_000]
 
 
 def test_bench_config_rejects_nonsense():

@@ -1,130 +1,195 @@
-"""The CLI turns every user-fixable failure into one line on stderr and exit code 2."""
+"""The CLI on the tiny model: every user-fixable failure is one line on stderr and exit code 2, checked
+before any slow work; the commands print what they promise."""
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 import nectar
-from nectar.cli import main
-from conftest import sample_document, tiny_llama
-from test_compile import FAST
+from nectar.documents import Pydoc, parse_source
+from conftest import assert_one_line_error, run_cli, sample_document
+
+QUICK = ["--steps", "30", "--prompts", "12"]
 
 
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.err.strip()
+@pytest.fixture
+def doc(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(sample_document(1500))
+    return path
 
 
-def _one_line_error(code, err, pattern):
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("nectar: error:")
-    assert pattern in err
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a command loads a model: its arguments should have been refused first."""
+    def load(*args, **kwargs):
+        pytest.fail("loaded a model before checking the arguments")
+    monkeypatch.setattr("nectar.cli._load", load)
+
+
+@pytest.mark.parametrize("arg, expected", [("pydoc", Pydoc(4096)), ("pydoc:512", Pydoc(512))])
+def test_pydoc_spec_is_an_exact_grammar(arg, expected):
+    assert parse_source(arg) == expected
+
+
+def test_a_file_whose_name_starts_with_pydoc_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pydoc_notes.txt").write_text("my notes")
+    assert parse_source("pydoc_notes.txt") == tmp_path.joinpath("pydoc_notes.txt").relative_to(tmp_path)
+
+
+def test_compile_of_pydoc_named_file_with_pydoc_text_compiles_that_text(tmp_path, cli_model, tokenizer, capsys):
+    """The bug: `pydoc_notes.txt`, whose text starts with "pydoc:", was replaced by CPython's help topics."""
+    text = "pydoc: " + sample_document(1500)
+    path = tmp_path / "pydoc_notes.txt"
+    path.write_text(text)
+    out = tmp_path / "a.nectar"
+    code, _, err = run_cli(capsys, "compile", path, "-o", out, *QUICK)
+    assert code == 0, err
+    art = nectar.Artifact.load(out)
+    assert tokenizer.decode(art.document_ids).startswith("pydoc: The")
+    assert art.n < 2000  # CPython's help would be 4096 tokens
+
+
+@pytest.mark.parametrize("arg, pattern", [("pydoc_missing.txt", "no such file"), ("pydoc:abc", "pydoc:TOKENS"),
+                                          ("pydoc:-5", "positive whole number"), ("pydoc:0", "positive")])
+def test_bad_document_source_is_refused_before_loading(tmp_path, capsys, no_model, arg, pattern):
+    assert_one_line_error(run_cli(capsys, "compile", arg, "-o", tmp_path / "a.nectar"), pattern)
 
 
 def test_binary_document(tmp_path, capsys):
     path = tmp_path / "doc.bin"
     path.write_bytes(b"\x00\x01\x02garbage\x00")
-    _one_line_error(*_run(capsys, "compile", str(path), "-o", str(tmp_path / "a.nectar")), "binary")
+    assert_one_line_error(run_cli(capsys, "compile", path, "-o", tmp_path / "a.nectar"), "binary")
 
 
 def test_empty_document(tmp_path, capsys):
     path = tmp_path / "doc.txt"
     path.write_text("  \n ")
-    _one_line_error(*_run(capsys, "compile", str(path), "-o", str(tmp_path / "a.nectar")), "empty")
+    assert_one_line_error(run_cli(capsys, "compile", path, "-o", tmp_path / "a.nectar"), "empty")
 
 
-def test_missing_document(tmp_path, capsys):
-    _one_line_error(*_run(capsys, "compile", str(tmp_path / "nope.txt"), "-o", "x.nectar"), "no such file")
+@pytest.mark.parametrize("flags, pattern", [(["--budget", "1.5"], "budget"), (["--steps", "0"], "at least 1"),
+                                            (["--prompts", "x"], "not a whole number")])
+def test_bad_numbers_are_refused_before_loading(doc, tmp_path, capsys, no_model, flags, pattern):
+    assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", *flags), pattern)
 
 
-def test_bad_budget(tmp_path, capsys):
-    path = tmp_path / "doc.txt"
-    path.write_text("some text")
-    _one_line_error(*_run(capsys, "compile", str(path), "-o", "x.nectar", "--budget", "1.5"), "budget")
+@pytest.mark.parametrize("where, pattern", [("folder", "is a folder"), ("under_file", "is a file"),
+                                            ("unwritable", "cannot write")])
+def test_bad_output_path_is_refused_before_loading(doc, tmp_path, capsys, no_model, where, pattern):
+    (tmp_path / "folder").mkdir()
+    output = {"folder": tmp_path / "folder", "under_file": doc / "a.nectar", "unwritable": "/sys/a.nectar"}[where]
+    assert_one_line_error(run_cli(capsys, "compile", doc, "-o", output), pattern)
 
 
-def test_truncated_artifact(tmp_path, capsys, tokenizer):
-    art = nectar.compile(tiny_llama(), tokenizer, sample_document(1500), FAST)
-    path = art.save(tmp_path / "a.nectar")
-    path.write_bytes(path.read_bytes()[:100])
-    capsys.readouterr()  # drop the compile's progress output
-    _one_line_error(*_run(capsys, "info", str(path)), "truncated or corrupted")
+def test_truncate_says_how_much_it_kept(tmp_path, cli_model, capsys):
+    path = tmp_path / "long.txt"
+    path.write_text(sample_document(100_000) * 3)
+    code, _, err = run_cli(capsys, "compile", path, "-o", tmp_path / "a.nectar", "--truncate", *QUICK)
+    assert code == 0, err
+    assert "kept the first 1536 of its" in err
+
+
+def test_artifact_written_with_the_umask(saved, tmp_path):
+    art = nectar.Artifact.load(saved)
+    old = os.umask(0o022)
+    try:
+        path = art.save(tmp_path / "b.nectar")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_truncated_artifact(saved, tmp_path, capsys):
+    path = tmp_path / "a.nectar"
+    path.write_bytes(saved.read_bytes()[:100])
+    assert_one_line_error(run_cli(capsys, "info", path), "truncated or corrupted")
 
 
 def test_missing_artifact(tmp_path, capsys):
-    _one_line_error(*_run(capsys, "info", str(tmp_path / "none.nectar")), "nectar compile")
+    assert_one_line_error(run_cli(capsys, "info", tmp_path / "none.nectar"), "nectar compile")
 
 
-def test_ctrl_c_during_compile_writes_nothing(tmp_path, capsys, monkeypatch):
-    import nectar.compiler as compile_module
-
+def test_ctrl_c_during_compile_writes_nothing(doc, tmp_path, capsys, cli_model, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compile_module, "compile", interrupted)
-    monkeypatch.setattr("nectar.cli._load", lambda name, dtype, device="auto": (None, None))
-    path = tmp_path / "doc.txt"
-    path.write_text("a document")
-    code = main(["compile", str(path), "-o", str(tmp_path / "a.nectar")])
-    assert code == 130
-    assert not (tmp_path / "a.nectar").exists()
+    monkeypatch.setattr("nectar.compiler.compile", interrupted)
+    code, _, err = run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar")
+    assert code == 130 and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == [doc]
 
 
-def test_info_prints_summary(tmp_path, capsys, tokenizer):
-    art = nectar.compile(tiny_llama(), tokenizer, sample_document(1500), FAST)
-    path = art.save(tmp_path / "a.nectar")
-    code, _ = _run(capsys, "info", str(path))
+def test_info_prints_summary(saved, compiled, capsys):
+    code, out, _ = run_cli(capsys, "info", saved)
+    art = compiled[1]
     assert code == 0
+    assert f"document: {art.n} tokens" in out and f"{art.memory_ratio():.4f} x the KV cache" in out
+    assert "questions,      nectar: agreement" in out and "timings (s): prefill" in out
 
 
-@pytest.mark.parametrize("command", ["compile", "ask", "info", "demo", "bench"])
-def test_every_command_has_help(command, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main([command, "--help"])
-    assert exit_.value.code == 0
-    assert "usage" in capsys.readouterr().out
+def test_info_json_into_a_closed_pipe_is_quiet(saved):
+    """`nectar info --json | head -1`: the reader leaving early is not an error."""
+    shell = f"{shutil.which('python3') and sys.executable} -m nectar.cli info --json {saved} | head -1"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "{"
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ["compile", "ask", "info", "demo", "bench", "eval"])
+def test_every_command_and_option_has_help(command, capsys):
+    from nectar.cli import parser
+
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and "usage" in out
+    sub = next(a for a in parser()._actions if a.dest == "command").choices[command]
+    missing = [a.dest for a in sub._actions if a.option_strings and a.dest != "help" and not a.help]
+    assert not missing, f"{command}: options without help text: {missing}"
 
 
 @pytest.mark.parametrize("device, pattern", [("tpu7", "unknown device"), ("cuda", "no GPU")])
-def test_bad_device(tmp_path, capsys, device, pattern):
+def test_bad_device(doc, tmp_path, capsys, device, pattern):
     import torch
 
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    path = tmp_path / "doc.txt"
-    path.write_text(sample_document(500))
-    _one_line_error(*_run(capsys, "compile", str(path), "-o", str(tmp_path / "a.nectar"), "--device", device),
-                    pattern)
+    assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", "--device", device), pattern)
 
 
-@pytest.fixture
-def asked(tmp_path, monkeypatch, tokenizer):
-    """An artifact on disk, and `nectar.cli._load` returning the tiny model it was compiled for."""
-    model = tiny_llama()
-    path = nectar.compile(model, tokenizer, sample_document(1500), FAST).save(tmp_path / "a.nectar")
-    monkeypatch.setattr("nectar.cli._load", lambda name, dtype, device="auto": (model, tokenizer))
-    return path
-
-
-def test_ask_compares_several_questions_with_the_full_cache(asked, capsys):
-    capsys.readouterr()
-    code = main(["ask", str(asked), "What is a list?", "How does del work?", "--compare", "--max-new-tokens", "8"])
-    out = capsys.readouterr().out
-    assert code == 0
+def test_ask_compares_several_questions_with_the_full_cache(saved, cli_model, capsys):
+    code, out, err = run_cli(capsys, "ask", saved, "What is a list?", "How does del work?", "--compare",
+                             "--max-new-tokens", "8")
+    assert code == 0, err
     assert out.count("Q: ") == 2 and out.count("  full cache: ") == 2
-    assert "memory for the document" in out and "identical answers" in out
+    assert "MiniLM cosine of the answers" in out and "memory for the document" in out and "identical answers" in out
 
 
-def test_ask_reads_questions_from_stdin(asked, capsys, monkeypatch):
+def test_ask_reads_questions_from_stdin(saved, cli_model, capsys, monkeypatch):
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("What is a list?\n\nWhat is a tuple?\n"))
-    capsys.readouterr()
-    assert main(["ask", str(asked), "-", "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.count("Q: ") == 2
+    code, out, _ = run_cli(capsys, "ask", saved, "-", "--max-new-tokens", "4")
+    assert code == 0 and out.count("Q: ") == 2
 
 
-def test_ask_without_questions(asked, capsys, monkeypatch):
+@pytest.mark.parametrize("stdin, pattern", [("\n  \n", "no questions"), ("Why?\nWhy?\n", "appears twice")])
+def test_ask_with_bad_questions(saved, no_model, capsys, monkeypatch, stdin, pattern):
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("\n  \n"))
-    capsys.readouterr()
-    _one_line_error(*_run(capsys, "ask", str(asked), "-"), "no questions")
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    assert_one_line_error(run_cli(capsys, "ask", saved, "-"), pattern)
+
+
+@pytest.mark.parametrize("tokens", ["0", "-3"])
+def test_ask_needs_a_positive_answer_length(saved, no_model, capsys, tokens):
+    assert_one_line_error(run_cli(capsys, "ask", saved, "Why?", "--max-new-tokens", tokens), "at least 1")
+
+
+def test_answers_are_laid_out_even_when_empty_or_multiline():
+    from nectar.summary import indent
+
+    assert indent("") == "(empty answer)" and indent("  \n") == "(empty answer)"
+    assert indent("one\ntwo") == "one\n" + " " * 14 + "two"

@@ -1,24 +1,17 @@
-"""End to end on a tiny random model: compile, save, load, attach, and every bad input the issue lists."""
+"""End to end on a tiny random model: compile, save, load, attach, ask, and the artifact's integrity."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 import nectar
-from nectar.attach import attention_layers
-from nectar.compiler import document_ids, templates_for
-from conftest import sample_document, tiny_llama
-
-FAST = nectar.CompileConfig(
-    prompts=nectar.PromptConfig(recall=12, self_study=4, generic=6, chunk_tokens=64, answer_tokens=12),
-    fit=nectar.FitConfig(steps=60, eval_every=20),
-)
-
-
-@pytest.fixture(scope="module")
-def compiled(tokenizer):
-    model = tiny_llama()
-    return model, nectar.compile(model, tokenizer, sample_document(1500), FAST)
+from nectar.compiler import Workbench, _warn_if_useless
+from nectar.documents import document_ids
+from nectar.models import attention_layers
+from nectar.prefill import prefill, split_sinks
+from nectar.templates import templates_for
+from conftest import FAST, sample_document, tiny_llama
 
 
 def test_compile_meets_its_budget_and_beats_no_document(compiled):
@@ -29,10 +22,9 @@ def test_compile_meets_its_budget_and_beats_no_document(compiled):
     assert set(art.manifest["timings"]) >= {"prefill", "prompts", "capture", "fit", "evaluate", "total"}
 
 
-def test_artifact_round_trips_exactly(compiled, tmp_path, tokenizer):
+def test_artifact_round_trips_exactly(compiled, saved, tokenizer):
     model, art = compiled
-    path = art.save(tmp_path / "doc.nectar")
-    loaded = nectar.Artifact.load(path)
+    loaded = nectar.Artifact.load(saved)
     assert loaded.manifest == art.manifest
     assert loaded.document_ids == art.document_ids
     q = torch.randn(2, model.config.num_key_value_heads, 5, 16)
@@ -57,10 +49,37 @@ def test_attach_leaves_no_document_cache_and_restores_model(compiled):
     assert model.config._attn_implementation == "eager"
 
 
-def test_ask_returns_text(compiled, tokenizer):
+class _ExactArtifact:
+    """The shared artifact with the exact document in place of its modules: `ask` must then answer
+    exactly as `ask_full` does, which checks the templating, positions and sinks of the ask path."""
+
+    def __init__(self, art, model):
+        self.art, self.providers_ = art, split_sinks(prefill(model, torch.tensor(art.document_ids)), 4)[::-1]
+
+    def __getattr__(self, name):
+        return getattr(self.art, name)
+
+    def providers(self, model):
+        return self.providers_
+
+
+def test_ask_with_the_exact_document_answers_as_the_full_cache(compiled, tokenizer):
     model, art = compiled
-    answers = nectar.ask(model, tokenizer, art, ["What is assert?", "And if?"], max_new_tokens=5)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    questions = ["What is assert?", "And if?", "When does the else clause run?"]
+    exact = nectar.ask(model, tokenizer, _ExactArtifact(art, model), questions, max_new_tokens=8)
+    assert exact == nectar.ask_full(model, tokenizer, art, questions, max_new_tokens=8)
+    assert all(exact)
+
+
+def test_custom_templates_reach_the_artifact_and_ask(tokenizer):
+    model = tiny_llama()
+    config = replace(FAST, document_template="DOC: {document} END", question_template="\nQ: {question}\nA:")
+    art = nectar.compile(model, tokenizer, sample_document(1500), config)
+    assert art.question_template == "\nQ: {question}\nA:"
+    assert tokenizer.decode(art.document_ids).startswith("DOC: ")
+    questions = ["What is assert?", "What is if?"]
+    exact = nectar.ask(model, tokenizer, _ExactArtifact(art, model), questions, max_new_tokens=6)
+    assert exact == nectar.ask_full(model, tokenizer, art, questions, max_new_tokens=6)
 
 
 def test_artifact_for_another_model_is_refused(compiled):
@@ -70,21 +89,37 @@ def test_artifact_for_another_model_is_refused(compiled):
             pass
 
 
-def test_truncated_artifact_is_refused(compiled, tmp_path):
-    path = compiled[1].save(tmp_path / "doc.nectar")
-    data = path.read_bytes()
+def test_truncated_artifact_is_refused(saved, tmp_path):
+    path = tmp_path / "doc.nectar"
+    data = saved.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(nectar.NectarError, match="truncated or corrupted"):
         nectar.Artifact.load(path)
 
 
-def test_corrupted_artifact_is_refused(compiled, tmp_path):
-    path = compiled[1].save(tmp_path / "doc.nectar")
-    data = bytearray(path.read_bytes())
+def test_corrupted_tensor_bytes_are_refused(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
     data[-10] ^= 0xFF
-    path.write_bytes(bytes(data))
+    (tmp_path / "doc.nectar").write_bytes(bytes(data))
     with pytest.raises(nectar.NectarError, match="corrupted"):
-        nectar.Artifact.load(path)
+        nectar.Artifact.load(tmp_path / "doc.nectar")
+
+
+@pytest.mark.parametrize("field", ["tokens", "sha256"])
+def test_a_changed_manifest_byte_is_refused(compiled, saved, tmp_path, field):
+    """The header is under the checksum: one edited digit of the document's length or hash is caught."""
+    art = compiled[1]
+    data = saved.read_bytes()
+    if field == "tokens":
+        old = f'\\"tokens\\": {art.n}'.encode()
+        new = f'\\"tokens\\": {art.n + 1}'.encode() if len(str(art.n + 1)) == len(str(art.n)) else None
+    else:
+        digest = art.manifest["document"]["sha256"]
+        old, new = digest.encode(), ("0" if digest[0] != "0" else "1").encode() + digest[1:].encode()
+    assert data.count(old) == 1
+    (tmp_path / "doc.nectar").write_bytes(data.replace(old, new))
+    with pytest.raises(nectar.NectarError, match="corrupted"):
+        nectar.Artifact.load(tmp_path / "doc.nectar")
 
 
 def test_interrupted_save_leaves_nothing_that_loads(compiled, tmp_path, monkeypatch):
@@ -111,23 +146,23 @@ def test_empty_document_is_refused(tokenizer, text):
         nectar.compile(tiny_llama(), tokenizer, text, FAST)
 
 
-def test_too_long_document_is_refused_or_truncated(tokenizer):
+def test_too_long_document_is_refused_or_truncated(tokenizer, capsys):
     model = tiny_llama()
     text = sample_document(100_000) * 3
     template = templates_for(tokenizer, FAST)["document"]
     with pytest.raises(nectar.NectarError, match="--truncate"):
-        document_ids(text, tokenizer, model, FAST, template)
-    cut = nectar.CompileConfig(truncate=True)
-    ids = document_ids(text, tokenizer, model, cut, template)
+        document_ids(text, tokenizer, model, False, template)
+    ids = document_ids(text, tokenizer, model, True, template)
     assert len(ids) == model.config.max_position_embeddings - model.config.max_position_embeddings // 4
+    assert "kept the first 1536 of its" in capsys.readouterr().err
 
 
 def test_token_id_context_is_used_verbatim(tokenizer):
     model = tiny_llama()
     ids = torch.randint(3, 300, (700,))
-    assert document_ids(ids, tokenizer, model, FAST, "{document}") == ids.tolist()
+    assert document_ids(ids, tokenizer, model, False, "{document}") == ids.tolist()
     with pytest.raises(nectar.NectarError, match="1-D integer"):
-        document_ids(ids.view(7, 100), tokenizer, model, FAST, "{document}")
+        document_ids(ids.view(7, 100), tokenizer, model, False, "{document}")
 
 
 def test_question_template_needs_its_slot():
@@ -135,8 +170,26 @@ def test_question_template_needs_its_slot():
         nectar.CompileConfig(question_template="no slot here")
 
 
-def test_manifest_is_json(compiled):
-    json.dumps(compiled[1].manifest)
+def test_manifest_survives_json_and_says_what_loading_checks(compiled):
+    manifest = compiled[1].manifest
+    assert json.loads(json.dumps(manifest)) == manifest
+    assert {"model", "tokenizer", "document", "templates", "modules", "config", "metrics", "timings"} <= set(manifest)
+    assert manifest["document"]["tokens"] == compiled[1].n and manifest["model"]["fingerprint"]["weights"]
+    assert nectar.CompileConfig.from_dict(manifest["config"]) == FAST
+
+
+def test_a_useless_compile_says_so(capsys):
+    fid = {"agreement": 0.6, "kl": 1.0, "tokens": 10}
+    _warn_if_useless({"nectar": fid, "no_document": dict(fid, agreement=0.7)})
+    assert "no better than no document" in capsys.readouterr().err
+    _warn_if_useless({"nectar": dict(fid, agreement=0.8), "no_document": fid})
+    assert capsys.readouterr().err == ""
+
+
+def test_workbench_counts_prompt_kinds_without_side_effects(tokenizer):
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
+    assert bench.kinds == {"recall": 12, "self_study": bench.kinds["self_study"], "generic": 6}
+    assert sum(bench.kinds.values()) == len(bench.prompts)
 
 
 def test_attention_layers_found_in_order(compiled):

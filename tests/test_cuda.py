@@ -1,15 +1,15 @@
-"""The same claims on a GPU: the split attention equals eager attention there, a compile runs there,
-and an artifact gives the same logits on either device. Skipped where torch sees no GPU (CI)."""
+"""What only a GPU has: its fused kernels, CUDA graphs, and one artifact giving the same logits on either
+device. (Decoding against eager attention and every way to compile run on the GPU too, as the `cuda`
+value of the device axis in test_attention and test_variants.) Skipped where torch sees no GPU (CI)."""
 import pytest
 import torch
 
 import nectar
-from nectar.attach import bound, positions_after, prefill, split_context
 from nectar.attention import _grouped_mask, exact_attention, reference_attention
 from nectar.bench import BenchConfig, run
-from conftest import sample_document, tiny_llama
-from test_attention import _full_logits
-from test_compile import FAST
+from nectar.binding import bound
+from nectar.padding import positions_after
+from conftest import FAST, sample_document, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 CUDA = torch.device("cuda")
@@ -27,35 +27,14 @@ def test_exact_attention_on_gpu_matches_cpu_with_mask():
     torch.testing.assert_close(lse_gpu.cpu(), lse_cpu, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sink", [0, 4])
-@torch.no_grad()
-def test_step_by_step_decoding_on_gpu_matches_eager(sink):
-    model = tiny_llama().to(CUDA)
-    doc, prompt = torch.randint(3, 300, (33,), device=CUDA), torch.randint(3, 300, (12,), device=CUDA)
-    reference = _full_logits(model, doc, prompt)
-    n = len(doc)
-    sinks, rest = split_context(prefill(model, doc), sink=sink)
-    with bound(model, rest, kept=sinks if sink else None):
-        out = model(input_ids=prompt[:4].view(1, -1), position_ids=n + torch.arange(4, device=CUDA).view(1, -1),
-                    use_cache=True)
-        steps, cache = [out.logits[0]], out.past_key_values
-        for i in range(4, 12):
-            out = model(input_ids=prompt[i].view(1, 1), position_ids=torch.tensor([[n + i]], device=CUDA),
-                        past_key_values=cache)
-            steps.append(out.logits[0])
-    assert (torch.cat(steps) - reference).abs().max() <= 1e-3
-
-
 @pytest.fixture(scope="module")
 def gpu_compiled(tokenizer):
     model = tiny_llama().to(CUDA)
     return model, nectar.compile(model, tokenizer, sample_document(1500), FAST)
 
 
-def test_compile_on_gpu_writes_a_cpu_artifact_that_beats_no_document(gpu_compiled, tmp_path):
+def test_compile_on_gpu_writes_an_artifact_that_loads_on_the_cpu(gpu_compiled, tmp_path):
     _, art = gpu_compiled
-    for fid in art.manifest["metrics"]["fidelity"].values():
-        assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
     art.save(tmp_path / "a.nectar")
     loaded = nectar.Artifact.load(tmp_path / "a.nectar")
     assert all(t.device.type == "cpu" for t in loaded.bank.state_dict().values())
@@ -77,8 +56,8 @@ def test_artifact_gives_the_same_logits_on_gpu_and_cpu(gpu_compiled):
 
 def test_bench_runs_on_gpu(tmp_path, gpu_compiled):
     model, art = gpu_compiled
-    cfg = BenchConfig(attention_n=[64, 256], decode_n=[128], batches=[1, 4], new_tokens=3, repeats=1)
-    report = run(model, art, torch.randint(3, 300, (512,)).tolist(), cfg, tmp_path)
+    config = BenchConfig(attention_n=[64, 256], decode_n=[128], batches=[1, 4], new_tokens=3, repeats=1)
+    report = run(model, art, torch.randint(3, 300, (512,)).tolist(), config)
     assert report["device"] != "cpu" and report["peak_gpu_mb"] > 0
     assert {r["method"] for r in report["decode"]} >= {"no_document", "full_cache", "nectar"}
 

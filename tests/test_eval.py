@@ -7,13 +7,11 @@ import pytest
 import torch
 
 import nectar.cli as cli
-from nectar.compare import spearman
 from nectar.cli import main
-from conftest import sample_document, tiny_llama
-from test_cli import _one_line_error, _run
-from test_compile import FAST
+from nectar.compare_report import spearman
+from conftest import FAST, assert_one_line_error, run_cli, sample_document, tiny_llama
 
-SMALL = ["--budget", "0.05", "--gap-prompts", "4"]
+SMALL = ["--budget", "0.05", "--gap-prompts", "4", "--steps", "60", "--prompts", "24"]
 
 
 @pytest.fixture
@@ -23,7 +21,6 @@ def tiny(monkeypatch, tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     model.config.name_or_path = str(tmp_path / "tok")
     monkeypatch.setattr(cli, "_load", lambda name, dtype, device="auto": (model, tokenizer))
-    monkeypatch.setattr(cli, "_document_config", lambda args: replace(FAST, budget=args.budget))
     return model
 
 
@@ -76,7 +73,9 @@ def test_eval_of_an_artifact_with_user_questions(tiny, doc, tmp_path, capsys, to
     out = tmp_path / "ev"
     code = main(["eval", str(path), "--questions", str(questions), "--out", str(out), "--methods",
                  "nectar,no_document,knorm", "--gap-prompts", "0"])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "per layer off (--gap-prompts 0)" in captured.out and "nan" not in captured.out
     report = json.loads((out / "eval.json").read_text())
     assert report["prompts"] == {"user": 2}
     assert [r["method"] for r in report["rows"]] == ["nectar", "no_document", "knorm"]
@@ -91,27 +90,29 @@ def test_artifact_without_its_document_needs_one(tiny, doc, tmp_path, capsys, to
     art = compile(tiny, tokenizer, doc.read_text(), replace(FAST, keep_document=False))
     path = art.save(tmp_path / "a.nectar")
     capsys.readouterr()
-    _one_line_error(*_run(capsys, "eval", str(path)), "pass --document")
+    assert_one_line_error(run_cli(capsys, "eval", str(path)), "pass --document")
     other = tmp_path / "other.txt"
     other.write_text(sample_document(900))
-    _one_line_error(*_run(capsys, "eval", str(path), "--document", str(other)), "not the document")
+    assert_one_line_error(run_cli(capsys, "eval", str(path), "--document", str(other)), "not the document")
 
 
 @pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"), ("[]", "no questions"),
-                                              ('{"questions": [""]}', "no questions")])
+                                              ('{"questions": [""]}', "question 1 in"),
+                                              ('["Why?", "How?", "Why?"]', "appears twice"),
+                                              ("Why?\nHow?\nWhy?\n", "appears twice")])
 def test_bad_question_file(tiny, doc, tmp_path, capsys, content, message):
     questions = tmp_path / "q.json"
     questions.write_text(content)
-    _one_line_error(*_run(capsys, "eval", str(doc), "--questions", str(questions)), message)
+    assert_one_line_error(run_cli(capsys, "eval", str(doc), "--questions", str(questions)), message)
 
 
 @pytest.mark.parametrize("sweep", ["0,0.02", "0.02,1.5", "-0.1"])
 def test_sweep_outside_zero_one(tiny, doc, capsys, sweep):
-    _one_line_error(*_run(capsys, "eval", str(doc), "--sweep", sweep), "budgets must be in (0, 1)")
+    assert_one_line_error(run_cli(capsys, "eval", str(doc), "--sweep", sweep), "budgets must be in (0, 1)")
 
 
 def test_unknown_method(tiny, doc, capsys):
-    _one_line_error(*_run(capsys, "eval", str(doc), "--methods", "nectar,h2o"), "unknown method")
+    assert_one_line_error(run_cli(capsys, "eval", str(doc), "--methods", "nectar,h2o"), "unknown method")
 
 
 def test_spearman():
@@ -121,8 +122,9 @@ def test_spearman():
 
 
 def test_importing_kvpress_leaves_nectar_attention_unchanged(tokenizer):
-    """kvpress wraps transformers' attention functions on import (DESIGN section 8)."""
-    from nectar.attach import bound, prefill
+    """kvpress wraps transformers' attention functions on import."""
+    from nectar.binding import bound
+    from nectar.prefill import prefill
 
     model = tiny_llama()
     ids = torch.randint(3, 300, (2, 40))
@@ -137,7 +139,7 @@ def test_importing_kvpress_leaves_nectar_attention_unchanged(tokenizer):
 
 
 def test_layer_errors_are_zero_for_the_exact_document_and_total_for_none():
-    from nectar.attach import prefill, split_context
+    from nectar.prefill import prefill, split_sinks
     from nectar.attention import NoContext
     from nectar.capture import capture
     from nectar.evaluate import layer_errors
@@ -145,10 +147,10 @@ def test_layer_errors_are_zero_for_the_exact_document_and_total_for_none():
     model = tiny_llama()
     doc = torch.randint(3, 300, (60,))
     full = prefill(model, doc)
-    store, _ = capture(model, [torch.randint(3, 300, (9,)).tolist()], 60, full, None, desc=None)
-    sinks, rest = split_context(full, 4)
+    store = capture(model, [torch.randint(3, 300, (9,)).tolist()], 60, full, None, desc=None)
+    sinks, rest = split_sinks(full, 4)
     kv, scaling = model.config.num_key_value_heads, model.config.head_dim ** -0.5
-    exact = layer_errors((rest, sinks), store, kv, scaling)  # sinks kept exact + the rest: the whole document
+    exact = layer_errors((rest, sinks), store, kv, scaling)  # sinks + the rest: the whole document
     assert max(exact["o_rel"]) < 2e-2 and max(exact["lse_abs"]) < 2e-2 and max(exact["merged_rel"]) < 2e-2
     none = layer_errors((NoContext(), None), store, kv, scaling)
     assert none["o_rel"] == pytest.approx([1.0] * 3) and none["lse_abs"] == [None] * 3

@@ -4,7 +4,8 @@ import torch
 
 from nectar.attention import reference_attention
 from nectar.compiler import allocate
-from nectar.modules import FusedBank, MLPBank, QuadratureBank
+from nectar.modules import FusedBank, MLPBank
+from nectar.quadrature import QuadratureBank
 
 
 def _trained_looking_bank(depth: int, target_widths, score_widths) -> MLPBank:

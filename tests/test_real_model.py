@@ -17,7 +17,8 @@ def smollm():
 
 @torch.no_grad()
 def test_split_attention_with_exact_document_matches_full_cache_on_smollm2(smollm):
-    from nectar.attach import bound, prefill
+    from nectar.binding import bound
+    from nectar.prefill import prefill
     from nectar.documents import pydoc_document
 
     model, tokenizer = smollm

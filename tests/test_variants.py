@@ -1,31 +1,38 @@
-"""The quadrature variant and non-uniform allocation, fitted from one shared Workbench on a tiny model."""
+"""Every way to build a bank (variant x allocation x refinement, on every device), from one shared Workbench
+per device: each meets its budget, beats no document, round-trips through a file and gives the same logits."""
 import pytest
 import torch
 
 import nectar
 from nectar.compiler import Workbench
-from conftest import sample_document, tiny_llama
-from test_compile import FAST
+from conftest import DEVICES, FAST, sample_document, tiny_llama
+
+MATRIX = [(variant, allocation, refine) for variant in ("mlp", "quadrature") for allocation in ("uniform", "probe")
+          for refine in (0, 6) if not (variant == "quadrature" and allocation == "probe")]
 
 
-@pytest.fixture(scope="module")
-def bench(tokenizer):
-    return Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
+@pytest.fixture(scope="module", params=DEVICES)
+def bench(request, tokenizer):
+    return Workbench(tiny_llama().to(request.param), tokenizer, sample_document(1500), FAST)
 
 
-@pytest.mark.parametrize("changes", [{"variant": "quadrature"}, {"allocation": "probe", "probe_steps": 20}],
-                         ids=["quadrature", "probe-allocation"])
-def test_variant_meets_budget_beats_no_document_and_round_trips(bench, changes, tmp_path, tokenizer):
-    art = bench.compile(**changes)
+@pytest.mark.parametrize("variant, allocation, refine", MATRIX, ids=["-".join(map(str, m)) for m in MATRIX])
+def test_bank_meets_budget_beats_no_document_and_round_trips(bench, variant, allocation, refine, tmp_path, tokenizer):
+    art = bench.compile(variant=variant, allocation=allocation, probe_steps=20, refine_steps=refine)
     assert art.memory_ratio() <= FAST.budget
     for fid in art.manifest["metrics"]["fidelity"].values():
         assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
+    assert ("refine" in art.manifest["timings"]) == bool(refine)
+    if refine:
+        log = art.manifest["metrics"]["refine"]
+        assert log["val_best"] <= log["val_start"] and len(log["history"]) > 1
     loaded = nectar.Artifact.load(art.save(tmp_path / "v.nectar"))
-    ids, pos = torch.randint(3, 300, (1, 6)), art.n + torch.arange(6).view(1, -1)
-    with nectar.attach(bench.model, loaded, tokenizer):
-        out = bench.model(input_ids=ids, position_ids=pos).logits
-    with nectar.attach(bench.model, art, tokenizer):
-        ref = bench.model(input_ids=ids, position_ids=pos).logits
+    model = bench.model
+    ids, pos = torch.randint(3, 300, (1, 6), device=model.device), art.n + torch.arange(6, device=model.device)[None]
+    with nectar.attach(model, loaded, tokenizer):
+        out = model(input_ids=ids, position_ids=pos).logits
+    with nectar.attach(model, art, tokenizer):
+        ref = model(input_ids=ids, position_ids=pos).logits
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
 
 

@@ -1,0 +1,66 @@
+"""How close a stand-in for the document comes to it: one definition of each number, used everywhere.
+
+Per module (a layer's KV head) over captured queries: the relative error of the document output
+o_ctx, the absolute error of its log-normalizer lse_ctx, and the relative error of the merged output
+(document part blended with the exact local part), which is what the next layer reads.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .attention import blend
+
+ERRORS = ("o_rel", "lse_abs", "merged_rel")
+Predict = Callable[[slice, Tensor], tuple[Tensor, Tensor]]  # (module rows, q [m, N, d]) -> (o, lse)
+
+
+def relative_error(approx: Tensor, true: Tensor) -> Tensor:
+    """|approx - true| / |true| over the last dimension."""
+    return (approx - true).norm(dim=-1) / true.norm(dim=-1).clamp_min(1e-6)
+
+
+def context_share(lse_ctx: Tensor, lse_loc: Tensor) -> Tensor:
+    """Weight of the document part in the merged output."""
+    return torch.sigmoid(lse_ctx - lse_loc)
+
+
+@torch.no_grad()
+def module_errors(predict: Predict, store, block: int | None = None, chunk: int = 8192,
+                  device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """Mean errors per module [M] of `predict` on a store captured with the exact document.
+
+    `block` modules are predicted per call (all of them by default); the store stays where it is and each
+    chunk of queries visits `device`, where the predictor's weights are. lse_abs is inf for a stand-in
+    that keeps nothing (lse = -inf).
+    """
+    M, size = store.q.shape[0], store.size
+    block = block or M
+    sums = torch.zeros(len(ERRORS), M)
+    for first in range(0, M, block):
+        rows = slice(first, min(first + block, M))
+        for start in range(0, size, chunk):
+            span = slice(start, min(start + chunk, size))
+            q = store.q[rows, span]
+            o, lse = (t.float().cpu() for t in predict(rows, q.to(device) if device is not None else q))
+            o_true, lse_true = store.o_ctx[rows, span].float().cpu(), store.lse_ctx[rows, span].cpu()
+            o_loc, lse_loc = store.o_loc[rows, span].float().cpu(), store.lse_loc[rows, span].cpu()
+            merged, approx = blend(o_true, lse_true, o_loc, lse_loc), blend(o, lse, o_loc, lse_loc)
+            sums[:, rows] += torch.stack([relative_error(o, o_true).sum(1), (lse - lse_true).abs().sum(1),
+                                          relative_error(approx, merged).sum(1)])
+    return dict(zip(ERRORS, sums / size))
+
+
+def pooled(parts: list[dict]) -> dict:
+    """Token-weighted agreement and KL over several {"agreement", "kl", "tokens"} results."""
+    tokens = sum(p["tokens"] for p in parts)
+    out = {m: sum(p[m] * p["tokens"] for p in parts) / max(tokens, 1) for m in ("agreement", "kl")}
+    out["tokens"] = tokens
+    return out
+
+
+def pooled_kinds(fidelity: dict, kinds, part: str = "answer") -> dict:
+    """One method's fidelity on `part` tokens pooled over several prompt kinds present in `fidelity`."""
+    return pooled([fidelity[k][part] for k in kinds if k in fidelity])

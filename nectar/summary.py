@@ -1,0 +1,75 @@
+"""What the CLI prints about a compiled document: its summary, and its answers beside the full cache's."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .generate import ask, ask_full
+
+
+def summary(artifact, path: str | Path | None = None) -> str:
+    """Sizes, held-out fidelity against the full cache and no document, and time per stage."""
+    m = artifact.manifest
+    lines = [f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)"] if path else []
+    lines.append(f"document: {m['document']['tokens']} tokens; modules: {describe(m['modules'])}, "
+                 f"{artifact.memory_ratio():.4f} x the KV cache's bytes")
+    val = m["metrics"]["validation"]
+    lines.append(f"validation: o_ctx rel err {val['o_rel']:.3f}, |lse err| {val['lse_abs']:.3f}, "
+                 f"merged rel err {val['merged_rel']:.4f}")
+    for name, a in m["metrics"].get("questions", {}).items():
+        lines.append(f"  questions, {name:>11}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} ({a['tokens']} "
+                     "answer tokens, self-study + generic)")
+    for kind, methods in m["metrics"]["fidelity"].items():
+        for name, parts in methods.items():
+            a = parts["answer"]
+            lines.append(f"{kind:>10} answers, {name:>11}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} "
+                         f"({a['tokens']} tokens)")
+    lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in m["timings"].items()))
+    return "\n".join(lines)
+
+
+def describe(modules: dict) -> str:
+    if modules["variant"] == "quadrature":
+        return f"quadrature, {modules['nodes']} nodes"
+    t, s = modules["target_widths"], modules["score_widths"]
+    widths = f"{t[0]}/{s[0]}" if len(set(t)) == 1 and len(set(s)) == 1 else f"{min(t)}-{max(t)}/{min(s)}-{max(s)}"
+    return f"mlp ({modules.get('allocation', 'uniform')}), widths {widths}"
+
+
+def compare_answers(model, tokenizer, artifact, questions: list[str], max_new_tokens: int) -> str:
+    """Answer with nectar, then with the full cache; each pair, then what the user compiled for:
+    how alike the answers are, the memory kept and the time."""
+    start = time.perf_counter()
+    answers = ask(model, tokenizer, artifact, questions, max_new_tokens=max_new_tokens)
+    took = time.perf_counter() - start
+    full = ask_full(model, tokenizer, artifact, questions, max_new_tokens=max_new_tokens)
+    took_full = time.perf_counter() - start - took
+    scores, measure = similarities(answers, full)
+    lines = []
+    for q, a, f, score in zip(questions, answers, full, scores):
+        lines.append(f"Q: {q}\n  nectar:     {indent(a)}\n  full cache: {indent(f)}\n  {measure}: {score:.3f}\n")
+    lines.append(f"{measure} of the answers to the full cache's: mean {sum(scores) / len(scores):.3f}, "
+                 f"identical answers {sum(a == f for a, f in zip(answers, full))}/{len(full)}")
+    lines.append(f"memory for the document: {artifact.nbytes() / 1e6:.2f} MB of modules and sink tokens against "
+                 f"{artifact.kv_bytes() / 1e6:.1f} MB of bf16 KV cache ({artifact.memory_ratio():.4f})")
+    lines.append(f"time: {took:.1f} s with nectar, {took_full:.1f} s with the full cache (including its prefill)")
+    return "\n".join(lines)
+
+
+def indent(answer: str) -> str:
+    """An answer on the report's layout: continuation lines under the first, an empty one said as such."""
+    if not answer.strip():
+        return "(empty answer)"
+    return answer.replace("\n", "\n" + " " * 14)
+
+
+def similarities(answers: list[str], references: list[str]) -> tuple[list[float], str]:
+    """(scores, what they are): MiniLM sentence-embedding cosine, or word overlap without the eval extra."""
+    try:
+        from .semantic import cosine
+
+        return [cosine(a, r) for a, r in zip(answers, references)], "MiniLM cosine"
+    except ImportError:
+        overlap = [len(set(a.split()) & set(r.split())) / max(1, len(set(a.split()) | set(r.split())))
+                   for a, r in zip(answers, references)]
+        return overlap, "word overlap (Jaccard; pip install 'nectar[eval]' for MiniLM cosine)"
