@@ -179,13 +179,16 @@ class Binding:
 
     `sinks` are document tokens attended exactly as if local: they join the local keys.
     `context` covers the rest of the document.
-    `recorder(layer, q, o_ctx, lse_ctx, o_loc, lse_loc)` sees every call, for capture.
+    `recorder(layer, q, o_ctx, lse_ctx, o_loc, lse_loc)` sees every call, for capture; its (o_ctx, lse_ctx)
+    come from `reference` when one is set (the exact document, while `context` is a fitted bank whose
+    outputs drive the model: queries as the modules will see them, targets as they should be).
     """
 
     layer: int
     context: ContextProvider
     sinks: ExactContext | None = None
     recorder: Recorder | None = None
+    reference: ContextProvider | None = None
 
 
 _BINDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, Binding]" = weakref.WeakKeyDictionary()
@@ -220,7 +223,8 @@ def nectar_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         else:
             o_ctx, lse_ctx = binding.context(binding.layer, q, scaling)
             if binding.recorder is not None:
-                binding.recorder(binding.layer, q, o_ctx, lse_ctx, out, lse)
+                target = (o_ctx, lse_ctx) if binding.reference is None else binding.reference(binding.layer, q, scaling)
+                binding.recorder(binding.layer, q, *target, out, lse)
             out = blend(out, lse, o_ctx, lse_ctx)
     return out.to(query.dtype).reshape(b, heads, length, d).transpose(1, 2).contiguous(), None
 

@@ -20,11 +20,13 @@ def bound(
     context: ContextProvider,
     sinks: ExactContext | None = None,
     recorder: Recorder | None = None,
+    reference: ContextProvider | None = None,
 ) -> Iterator[nn.Module]:
-    """Inside, every attention layer merges exact local attention with `context` (plus exact `sinks`)."""
+    """Inside, every attention layer merges exact local attention with `context` (plus exact `sinks`);
+    a `recorder` sees each layer's queries, with targets from `reference` if given (see `Binding`)."""
     layers = attention_layers(model)
     for module in layers:
-        attention.bind(module, Binding(module.layer_idx, context, sinks, recorder))
+        attention.bind(module, Binding(module.layer_idx, context, sinks, recorder, reference))
     try:
         with attn_implementation(model, attention.IMPLEMENTATION):
             yield model

@@ -69,8 +69,13 @@ def capture(
     sinks: ExactContext | None = None,
     batch_size: int = 16,
     desc: str | None = "capture",
+    drive: ContextProvider | None = None,
 ) -> Store:
-    """Every post-document query of `sequences`, teacher-forced, with `context` (+ `sinks`) as the document."""
+    """Every post-document query of `sequences`, teacher-forced, with exact targets from `context` (+ `sinks`).
+
+    With `drive` (a fitted bank), the model runs on it instead: each layer's queries are those the modules
+    below it actually produce at inference, while the targets stay those of `context`.
+    """
     cfg = model.config
     layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     d = head_dim(cfg)
@@ -82,7 +87,8 @@ def capture(
                   torch.empty(M, rows), torch.empty(M, rows, d, **half), torch.empty(M, rows))
     recorder = _Recorder(store)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
-    with bound(model, context, sinks, recorder):
+    driver = context if drive is None else drive
+    with bound(model, driver, sinks, recorder, reference=None if drive is None else context):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             index = order[start: start + batch_size]
             ids, valid = right_pad([sequences[i] for i in index])

@@ -27,12 +27,14 @@ from .fit import bank_errors, fit
 from .metrics import pooled_kinds
 from .models import attention_scaling, head_dim
 from .modules import MLPBank
-from .prefill import prefill, split_sinks
+from .prefill import prefill
 from .quadrature import QuadratureBank
 from .refine import refine, teacher
+from .selection import most_attended, split_exact
 from .templates import chat, encode, question_ids, templates_for
 
 TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
+PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
 QUESTION_KINDS = ("self_study", "generic")  # answered in the model's words; recall is verbatim quoting
 
 
@@ -79,16 +81,34 @@ class Workbench:
             raise NectarError(f"the document has only {self.n} tokens: nothing to compile beyond the "
                               f"{self.config.sink_tokens} sink tokens")
         self.timings: dict[str, float] = {}
+        self._splits: dict[int, tuple[ExactContext, ExactContext]] = {}
+        self._stores: dict[int, tuple[Store, Store]] = {}
 
     @cached_property
     def full(self) -> ExactContext:
         with _stage(self.timings, "prefill"):
             return prefill(self.model, torch.tensor(self.doc_ids))
 
-    @cached_property
-    def split(self) -> tuple[ExactContext, ExactContext]:
-        """(sink tokens, the rest that modules learn)."""
-        return split_sinks(self.full, self.config.sink_tokens)
+    def exact_count(self, config: CompileConfig) -> int:
+        """Tokens kept exact per (layer, head) beyond the sinks: `exact_share` of the budget's tokens."""
+        return int(config.exact_share * config.budget * self.n)
+
+    def split(self, count: int = 0) -> tuple[ExactContext, ExactContext]:
+        """(exact tokens: the sinks and `count` most attended per head; the rest, which modules learn)."""
+        if count not in self._splits:
+            chosen = None
+            if count:
+                queries = capture(self.model, self.pilot_sequences, self.n, self.full, None, self.config.batch_size,
+                                  "choose exact tokens").q
+                chosen = most_attended(queries, self.full, attention_scaling(self.model), self.config.sink_tokens,
+                                       count)
+            self._splits[count] = split_exact(self.full, self.config.sink_tokens, chosen)
+        return self._splits[count]
+
+    @property
+    def pilot_sequences(self) -> list[list[int]]:
+        step = max(1, len(self.train_sequences) // PILOT_SEQUENCES)
+        return self.train_sequences[::step][:PILOT_SEQUENCES]
 
     @cached_property
     def prompts(self) -> list[P.Prompt]:
@@ -123,16 +143,20 @@ class Workbench:
     def kinds(self) -> dict[str, int]:
         return {kind: sum(p.kind == kind for p in self.prompts) for kind in ("recall", "self_study", "generic")}
 
-    @cached_property
-    def stores(self) -> tuple[Store, Store]:
-        """(train, validation) stores, on the model's device: the fit runs where the model does."""
+    def stores(self, count: int = 0, drive=None) -> tuple[Store, Store]:
+        """(train, validation) stores for the split with `count` exact tokens, on the model's device (the fit
+        runs where the model does). With `drive`, queries come from the model running on that bank."""
+        if drive is None and count in self._stores:
+            return self._stores[count]
         train, val = self.train_sequences, [p.ids for p in self.val_prompts]
-        sinks, rest = self.split
-        size = self.config.batch_size
-        with _stage(self.timings, "capture"):
-            train_store = capture(self.model, train, self.n, rest, sinks, size, "capture train")
-            val_store = capture(self.model, val, self.n, rest, sinks, size, "capture val")
-        return train_store.to(self.model.device), val_store.to(self.model.device)
+        sinks, rest = self.split(count)
+        size, device = self.config.batch_size, self.model.device
+        with _stage(self.timings, "capture" if drive is None else "capture on-policy"):
+            stores = tuple(capture(self.model, seqs, self.n, rest, sinks, size, f"capture {name}", drive).to(device)
+                           for seqs, name in ((train, "train"), (val, "val")))
+        if drive is None:
+            self._stores[count] = stores
+        return stores
 
     @cached_property
     def teachers(self) -> tuple[list, list]:
@@ -145,13 +169,23 @@ class Workbench:
     def compile(self, **changes) -> Artifact:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
         config = replace(self.config, **changes)
-        train_store, val_store = self.stores
-        sinks, _ = self.split
+        count = self.exact_count(config)
+        train_store, val_store = self.stores(count)
+        sinks, rest = self.split(count)
         timings = dict(self.timings)
         with _stage(timings, "fit"):
-            bank = self._bank(config, train_store, val_store).to(self.model.device)
+            bank = self._bank(config, count, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
+        if config.onpolicy_steps:
+            # Queries as the modules below each layer will shape them at inference, targets still exact.
+            train_store, val_store = self.stores(count, drive=bank)
+            timings["capture on-policy"] = self.timings.pop("capture on-policy")
+            with _stage(timings, "fit on-policy"):
+                steps = replace(config.fit, steps=config.onpolicy_steps, warmup=config.onpolicy_steps // 10)
+                fit_log["onpolicy"] = fit(bank.requires_grad_(True), train_store, val_store, steps, seed=config.seed,
+                                          warm=True)
+                bank.eval().requires_grad_(False)
         if config.refine_steps:
             train_teacher, val_teacher = self.teachers
             with _stage(timings, "refine"):
@@ -159,11 +193,12 @@ class Workbench:
                 fit_log["refine"] = refine(self.model, bank, sinks, self.train_sequences, train_teacher, val_seqs,
                                            val_teacher, self.n, config.refine_steps, seed=config.seed)
         with _stage(timings, "evaluate"):
-            metrics = self._metrics(bank, val_store, config)
+            metrics = self._metrics(bank, sinks, val_store, config)
         metrics["val_set"] = [{"kind": p.kind, "question": p.question, "answer_ids": p.answer_ids}
                               for p in self.val_prompts]
         metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"),
-                       train_tokens=sum(map(len, self.train_sequences)), prompts=self.kinds)
+                       onpolicy=fit_log.get("onpolicy"), train_tokens=sum(map(len, self.train_sequences)),
+                       prompts=self.kinds, exact_tokens=count)
         timings["total"] = round(sum(timings.values()), 1)
         manifest = build_manifest(self.model, self.tokenizer, self.doc_ids, self.templates, bank, config, metrics,
                                   timings)
@@ -173,10 +208,10 @@ class Workbench:
         _warn_if_useless(metrics["questions"])
         return artifact
 
-    def _metrics(self, bank, val_store: Store, config: CompileConfig) -> dict:
+    def _metrics(self, bank, sinks: ExactContext, val_store: Store, config: CompileConfig) -> dict:
         kv = self.model.config.num_key_value_heads
         per_layer = {k: v.view(-1, kv).mean(1).tolist() for k, v in bank_errors(bank, val_store).items()}
-        methods = {"nectar": (bank, self.split[0]), "no_document": (NoContext(), None)}
+        methods = {"nectar": (bank, sinks), "no_document": (NoContext(), None)}
         fidelity = {}
         for kind in sorted({p.kind for p in self.val_prompts}):
             pairs = [(p.question_ids, p.answer_ids) for p in self.val_prompts if p.kind == kind]
@@ -186,13 +221,13 @@ class Workbench:
         return {"validation": {k: sum(v) / len(v) for k, v in per_layer.items()}, "per_layer": per_layer,
                 "fidelity": fidelity, "questions": questions, "val_prompts": len(self.val_prompts)}
 
-    def _bank(self, config: CompileConfig, train_store: Store, val_store: Store) -> Bank:
+    def _bank(self, config: CompileConfig, count: int, train_store: Store, val_store: Store) -> Bank:
         cfg, d = self.model.config, head_dim(self.model.config)
-        per_module = params_per_module(self.model, self.n, config)
+        per_module = params_per_module(self.model, self.n, config, count)
         if config.variant == "quadrature":
             bank = QuadratureBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, d, per_module,
                                              attention_scaling(self.model))
-            _, rest = self.split
+            _, rest = self.split(count)
             bank.init_from(torch.cat(rest.keys).float().cpu(), torch.cat(rest.values).float().cpu(), seed=config.seed)
             return bank
 
@@ -253,11 +288,11 @@ def compile(model, tokenizer, context, config: CompileConfig | None = None) -> A
     return Workbench(model, tokenizer, context, config).compile()
 
 
-def params_per_module(model, n: int, config: CompileConfig) -> int:
-    """Numbers per (layer, KV head) module so that modules + sink K/V = budget x the document's KV."""
+def params_per_module(model, n: int, config: CompileConfig, exact: int = 0) -> int:
+    """Numbers per (layer, KV head) module so that modules + exact K/V = budget x the document's KV."""
     d = head_dim(model.config)
-    per_module = config.budget * 2 * n * d - config.sink_tokens * 2 * d
-    if per_module <= 0:
-        raise NectarError(f"budget {config.budget} leaves no room for modules beside the {config.sink_tokens} sink "
-                          "tokens: raise --budget")
+    per_module = config.budget * 2 * n * d - (config.sink_tokens + exact) * 2 * d
+    if per_module < 4 * d:
+        raise NectarError(f"budget {config.budget} leaves no room for modules beside {config.sink_tokens + exact} "
+                          "exact tokens per head: raise --budget, or lower exact_share or sink_tokens")
     return int(per_module)

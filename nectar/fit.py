@@ -48,15 +48,21 @@ def _window(store: Store, step: int, batch: int) -> Store:
     return Store(store.q[:, index], store.o_ctx[:, index], store.lse_ctx[:, index], None, store.lse_loc[:, index])
 
 
-def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progress: bool = True) -> dict:
-    """Adam(W) with warmup + cosine and an EMA of the weights; keeps the EMA state best on validation."""
-    bank.standardise(train.q, train.o_ctx, train.lse_ctx)
+def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progress: bool = True,
+        warm: bool = False) -> dict:
+    """Adam(W) with warmup + cosine and an EMA of the weights; keeps the EMA state best on validation.
+
+    `warm` continues from the bank's weights and normalisation (which a fresh fit sets from `train`).
+    """
+    if not warm:
+        bank.standardise(train.q, train.o_ctx, train.lse_ctx)
     generator = torch.Generator().manual_seed(seed)
     params = list(bank.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ema = copy.deepcopy(bank)
     ema_params = list(ema.parameters())
-    best, history = KeepBest(ema, patience=config.patience, min_delta=1e-4), []
+    start = bank_errors(ema, val)["merged_rel"].mean().item() if warm else float("inf")
+    best, history = KeepBest(ema, score=start, patience=config.patience, min_delta=1e-4), []
     shuffled = _shuffled(train, generator)
     bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
     for step in bar:

@@ -111,6 +111,17 @@ def assert_one_line_error(result, pattern: str) -> None:
     assert pattern in err, err
 
 
+def assert_same_logits(model, tokenizer, loaded, original) -> None:
+    """A loaded artifact answers like the one saved (up to the fp16 rounding of stored weights)."""
+    ids = torch.randint(3, 300, (1, 6), device=model.device)
+    pos = original.n + torch.arange(6, device=model.device)[None]
+    logits = []
+    for art in (loaded, original):
+        with nectar.attach(model, art, tokenizer):
+            logits.append(model(input_ids=ids, position_ids=pos).logits)
+    torch.testing.assert_close(*logits, atol=1e-2, rtol=1e-2)
+
+
 def full_logits(model, doc, prompt):
     """Logits of `prompt` after `doc` with transformers' own attention and no nectar in the way."""
     return model(input_ids=torch.cat([doc, prompt]).view(1, -1)).logits[0, len(doc):]

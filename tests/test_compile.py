@@ -11,7 +11,7 @@ from nectar.documents import document_ids
 from nectar.models import attention_layers
 from nectar.prefill import prefill, split_sinks
 from nectar.templates import templates_for
-from conftest import FAST, sample_document, tiny_llama
+from conftest import FAST, assert_same_logits, sample_document, tiny_llama
 
 
 def test_compile_meets_its_budget_and_beats_no_document(compiled):
@@ -31,13 +31,7 @@ def test_artifact_round_trips_exactly(compiled, saved, tokenizer):
     # Saved weights are fp16: the loaded bank equals the original up to that rounding.
     for a, b in zip(loaded.bank(1, q), art.bank(1, q)):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
-    ids = torch.randint(3, 300, (1, 6))
-    pos = art.n + torch.arange(6).view(1, -1)
-    with nectar.attach(model, loaded, tokenizer):
-        out = model(input_ids=ids, position_ids=pos).logits
-    with nectar.attach(model, art, tokenizer):
-        ref = model(input_ids=ids, position_ids=pos).logits
-    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+    assert_same_logits(model, tokenizer, loaded, art)
 
 
 def test_attach_leaves_no_document_cache_and_restores_model(compiled):

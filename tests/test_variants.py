@@ -1,11 +1,10 @@
 """Every way to build a bank (variant x allocation x refinement, on every device), from one shared Workbench
 per device: each meets its budget, beats no document, round-trips through a file and gives the same logits."""
 import pytest
-import torch
 
 import nectar
 from nectar.compiler import Workbench
-from conftest import DEVICES, FAST, sample_document, tiny_llama
+from conftest import DEVICES, FAST, assert_same_logits, sample_document, tiny_llama
 
 MATRIX = [(variant, allocation, refine) for variant in ("mlp", "quadrature") for allocation in ("uniform", "probe")
           for refine in (0, 6) if not (variant == "quadrature" and allocation == "probe")]
@@ -26,14 +25,7 @@ def test_bank_meets_budget_beats_no_document_and_round_trips(bench, variant, all
     if refine:
         log = art.manifest["metrics"]["refine"]
         assert log["val_best"] <= log["val_start"] and len(log["history"]) > 1
-    loaded = nectar.Artifact.load(art.save(tmp_path / "v.nectar"))
-    model = bench.model
-    ids, pos = torch.randint(3, 300, (1, 6), device=model.device), art.n + torch.arange(6, device=model.device)[None]
-    with nectar.attach(model, loaded, tokenizer):
-        out = model(input_ids=ids, position_ids=pos).logits
-    with nectar.attach(model, art, tokenizer):
-        ref = model(input_ids=ids, position_ids=pos).logits
-    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+    assert_same_logits(bench.model, tokenizer, nectar.Artifact.load(art.save(tmp_path / "v.nectar")), art)
 
 
 def test_probe_allocation_spends_the_same_bytes_unevenly(bench):
