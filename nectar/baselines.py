@@ -38,6 +38,51 @@ def streaming_llm(full: ExactContext, budget: float, sinks: int = 4) -> ExactCon
 
 
 @torch.no_grad()
+def attention_matching(full: ExactContext, queries: torch.Tensor, budget: float, scaling: float,
+                       max_queries: int = 4096, ridge: float = 1e-3) -> ExactContext:
+    """Attention Matching (Zweiger et al., 2026): per (layer, KV head), the document tokens with the most
+    attention mass over `queries` ([layers * kv_heads, N, d], as a capture store holds them), a log-mass
+    bias per token fitted by non-negative least squares so that they reproduce the full partition
+    function, and values refitted by ridge regression so that they reproduce the full output.
+
+    Closed form: no gradient steps. Each kept token costs its key, its value and its bias.
+    """
+    from scipy.optimize import nnls
+
+    kv, (_, n, d) = full.keys[0].shape[0], full.keys[0].shape
+    count = max(1, int(budget * n * 2 * d / (2 * d + 1)))
+    step = max(1, queries.shape[1] // max_queries)
+    keys, values, biases = [], [], []
+    for layer, (k_all, v_all) in enumerate(zip(full.keys, full.values)):
+        layer_keys, layer_values, layer_bias = [], [], []
+        for head in range(kv):
+            q = queries[layer * kv + head, ::step].float().cpu()
+            k, v = k_all[head].float().cpu(), v_all[head].float().cpu()
+            probs = torch.softmax(scaling * q @ k.T, -1)  # [N, n], rows sum to 1
+            pick = probs.sum(0).topk(min(count, n)).indices.sort().values
+            # exp(bias) >= 0 such that the kept tokens' probability mass, reweighted, sums to 1 per query.
+            mass, _ = nnls(probs[:, pick].double().numpy(), torch.ones(q.shape[0], dtype=torch.float64).numpy())
+            bias = torch.from_numpy(mass).float().log()
+            weights = torch.softmax(scaling * q @ k[pick].T + bias, -1).nan_to_num(0.0)
+            gram = weights.T @ weights + ridge * torch.eye(len(pick))
+            fitted = torch.linalg.solve(gram, weights.T @ (probs @ v) + ridge * v[pick])
+            layer_keys.append(k[pick])
+            layer_values.append(fitted)
+            layer_bias.append(bias)
+        like = dict(dtype=k_all.dtype, device=k_all.device)
+        keys.append(torch.stack(layer_keys).to(**like))
+        values.append(torch.stack(layer_values).to(**like))
+        biases.append(torch.stack(layer_bias).to(k_all.device))
+    return ExactContext(keys, values, biases)
+
+
+def matched_bytes(context: ExactContext, n: int) -> float:
+    """Bytes of an attention-matching context (keys, values and a bias per kept token) / the full KV's."""
+    d = context.keys[0].shape[-1]
+    return context_tokens(context) * (2 * d + 1) / (2 * d * n)
+
+
+@torch.no_grad()
 def press(model, doc_ids: list[int], name: str, budget: float) -> ExactContext:
     """The document's KV cache compressed by kvpress press `name` to `budget` of its tokens."""
     if name not in PRESSES:

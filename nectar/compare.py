@@ -19,6 +19,7 @@ from .attention import ExactContext, NoContext
 from .capture import capture
 from .compare_report import correlations
 from .compiler import Workbench
+from .config import CompileConfig
 from .decode import generate_ids, generate_text
 from .errors import NectarError
 from .evaluate import document_part, generation_match, layer_errors, next_token_fidelity
@@ -29,7 +30,29 @@ from .prompts import Prompt
 from .templates import question_ids
 
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
-METHODS = (*NECTAR, "no_document", "streaming_llm", *baselines.PRESSES)
+METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
+TUNABLE = ("variant", "allocation", "exact_share", "onpolicy_steps", "refine_steps", "depth", "score_share")
+
+
+def nectar_changes(name: str) -> dict | None:
+    """The CompileConfig changes a nectar method asks for: a named one, or `nectar+FIELD=VALUE+...` for an
+    ablation (e.g. nectar+exact_share=0); None for a method that is not nectar."""
+    if name in NECTAR:
+        return NECTAR[name]
+    if not name.startswith("nectar+"):
+        return None
+    changes = {}
+    for part in name.split("+")[1:]:
+        key, _, value = part.partition("=")
+        if key not in TUNABLE or not value:
+            raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of {', '.join(TUNABLE)}")
+        kind = type(getattr(CompileConfig(), key))
+        try:
+            changes[key] = kind(value)
+        except ValueError:
+            raise NectarError(f"'{value}' is not a valid {key} in method {name}") from None
+    CompileConfig(**changes)  # validates the values
+    return changes
 
 
 @dataclass
@@ -45,9 +68,10 @@ class EvalConfig:
         bad = [b for b in self.budgets if not 0.0 < b < 1.0]
         if bad:
             raise NectarError(f"budgets must be in (0, 1), got {', '.join(map(str, bad))}: e.g. 0.01,0.02,0.05")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS and nectar_changes(m) is None]
         if unknown:
-            raise NectarError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+            raise NectarError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}, "
+                              "or nectar+FIELD=VALUE")
 
 
 class Comparison:
@@ -79,13 +103,18 @@ class Comparison:
     def method(self, name: str, budget: float):
         """(context, sinks) for method `name` at `budget`, plus the bytes it keeps / the full KV cache's."""
         full = self.wb.full
-        if name in NECTAR:
+        if nectar_changes(name) is not None:
             art = self._compiled(name, budget)
             return art.providers(self.model), art.memory_ratio()
         if name == "no_document":
             return (NoContext(), None), 0.0
         if name == "streaming_llm":
             context = baselines.streaming_llm(full, budget, self.wb.config.sink_tokens)
+        elif name == "attention_matching":
+            # Fitted on the queries nectar trains on, so that both see the same data.
+            queries = self.wb.stores(0)[0].q
+            context = baselines.attention_matching(full, queries, budget, self.scaling)
+            return (context, None), baselines.matched_bytes(context, self.n)
         else:
             context = baselines.press(self.model, self.wb.doc_ids, name, budget)
         return (context, None), baselines.context_tokens(context) / self.n
@@ -97,7 +126,7 @@ class Comparison:
         if path.is_file():
             return Artifact.load(path)
         print(f"[nectar] compiling {name} at budget {budget:g}")
-        art = self.wb.compile(budget=budget, **NECTAR[name])
+        art = self.wb.compile(budget=budget, **nectar_changes(name))
         art.save(path)
         return art
 

@@ -1,0 +1,93 @@
+"""The fidelity levers: exact most-attended tokens, the on-policy refit, and the Attention Matching baseline."""
+import pytest
+import torch
+
+import nectar
+from nectar.attention import merge
+from nectar.baselines import attention_matching, matched_bytes
+from nectar.compiler import Workbench
+from nectar.prefill import prefill
+from nectar.selection import most_attended, split_exact
+from conftest import FAST, sample_document, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def bench(tokenizer):
+    return Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
+
+
+def test_exact_tokens_and_the_rest_merge_to_the_whole_document():
+    torch.manual_seed(0)
+    full = prefill(tiny_llama(), torch.randint(3, 300, (50,)))
+    q = torch.randn(3 * 2, 40, 16)  # every module's queries
+    chosen = most_attended(q, full, 0.25, skip=4, count=5)
+    assert all(c.shape == (2, 5) and c.min() >= 4 for c in chosen)
+    exact, rest = split_exact(full, 4, chosen)
+    for layer in range(3):
+        x = q[2 * layer: 2 * layer + 2].unsqueeze(0)
+        want = full(layer, x, 0.25)
+        got = merge(*exact(layer, x, 0.25), *rest(layer, x, 0.25))
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_chosen_tokens_are_the_most_attended():
+    full = prefill(tiny_llama(), torch.randint(3, 300, (50,)))
+    target = full.keys[0][:, 20:21] * 10  # queries aligned with token 20's key attend to it most
+    q = target.expand(2, 30, 16).repeat(3, 1, 1)
+    assert (most_attended(q, full, 0.25, skip=4, count=1)[0] == 20).all()
+
+
+def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
+    art = bench.compile(exact_share=0.3)
+    assert art.manifest["metrics"]["exact_tokens"] == int(0.3 * FAST.budget * bench.n) > 0
+    assert art.sinks.keys[0].shape[1] == FAST.sink_tokens + art.manifest["metrics"]["exact_tokens"]
+    assert art.memory_ratio() <= FAST.budget
+    for fid in art.manifest["metrics"]["fidelity"].values():
+        assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
+    loaded = nectar.Artifact.load(art.save(tmp_path / "e.nectar"))
+    torch.testing.assert_close(loaded.sinks.keys[1], art.sinks.keys[1].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_onpolicy_refit_runs_after_the_fit_and_keeps_the_best(bench):
+    art = bench.compile(onpolicy_steps=20)
+    timings = art.manifest["timings"]
+    assert "capture on-policy" in timings and "fit on-policy" in timings
+    assert art.manifest["metrics"]["onpolicy"]["steps"] >= 1
+
+
+def test_more_exact_tokens_than_the_budget_holds_is_refused(bench):
+    with pytest.raises(nectar.NectarError, match="exact tokens"):
+        bench.compile(budget=0.003, exact_share=0.9)
+    with pytest.raises(nectar.NectarError, match="exact_share"):
+        nectar.CompileConfig(exact_share=1.0)
+
+
+def test_attention_matching_with_room_for_every_token_is_exact():
+    torch.manual_seed(0)
+    full = prefill(tiny_llama(), torch.randint(3, 300, (24,)))
+    q = torch.randn(6, 300, 16)
+    matched = attention_matching(full, q, budget=0.999, scaling=0.25, ridge=1e-6)
+    assert matched.keys[0].shape[1] == 24 - 1 or matched.keys[0].shape[1] == 24
+    x = torch.randn(1, 2, 7, 16)
+    for layer in range(3):
+        want, got = full(layer, x, 0.25), matched(layer, x, 0.25)
+        torch.testing.assert_close(got[1], want[1], atol=0.2, rtol=0.05)
+
+
+def test_attention_matching_beats_a_window_of_the_same_bytes():
+    from nectar.baselines import streaming_llm
+
+    torch.manual_seed(1)
+    full = prefill(tiny_llama(), torch.randint(3, 300, (80,)))
+    q = torch.randn(6, 600, 16) * 2
+    matched = attention_matching(full, q[:, :400], budget=0.2, scaling=0.25)
+    window = streaming_llm(full, 0.2, sinks=4)
+    assert 0 < matched_bytes(matched, 80) <= 0.2
+    errors = {"matched": 0.0, "window": 0.0}
+    for layer in range(3):
+        x = q[2 * layer: 2 * layer + 2, 400:].unsqueeze(0)  # queries the fit never saw
+        want = full(layer, x, 0.25)[0]
+        errors["matched"] += (matched(layer, x, 0.25)[0] - want).norm().item()
+        errors["window"] += (window(layer, x, 0.25)[0] - want).norm().item()
+    assert errors["matched"] < errors["window"]
