@@ -35,7 +35,7 @@ from .templates import chat, encode, question_ids, templates_for
 
 TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
-QUESTION_KINDS = ("self_study", "generic")  # answered in the model's words; recall is verbatim quoting
+QUESTION_KINDS = ("self_study", "generic", "direct")  # answered in the model's words; recall quotes verbatim
 
 
 @contextmanager
@@ -141,7 +141,7 @@ class Workbench:
 
     @property
     def kinds(self) -> dict[str, int]:
-        return {kind: sum(p.kind == kind for p in self.prompts) for kind in ("recall", "self_study", "generic")}
+        return {kind: sum(p.kind == kind for p in self.prompts) for kind in ("recall", "self_study", "generic", "direct")}
 
     def stores(self, count: int = 0, drive=None) -> tuple[Store, Store]:
         """(train, validation) stores for the split with `count` exact tokens, on the model's device (the fit

@@ -19,20 +19,22 @@ class PromptConfig:
     """How many training prompts of each kind, and their shape.
 
     recall: quote or continue a span; self_study: a question the model writes about a chunk; generic:
-    summarise / explain / list a term. Answers are `answer_tokens` long; the document is cut into chunks
+    summarise / explain / list a term; direct: a short question about a term, as a person words it. Answers are `answer_tokens` long; the document is cut into chunks
     of `chunk_tokens`, and `val_fraction` of the chunks are held out for validation.
     """
 
     recall: int = 128
     self_study: int = 96
     generic: int = 96
+    direct: int = 0
     answer_tokens: int = 40
     chunk_tokens: int = 256
     val_fraction: float = 0.15
 
     def __post_init__(self):
-        _require(min(self.recall, self.self_study, self.generic) >= 0, "prompt counts must be >= 0")
-        _require(self.recall + self.self_study + self.generic > 0, "at least one training prompt is needed")
+        counts = (self.recall, self.self_study, self.generic, self.direct)
+        _require(min(counts) >= 0, "prompt counts must be >= 0")
+        _require(sum(counts) > 0, "at least one training prompt is needed")
         _require(self.answer_tokens >= 1, "answer_tokens must be >= 1")
         _require(self.chunk_tokens >= 32, "chunk_tokens must be >= 32")
         _require(0.0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)")

@@ -3,7 +3,8 @@
 Three kinds, each tied to one chunk of the document so that train/validation split by chunk:
 - recall: quote or continue a span, answered with the document's own next tokens (teacher-forced);
 - self-study: a question the model writes itself about the chunk (answered later with the full cache);
-- generic: summarise / explain / list about a term that occurs in the chunk (answered likewise).
+- generic: summarise / explain / list about a term that occurs in the chunk (answered likewise);
+- direct: a short question about such a term, worded as a person asks it (answered likewise).
 """
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ GENERIC = (
     'List the main points the document makes about "{term}".',
     'How is "{term}" used, according to the document?',
     'Give an example of "{term}" from the document.',
+)
+DIRECT = (
+    "What is {term}?",
+    "What does {term} mean?",
+    "How does {term} work?",
+    "When does {term} apply?",
+    "What happens with {term}?",
+    "Can you explain {term}?",
+    "What are the rules for {term}?",
+    "Why does the document mention {term}?",
 )
 STUDY_REQUEST = (
     "{chunk}\n\nWrite one question that the text above answers. Reply with the question only."
@@ -135,9 +146,10 @@ def salient_terms(text: str) -> list[str]:
     return [w for w, _ in Counter(words).most_common(8)]
 
 
-def generic_prompt(chunk_text: str, chunk: int, rng: random.Random) -> Prompt:
+def generic_prompt(chunk_text: str, chunk: int, rng: random.Random, kind: str = "generic") -> Prompt:
     terms = salient_terms(chunk_text) or [" ".join(chunk_text.split()[:4])]
-    return Prompt("generic", rng.choice(GENERIC).format(term=rng.choice(terms)), chunk)
+    templates = GENERIC if kind == "generic" else DIRECT
+    return Prompt(kind, rng.choice(templates).format(term=rng.choice(terms)), chunk)
 
 
 def study_request(chunk_text: str) -> str:
@@ -164,6 +176,9 @@ def plan(doc_ids: list[int], tokenizer, config: PromptConfig, seed: int) -> tupl
     for _ in range(config.generic):
         chunk = next(cycle)
         prompts.append(generic_prompt(texts[chunk], chunk, rng))
+    for _ in range(config.direct):
+        chunk = next(cycle)
+        prompts.append(generic_prompt(texts[chunk], chunk, rng, "direct"))
     study_chunks = [next(cycle) for _ in range(config.self_study)]
     return prompts, [study_request(texts[c]) for c in study_chunks], study_chunks
 

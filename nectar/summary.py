@@ -18,7 +18,7 @@ def summary(artifact, path: str | Path | None = None) -> str:
                  f"merged rel err {val['merged_rel']:.4f}")
     for name, a in m["metrics"].get("questions", {}).items():
         lines.append(f"  questions, {name:>11}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} ({a['tokens']} "
-                     "answer tokens, self-study + generic)")
+                     "answer tokens of questions)")
     for kind, methods in m["metrics"]["fidelity"].items():
         for name, parts in methods.items():
             a = parts["answer"]

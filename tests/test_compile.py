@@ -182,7 +182,7 @@ def test_a_useless_compile_says_so(capsys):
 
 def test_workbench_counts_prompt_kinds_without_side_effects(tokenizer):
     bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
-    assert bench.kinds == {"recall": 12, "self_study": bench.kinds["self_study"], "generic": 6}
+    assert bench.kinds == {"recall": 12, "self_study": bench.kinds["self_study"], "generic": 6, "direct": 0}
     assert sum(bench.kinds.values()) == len(bench.prompts)
 
 
