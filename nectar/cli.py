@@ -44,6 +44,7 @@ def _compile_config(args) -> CompileConfig:
     """The CompileConfig the flags ask for: built (and so validated) before anything slow runs."""
     return CompileConfig(budget=args.budget, variant=getattr(args, "variant", "mlp"),
                          allocation=getattr(args, "allocation", "uniform"), seed=args.seed, truncate=args.truncate,
+                         exact_share=args.exact_share, onpolicy_steps=args.onpolicy_steps,
                          fit=FitConfig(steps=args.steps), prompts=PromptConfig.with_total(args.prompts))
 
 
@@ -293,6 +294,12 @@ def _compile_args(p) -> None:
     p.add_argument("--steps", type=_at_least_one, default=1000, help="fitting steps (default 1000)")
     p.add_argument("--prompts", type=_at_least_one, default=320,
                    help="training prompts: 40%% recall, 30%% self-study, 30%% generic (default 320)")
+    p.add_argument("--exact-share", type=float, default=CompileConfig.exact_share,
+                   help="share of the budget spent on document tokens kept exact in each head, those training "
+                   f"queries attend to most (default {CompileConfig.exact_share})")
+    p.add_argument("--onpolicy-steps", type=int, default=CompileConfig.onpolicy_steps,
+                   help="refit steps on queries captured with the fitted modules in place, as they will be at "
+                   f"inference (default {CompileConfig.onpolicy_steps}; 0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, splits and fitting (default 0)")
     p.add_argument("--truncate", action="store_true", help="cut a document too long for the model (says how much)")
 

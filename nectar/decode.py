@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .binding import bound, generation_inputs
 from .attention import ContextProvider, ExactContext
+from .binding import bound, generation_inputs
+from .errors import NectarError
 from .padding import left_pad
 
 
@@ -33,6 +34,7 @@ def generate_ids(
     desc: str | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt, stopped at the first end-of-turn token (not included)."""
+    check_room(model, n, prompts, max_new_tokens)
     stops = stop_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     answers: list[list[int]] = []
@@ -53,6 +55,16 @@ def generate_ids(
             )
             answers.extend(_until_stop(row.tolist(), stops) for row in out[:, inputs["input_ids"].shape[1]:])
     return answers
+
+
+def check_room(model, n: int, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse a prompt that, after the n-token document and with its answer, passes the model's window."""
+    window = model.config.max_position_embeddings
+    for i, prompt in enumerate(prompts):
+        if n + len(prompt) + max_new_tokens > window:
+            raise NectarError(f"question {i + 1} is {len(prompt)} tokens: after the document's {n} and with "
+                              f"{max_new_tokens} answer tokens it passes the model's window of {window}: shorten "
+                              "it, or lower --max-new-tokens")
 
 
 def _until_stop(ids: list[int], stops: list[int]) -> list[int]:

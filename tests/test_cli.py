@@ -193,3 +193,8 @@ def test_answers_are_laid_out_even_when_empty_or_multiline():
 
     assert indent("") == "(empty answer)" and indent("  \n") == "(empty answer)"
     assert indent("one\ntwo") == "one\n" + " " * 14 + "two"
+
+
+def test_a_question_longer_than_the_window_after_the_document(saved, cli_model, capsys):
+    long_question = "Why is this so? " * 400
+    assert_one_line_error(run_cli(capsys, "ask", saved, long_question), "passes the model's window")
