@@ -47,8 +47,6 @@ def attention_matching(full: ExactContext, queries: torch.Tensor, budget: float,
 
     Closed form: no gradient steps. Each kept token costs its key, its value and its bias.
     """
-    from scipy.optimize import nnls
-
     kv, (_, n, d) = full.keys[0].shape[0], full.keys[0].shape
     count = max(1, int(budget * n * 2 * d / (2 * d + 1)))
     step = max(1, queries.shape[1] // max_queries)
@@ -59,10 +57,7 @@ def attention_matching(full: ExactContext, queries: torch.Tensor, budget: float,
             q = queries[layer * kv + head, ::step].float().cpu()
             k, v = k_all[head].float().cpu(), v_all[head].float().cpu()
             probs = torch.softmax(scaling * q @ k.T, -1)  # [N, n], rows sum to 1
-            pick = probs.sum(0).topk(min(count, n)).indices.sort().values
-            # exp(bias) >= 0 such that the kept tokens' probability mass, reweighted, sums to 1 per query.
-            mass, _ = nnls(probs[:, pick].double().numpy(), torch.ones(q.shape[0], dtype=torch.float64).numpy())
-            bias = torch.from_numpy(mass).float().log()
+            pick, bias = _matched_mass(probs, min(count, n))
             weights = torch.softmax(scaling * q @ k[pick].T + bias, -1).nan_to_num(0.0)
             gram = weights.T @ weights + ridge * torch.eye(len(pick))
             fitted = torch.linalg.solve(gram, weights.T @ (probs @ v) + ridge * v[pick])
@@ -74,6 +69,21 @@ def attention_matching(full: ExactContext, queries: torch.Tensor, budget: float,
         values.append(torch.stack(layer_values).to(**like))
         biases.append(torch.stack(layer_bias).to(k_all.device))
     return ExactContext(keys, values, biases)
+
+
+def _matched_mass(probs: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`count` token positions, their log-mass biases): exp(bias) >= 0 fitted by NNLS so that the kept tokens'
+    reweighted probability sums to 1 for every query. Candidates are twice as many of the most attended
+    tokens; those NNLS zeroes out give way to the next, so no byte of the budget is left unused."""
+    from scipy.optimize import nnls
+
+    ones = torch.ones(probs.shape[0], dtype=torch.float64).numpy()
+    candidates = probs.sum(0).topk(min(2 * count, probs.shape[1])).indices
+    mass, _ = nnls(probs[:, candidates].double().numpy(), ones)
+    order = torch.from_numpy(mass).argsort(descending=True)[:count]
+    pick = candidates[order].sort().values
+    mass, _ = nnls(probs[:, pick].double().numpy(), ones)
+    return pick, torch.from_numpy(mass).float().log()
 
 
 def matched_bytes(context: ExactContext, n: int) -> float:

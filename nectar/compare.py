@@ -89,6 +89,7 @@ class Comparison:
         cached = json.loads(self.rows_path.read_text()) if self.rows_path.is_file() else {}
         self.rows: dict = cached if cached.get("key") == self.key else {"key": self.key}
         self._references: list[str] | None = None
+        self._fit_seconds: dict[tuple[str, float], float] = {}
 
     @cached_property
     def prompts(self) -> list[Prompt]:
@@ -105,6 +106,7 @@ class Comparison:
         full = self.wb.full
         if nectar_changes(name) is not None:
             art = self._compiled(name, budget)
+            self._fit_seconds[name, budget] = _fit_seconds(art.manifest["timings"])
             return art.providers(self.model), art.memory_ratio()
         if name == "no_document":
             return (NoContext(), None), 0.0
@@ -165,6 +167,7 @@ class Comparison:
                "questions": {part: pooled_kinds(fidelity, self.question_kinds, part) for part in ("question", "answer")},
                "layers": layer_errors(method, self.store, self.kv_heads, self.scaling, device=self.model.device)}
         row["errors"] = {k: None if None in v else sum(v) / len(v) for k, v in row["layers"].items()}
+        row["fit_seconds"] = self._fit_seconds.get((name, budget))
         if self.config.generate and budget == self.main_budget:
             answers = self._answers(method, name)
             row["generation"] = generation_match(answers, self.references())
@@ -204,6 +207,12 @@ class Comparison:
         return {"document_tokens": self.n, "main_budget": self.main_budget, "budgets": self.budgets,
                 "prompts": {k: sum(p.kind == k for p in self.prompts) for k in sorted({p.kind for p in self.prompts})},
                 "rows": rows, "correlation": correlations(rows, self.main_budget)}
+
+
+def _fit_seconds(timings: dict) -> float:
+    """A compile's own cost beside the stages every compile of the document shares (prefill, prompts, capture)."""
+    shared = ("prefill", "prompts", "capture", "total")
+    return round(sum(v for k, v in timings.items() if k not in shared), 1)
 
 
 class _OneLayer:

@@ -32,23 +32,28 @@ def correlations(rows: list[dict], main_budget: float) -> dict:
 
 def table(report: dict) -> str:
     """One line per method and budget: bytes, fidelity on question and answer tokens, errors, generation."""
-    head = (f"{'method':<19} {'budget':>6} {'bytes':>7} {'agree A':>8} {'KL A':>7} {'agree Q':>8} {'KL Q':>7} "
-            f"{'merged':>7} {'o_ctx':>6} {'|lse|':>6} {'EM':>5} {'cos':>5}")
+    head = (f"{'method':<28} {'budget':>6} {'bytes':>7} {'agree A':>8} {'KL A':>7} {'agree Q':>8} {'KL Q':>7} "
+            f"{'merged':>7} {'o_ctx':>6} {'|lse|':>6} {'EM':>5} {'cos':>5} {'own s':>6}")
     lines = [head, "-" * len(head)]
     for r in report["rows"]:
         q, e, g = r["questions"], r["errors"], r.get("generation", {})
         lse = "-" if e["lse_abs"] is None else f"{e['lse_abs']:.3f}"
         gen = f"{g['exact_match']:>5.2f} {g['cosine']:>5.3f}" if g else f"{'-':>5} {'-':>5}"
-        lines.append(f"{r['method']:<19} {r['budget']:>6g} {r['bytes_ratio']:>7.4f} "
+        lines.append(f"{r['method']:<28} {r['budget']:>6g} {r['bytes_ratio']:>7.4f} "
                      f"{q['answer']['agreement']:>8.3f} {q['answer']['kl']:>7.3f} "
                      f"{q['question']['agreement']:>8.3f} {q['question']['kl']:>7.3f} "
-                     f"{e['merged_rel']:>7.3f} {e['o_rel']:>6.3f} {lse:>6} {gen}")
+                     f"{e['merged_rel']:>7.3f} {e['o_rel']:>6.3f} {lse:>6} {gen} {_seconds(r):>6}")
     c = report["correlation"]
     per_layer = f"{c['per_layer']:.2f}" if "per_layer" in c else "off (--gap-prompts 0)"
     across = c["across_methods"]
     across = "needs 3 or more rows" if across is None or across != across else f"{across:.2f}"
     lines.append(f"error vs gap, Spearman: per layer {per_layer}, across methods and budgets {across}")
     return "\n".join(lines)
+
+
+def _seconds(row: dict) -> str:
+    """A nectar row's own compile time (fit, exact-token choice, on-policy refit...), beyond shared stages."""
+    return "-" if row.get("fit_seconds") is None else f"{row['fit_seconds']:.0f}"
 
 
 def plot_fidelity(report: dict, path: Path) -> None:

@@ -83,6 +83,7 @@ class Workbench:
         self.timings: dict[str, float] = {}
         self._splits: dict[int, tuple[ExactContext, ExactContext]] = {}
         self._stores: dict[int, tuple[Store, Store]] = {}
+        self._stage_times: dict[int, dict[str, float]] = {}  # per exact-token count: its own capture stages
 
     @cached_property
     def full(self) -> ExactContext:
@@ -98,10 +99,11 @@ class Workbench:
         if count not in self._splits:
             chosen = None
             if count:
-                queries = capture(self.model, self.pilot_sequences, self.n, self.full, None, self.config.batch_size,
-                                  "choose exact tokens").q
-                chosen = most_attended(queries, self.full, attention_scaling(self.model), self.config.sink_tokens,
-                                       count)
+                with _stage(self._stage_times.setdefault(count, {}), "choose exact tokens"):
+                    queries = capture(self.model, self.pilot_sequences, self.n, self.full, None,
+                                      self.config.batch_size, "choose exact tokens").q
+                    chosen = most_attended(queries, self.full, attention_scaling(self.model),
+                                           self.config.sink_tokens, count)
             self._splits[count] = split_exact(self.full, self.config.sink_tokens, chosen)
         return self._splits[count]
 
@@ -151,7 +153,8 @@ class Workbench:
         train, val = self.train_sequences, [p.ids for p in self.val_prompts]
         sinks, rest = self.split(count)
         size, device = self.config.batch_size, self.model.device
-        with _stage(self.timings, "capture" if drive is None else "capture on-policy"):
+        times = self._stage_times.setdefault(count, {})
+        with _stage(times, "capture" if drive is None else "capture on-policy"):
             stores = tuple(capture(self.model, seqs, self.n, rest, sinks, size, f"capture {name}", drive).to(device)
                            for seqs, name in ((train, "train"), (val, "val")))
         if drive is None:
@@ -172,7 +175,7 @@ class Workbench:
         count = self.exact_count(config)
         train_store, val_store = self.stores(count)
         sinks, rest = self.split(count)
-        timings = dict(self.timings)
+        timings = {**self.timings, **self._stage_times[count]}
         with _stage(timings, "fit"):
             bank = self._bank(config, count, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
@@ -180,7 +183,7 @@ class Workbench:
         if config.onpolicy_steps:
             # Queries as the modules below each layer will shape them at inference, targets still exact.
             train_store, val_store = self.stores(count, drive=bank)
-            timings["capture on-policy"] = self.timings.pop("capture on-policy")
+            timings["capture on-policy"] = self._stage_times[count].pop("capture on-policy")
             with _stage(timings, "fit on-policy"):
                 steps = replace(config.fit, steps=config.onpolicy_steps, warmup=config.onpolicy_steps // 10)
                 fit_log["onpolicy"] = fit(bank.requires_grad_(True), train_store, val_store, steps, seed=config.seed,
