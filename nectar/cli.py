@@ -102,7 +102,7 @@ def cmd_demo(args) -> None:
     from .summary import compare_answers, summary
 
     check_writable(args.output, "--output")
-    demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps),
+    demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps), onpolicy_steps=args.steps // 2,
                          prompts=PromptConfig(recall=64, self_study=48, generic=48))  # ends in a few minutes
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "bfloat16")

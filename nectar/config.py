@@ -80,7 +80,7 @@ class CompileConfig:
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
     refine_steps: int = 0  # end-to-end distillation steps after the per-layer fit (0: off)
     exact_share: float = 0.0  # budget share for tokens kept exact per (layer, head), the most attended ones
-    onpolicy_steps: int = 0  # refit steps on queries captured with the fitted modules driving the model (0: off)
+    onpolicy_steps: int = 500  # refit steps on queries captured with the fitted modules driving the model (0: off)
     sink_tokens: int = 4  # first document tokens kept exact: attention sinks, which carry much of the mass
     document_template: str | None = None  # "...{document}..."; None: derived from the chat template
     question_template: str | None = None  # "...{question}..."; None: derived from the chat template

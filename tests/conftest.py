@@ -9,6 +9,7 @@ from nectar.cli import main
 FAST = nectar.CompileConfig(
     prompts=nectar.PromptConfig(recall=12, self_study=4, generic=6, chunk_tokens=64, answer_tokens=12),
     fit=nectar.FitConfig(steps=60, eval_every=20),
+    onpolicy_steps=20,
 )
 
 

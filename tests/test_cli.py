@@ -11,7 +11,7 @@ import nectar
 from nectar.documents import Pydoc, parse_source
 from conftest import assert_one_line_error, run_cli, sample_document
 
-QUICK = ["--steps", "30", "--prompts", "12"]
+QUICK = ["--steps", "30", "--prompts", "12", "--onpolicy-steps", "10"]
 
 
 @pytest.fixture

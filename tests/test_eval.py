@@ -11,7 +11,7 @@ from nectar.cli import main
 from nectar.compare_report import spearman
 from conftest import FAST, assert_one_line_error, run_cli, sample_document, tiny_llama
 
-SMALL = ["--budget", "0.05", "--gap-prompts", "4", "--steps", "60", "--prompts", "24"]
+SMALL = ["--budget", "0.05", "--gap-prompts", "4", "--steps", "60", "--prompts", "24", "--onpolicy-steps", "20"]
 
 
 @pytest.fixture
