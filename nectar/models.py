@@ -101,6 +101,10 @@ def resolve(name: str) -> Path:
     path = Path(name)
     if (path / "config.json").is_file():
         return path
+    if path.is_dir():
+        raise NectarError(f"{name} holds no config.json: give a folder written by a transformers save_pretrained")
+    if "/" in name or name.startswith("."):
+        raise NectarError(f"no model folder at {name}: give an existing folder, or a known model name")
     known = ", ".join(KNOWN_MODELS)
     raise NectarError(f"unknown model '{name}': use one of {known}, or a local transformers model folder")
 

@@ -198,3 +198,27 @@ def test_answers_are_laid_out_even_when_empty_or_multiline():
 def test_a_question_longer_than_the_window_after_the_document(saved, cli_model, capsys):
     long_question = "Why is this so? " * 400
     assert_one_line_error(run_cli(capsys, "ask", saved, long_question), "passes the model's window")
+
+
+def test_a_local_model_folder_compiles_and_answers(tmp_path, doc, tokenizer, capsys):
+    """`--model PATH`: a folder written by save_pretrained goes through the real loader, no monkeypatch."""
+    from conftest import tiny_llama
+
+    folder = tmp_path / "tiny-model"
+    tiny_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "a.nectar"
+    code, _, err = run_cli(capsys, "compile", doc, "-o", out, "--model", folder, "--dtype", "float32", *QUICK)
+    assert code == 0, err
+    assert nectar.Artifact.load(out).manifest["model"]["fingerprint"]["name"] == str(folder)
+    code, answer, err = run_cli(capsys, "ask", out, "What does assert do?", "--max-new-tokens", "4")
+    assert code == 0 and answer.startswith("Q: What does assert do?"), err
+
+
+@pytest.mark.parametrize("where, pattern", [("missing", "no model folder"), ("empty", "holds no config.json"),
+                                            ("llama-9000", "unknown model")])
+def test_a_model_that_is_not_there_is_refused(tmp_path, doc, capsys, where, pattern):
+    folder = tmp_path / where if where != "llama-9000" else where
+    if where == "empty":
+        folder.mkdir()
+    assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", "--model", folder), pattern)
