@@ -103,6 +103,18 @@ def test_artifact_written_with_the_umask(saved, tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+def test_eval_outputs_written_with_the_umask(tmp_path):
+    from nectar.files import write_json
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "eval.json", {"x": float("nan")})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "eval.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "eval.json").read_text().split() == ["{", '"x":', "null", "}"]
+
+
 def test_truncated_artifact(saved, tmp_path, capsys):
     path = tmp_path / "a.nectar"
     path.write_bytes(saved.read_bytes()[:100])
