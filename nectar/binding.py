@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from . import attention
 from .attention import Binding, ContextProvider, ExactContext, Recorder
-from .models import attention_layers, attn_implementation
+from .models import attention_layers, attn_implementation, check_supported
 from .padding import positions_after
 
 
@@ -24,6 +24,7 @@ def bound(
 ) -> Iterator[nn.Module]:
     """Inside, every attention layer merges exact local attention with `context` (plus exact `sinks`);
     a `recorder` sees each layer's queries, with targets from `reference` if given (see `Binding`)."""
+    check_supported(model)
     layers = attention_layers(model)
     for module in layers:
         attention.bind(module, Binding(module.layer_idx, context, sinks, recorder, reference))

@@ -25,7 +25,7 @@ from .errors import NectarError
 from .evaluate import next_token_fidelity
 from .fit import bank_errors, fit
 from .metrics import pooled_kinds
-from .models import attention_scaling, head_dim
+from .models import attention_scaling, check_supported, head_dim
 from .modules import MLPBank
 from .prefill import prefill
 from .quadrature import QuadratureBank
@@ -72,6 +72,7 @@ class Workbench:
     """One document on one model: prefill, prompts and captures, each made once on first use."""
 
     def __init__(self, model, tokenizer, context, config: CompileConfig | None = None):
+        check_supported(model)
         self.model, self.tokenizer = model, tokenizer
         self.config = config or CompileConfig()
         self.templates = templates_for(tokenizer, self.config)

@@ -141,6 +141,27 @@ def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def unsupported(config) -> str | None:
+    """Why nectar's split attention cannot run this model exactly, or None when it can."""
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if cap:
+        return (f"its attention logits are soft-capped ({cap}), so attention is not the plain softmax whose "
+                "log-sum-exp merge nectar relies on")
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    sliding = "sliding_attention" in types if types else getattr(config, "use_sliding_window", True) is not False
+    if window and sliding and window < config.max_position_embeddings:
+        return (f"it has sliding-window layers ({window} tokens), whose document part nectar does not cut to the "
+                "window yet")
+    return None
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, in one line, a model the split attention would run with silently wrong numbers."""
+    reason = unsupported(model.config)
+    if reason:
+        raise NectarError(f"{model.config.model_type} is not supported yet: {reason}")
+
+
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules in layer order (those transformers tags with a `layer_idx`)."""
     layers = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
