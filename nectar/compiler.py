@@ -85,6 +85,7 @@ class Workbench:
         self._splits: dict[int, tuple[ExactContext, ExactContext]] = {}
         self._stores: dict[int, tuple[Store, Store]] = {}
         self._stage_times: dict[int, dict[str, float]] = {}  # per exact-token count: its own capture stages
+        self._teacher_time: dict[str, float] = {}  # only compiles that refine pay for the teacher
 
     @cached_property
     def full(self) -> ExactContext:
@@ -166,7 +167,7 @@ class Workbench:
     def teachers(self) -> tuple[list, list]:
         """The full-cache model's top-k next tokens on (train, validation) sequences, for refinement only."""
         full, size = self.full, self.config.batch_size
-        with _stage(self.timings, "teacher"):
+        with _stage(self._teacher_time, "teacher"):
             return (teacher(self.model, self.train_sequences, self.n, full, None, TEACHER_TOPK, size),
                     teacher(self.model, [p.ids for p in self.val_prompts], self.n, full, None, TEACHER_TOPK, size))
 
@@ -192,6 +193,7 @@ class Workbench:
                 bank.eval().requires_grad_(False)
         if config.refine_steps:
             train_teacher, val_teacher = self.teachers
+            timings.update(self._teacher_time)
             with _stage(timings, "refine"):
                 val_seqs = [p.ids for p in self.val_prompts]
                 fit_log["refine"] = refine(self.model, bank, sinks, self.train_sequences, train_teacher, val_seqs,
