@@ -27,10 +27,10 @@ from .fit import bank_errors, fit
 from .metrics import pooled_kinds
 from .models import attention_scaling, check_supported, head_dim
 from .modules import MLPBank
-from .prefill import prefill
+from .prefill import prefill, split_exact
 from .quadrature import QuadratureBank
 from .refine import refine, teacher
-from .selection import most_attended, split_exact
+from .selection import most_attended
 from .templates import chat, encode, question_ids, templates_for
 
 TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
@@ -147,15 +147,16 @@ class Workbench:
     def kinds(self) -> dict[str, int]:
         return {kind: sum(p.kind == kind for p in self.prompts) for kind in ("recall", "self_study", "generic", "direct")}
 
-    def stores(self, count: int = 0, drive=None) -> tuple[Store, Store]:
+    def stores(self, count: int = 0, drive=None, timings: dict | None = None) -> tuple[Store, Store]:
         """(train, validation) stores for the split with `count` exact tokens, on the model's device (the fit
-        runs where the model does). With `drive`, queries come from the model running on that bank."""
+        runs where the model does). With `drive`, queries come from the model running on that bank, are not
+        kept, and their capture is timed into `timings`."""
         if drive is None and count in self._stores:
             return self._stores[count]
         train, val = self.train_sequences, [p.ids for p in self.val_prompts]
         sinks, rest = self.split(count)
         size, device = self.config.batch_size, self.model.device
-        times = self._stage_times.setdefault(count, {})
+        times = self._stage_times.setdefault(count, {}) if drive is None else timings
         with _stage(times, "capture" if drive is None else "capture on-policy"):
             stores = tuple(capture(self.model, seqs, self.n, rest, sinks, size, f"capture {name}", drive).to(device)
                            for seqs, name in ((train, "train"), (val, "val")))
@@ -184,8 +185,7 @@ class Workbench:
             bank.eval().requires_grad_(False)
         if config.onpolicy_steps:
             # Queries as the modules below each layer will shape them at inference, targets still exact.
-            train_store, val_store = self.stores(count, drive=bank)
-            timings["capture on-policy"] = self._stage_times[count].pop("capture on-policy")
+            train_store, val_store = self.stores(count, drive=bank, timings=timings)
             with _stage(timings, "fit on-policy"):
                 steps = replace(config.fit, steps=config.onpolicy_steps, warmup=config.onpolicy_steps // 10)
                 fit_log["onpolicy"] = fit(bank.requires_grad_(True), train_store, val_store, steps, seed=config.seed,

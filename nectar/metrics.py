@@ -44,12 +44,14 @@ def module_errors(predict: Predict, store, block: int | None = None, chunk: int 
         for start in range(0, size, chunk):
             span = slice(start, min(start + chunk, size))
             q = store.q[rows, span]
-            o, lse = (t.float().cpu() for t in predict(rows, q.to(device) if device is not None else q))
-            o_true, lse_true = store.o_ctx[rows, span].float().cpu(), store.lse_ctx[rows, span].cpu()
-            o_loc, lse_loc = store.o_loc[rows, span].float().cpu(), store.lse_loc[rows, span].cpu()
+            o, lse = (t.float() for t in predict(rows, q if device is None else q.to(device)))
+            # The errors are computed where the prediction is (the GPU in a GPU fit); only sums come back.
+            here = dict(device=o.device)
+            o_true, lse_true = store.o_ctx[rows, span].to(**here).float(), store.lse_ctx[rows, span].to(**here)
+            o_loc, lse_loc = store.o_loc[rows, span].to(**here).float(), store.lse_loc[rows, span].to(**here)
             merged, approx = blend(o_true, lse_true, o_loc, lse_loc), blend(o, lse, o_loc, lse_loc)
             sums[:, rows] += torch.stack([relative_error(o, o_true).sum(1), (lse - lse_true).abs().sum(1),
-                                          relative_error(approx, merged).sum(1)])
+                                          relative_error(approx, merged).sum(1)]).cpu()
     return dict(zip(ERRORS, sums / size))
 
 

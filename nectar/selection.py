@@ -28,22 +28,3 @@ def most_attended(queries: Tensor, full: ExactContext, scaling: float, skip: int
         mass[:, :skip] = -1.0
         chosen.append(mass.topk(count, -1).indices.sort(-1).values.to(keys.device))
     return chosen
-
-
-def split_exact(full: ExactContext, skip: int, chosen: list[Tensor] | None) -> tuple[ExactContext, ExactContext]:
-    """(exact tokens: the first `skip` and each head's `chosen` ones; the rest, with the chosen masked out).
-
-    The exact part has the same count per head but not the same tokens; its keys are post-RoPE, so
-    their positions come with them. The rest's mask makes a module's targets cover exactly what is left.
-    """
-    keys, values, rest_keys, rest_values, bias = [], [], [], [], []
-    for layer, (k, v) in enumerate(zip(full.keys, full.values)):
-        pick = chosen[layer] if chosen is not None else torch.zeros(k.shape[0], 0, dtype=torch.long, device=k.device)
-        index = pick.unsqueeze(-1).expand(-1, -1, k.shape[-1])
-        keys.append(torch.cat([k[:, :skip], k.gather(1, index)], 1))
-        values.append(torch.cat([v[:, :skip], v.gather(1, index)], 1))
-        rest_keys.append(k[:, skip:])
-        rest_values.append(v[:, skip:])
-        b = torch.zeros(k.shape[0], k.shape[1] - skip, device=k.device)
-        bias.append(b.scatter_(1, pick - skip, float("-inf")))
-    return ExactContext(keys, values), ExactContext(rest_keys, rest_values, bias if chosen is not None else None)

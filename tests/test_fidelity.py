@@ -6,8 +6,8 @@ import nectar
 from nectar.attention import merge
 from nectar.baselines import attention_matching, matched_bytes
 from nectar.compiler import Workbench
-from nectar.prefill import prefill
-from nectar.selection import most_attended, split_exact
+from nectar.prefill import prefill, split_exact
+from nectar.selection import most_attended
 from conftest import FAST, sample_document, tiny_llama
 
 
