@@ -1,190 +1,16 @@
-"""`nectar compile | ask | info | bench | eval | demo`: a fixable failure is one line on stderr and exit code 2.
+"""`nectar compile | ask | info | bench | eval | serve | demo`: the arguments of each command.
 
-Each command checks its arguments (document source, output path, numbers) before it imports torch or
-loads a model, so a typo costs a second, not a minute.
+A fixable failure is one line on stderr and exit code 2, whether argparse or the command finds it.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
-from pathlib import Path
 
-from .config import CompileConfig, FitConfig, PromptConfig
-from .documents import Pydoc, load_text, parse_source
+from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
+from .config import CompileConfig
 from .errors import NectarError
-from .files import check_writable
-
-DEMO_TOPICS = ("assert", "pass", "del", "return", "break", "continue", "global", "nonlocal", "if", "while", "lambda")
-DEMO_QUESTIONS = (
-    "What does the assert statement do?",
-    "What does the global statement do?",
-    "When is the else clause of a while loop executed?",
-)
-
-
-def _load(name: str, dtype: str, device: str = "auto"):
-    import torch
-
-    from .models import load_model
-
-    return load_model(name, dtype=getattr(torch, dtype), device=device)
-
-
-def _load_for(artifact, args):
-    """The model the artifact was compiled for, unless --model names another (then it must match)."""
-    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
-    artifact.check_compatible(model, tokenizer)
-    return model, tokenizer
-
-
-def _compile_config(args) -> CompileConfig:
-    """The CompileConfig the flags ask for: built (and so validated) before anything slow runs."""
-    return CompileConfig(budget=args.budget, variant=getattr(args, "variant", "mlp"),
-                         allocation=getattr(args, "allocation", "uniform"), seed=args.seed, truncate=args.truncate,
-                         exact_share=args.exact_share, onpolicy_steps=args.onpolicy_steps,
-                         fit=FitConfig(steps=args.steps), prompts=PromptConfig.with_total(args.prompts))
-
-
-def cmd_compile(args) -> None:
-    config = _compile_config(args)
-    source = parse_source(args.document)
-    check_writable(args.output, "--output")
-    from .compiler import compile
-    from .summary import summary
-
-    model, tokenizer = _load(args.model, args.dtype, args.device)
-    artifact = compile(model, tokenizer, load_text(source, tokenizer), config)
-    print(summary(artifact, artifact.save(args.output)))
-
-
-def cmd_info(args) -> None:
-    from .artifact import Artifact
-    from .summary import summary
-
-    artifact = Artifact.load(args.artifact)
-    if args.json:
-        print(json.dumps(artifact.manifest, indent=2))
-    else:
-        print(f"model: {artifact.manifest['model']['fingerprint']['name']}")
-        print(summary(artifact))
-
-
-def cmd_ask(args) -> None:
-    from .prompts import read_questions
-
-    _positive("--max-new-tokens", args.max_new_tokens)
-    questions = read_questions(args.questions)
-    from .artifact import Artifact
-    from .generate import ask
-    from .summary import compare_answers, indent
-
-    artifact = Artifact.load(args.artifact)
-    if args.compare and artifact.document_ids is None:
-        raise NectarError("this artifact was compiled without its document ids: recompile it, or drop --compare")
-    model, tokenizer = _load_for(artifact, args)
-    if args.compare:
-        print(compare_answers(model, tokenizer, artifact, questions, args.max_new_tokens))
-        return
-    start = time.perf_counter()
-    answers = ask(model, tokenizer, artifact, questions, max_new_tokens=args.max_new_tokens)
-    for q, a in zip(questions, answers):
-        print(f"Q: {q}\n  {indent(a)}\n")
-    print(f"{len(questions)} answer(s) in {time.perf_counter() - start:.1f} s")
-
-
-def cmd_demo(args) -> None:
-    from pydoc_data.topics import topics
-
-    from .compiler import compile
-    from .summary import compare_answers, summary
-
-    check_writable(args.output, "--output")
-    demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps), onpolicy_steps=args.steps // 2,
-                         prompts=PromptConfig(recall=64, self_study=48, generic=48))  # ends in a few minutes
-    start = time.perf_counter()
-    model, tokenizer = _load(args.model, "bfloat16")
-    text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)
-    artifact = compile(model, tokenizer, text, demo)
-    print(summary(artifact, artifact.save(args.output)) + "\n")
-    print(compare_answers(model, tokenizer, artifact, list(DEMO_QUESTIONS), max_new_tokens=64))
-    print(f"demo total {time.perf_counter() - start:.0f} s")
-
-
-def cmd_bench(args) -> None:
-    from .bench import BenchConfig
-
-    config = BenchConfig(attention_n=args.attention_n, decode_n=args.n, batches=args.batch, repeats=args.repeats,
-                         new_tokens=args.new_tokens)
-    check_writable(Path(args.out) / "bench.json", "--out")
-    from .artifact import Artifact
-    from .bench import run
-    from .bench_report import table, write_report
-    from .documents import pydoc_text
-    from .templates import encode
-
-    artifact = Artifact.load(args.artifact)
-    model, tokenizer = _load_for(artifact, args)
-    report = run(model, artifact, encode(tokenizer, pydoc_text()), config)
-    print(table(report))
-    print("wrote " + ", ".join(str(p) for p in write_report(report, Path(args.out))))
-
-
-def cmd_eval(args) -> None:
-    from .compare import EvalConfig
-    from .prompts import read_questions
-
-    config = EvalConfig(budgets=tuple(args.sweep or ()), methods=tuple(args.methods or EvalConfig.methods),
-                        generate=not args.no_generate, gap_prompts=args.gap_prompts)
-    questions = read_questions(args.questions) if args.questions else None
-    is_artifact = args.target.endswith(".nectar")
-    source = None if is_artifact else parse_source(args.target)
-    compiled = None if is_artifact else _compile_config(args)
-    check_writable(Path(args.out) / "eval.json", "--out")
-    from .artifact import Artifact
-    from .compare import Comparison
-    from .compare_report import table, write_report
-    from .compiler import Workbench
-
-    artifact = Artifact.load(args.target) if is_artifact else None
-    if artifact is not None:
-        model, tokenizer = _load_for(artifact, args)
-        compiled = CompileConfig.from_dict(artifact.manifest["config"])
-        context = _document_of(artifact, args.document, model, tokenizer, compiled)
-    else:
-        model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
-        context = load_text(source, tokenizer)
-    out = Path(args.out)
-    report = Comparison(Workbench(model, tokenizer, context, compiled), artifact, questions, out, config).run()
-    print(table(report))
-    print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
-
-
-def _document_of(artifact, spec: str | None, model, tokenizer, config):
-    """The artifact's document ids (a tensor, used verbatim): stored in it, or from the text the user passes."""
-    import torch
-
-    from .artifact import document_hash
-    from .documents import document_ids
-    from .templates import templates_for
-
-    if spec is None:
-        if artifact.document_ids is None:
-            raise NectarError("this artifact does not hold its document, which the baselines and the full-cache "
-                              "reference need: pass --document FILE (the text it was compiled from)")
-        return torch.tensor(artifact.document_ids)
-    text = load_text(parse_source(spec), tokenizer)
-    ids = document_ids(text, tokenizer, model, config.truncate, templates_for(tokenizer, config)["document"])
-    if document_hash(ids) != artifact.manifest["document"]["sha256"]:
-        raise NectarError(f"{spec} is not the document this artifact was compiled from: pass that one")
-    return torch.tensor(ids)
-
-
-def _positive(flag: str, value: int) -> None:
-    if value < 1:
-        raise NectarError(f"{flag} must be at least 1, got {value}")
 
 
 def _list_of(kind, what: str):
@@ -279,6 +105,23 @@ def parser() -> argparse.ArgumentParser:
     _compile_args(e)
     _model_args(e, default=None, dtype="bfloat16")
     e.set_defaults(run=cmd_eval)
+
+    s = sub.add_parser("serve", help="answer questions about compiled documents over an OpenAI-compatible HTTP API",
+                       description="Serve compiled documents: each is a model id in GET /v1/models, asked through "
+                       "POST /v1/chat/completions (the last user message is the question) or /v1/completions (raw "
+                       "text after the document). Concurrent requests share one decode batch, across documents. "
+                       "POST /v1/reload picks up artifacts added to a folder since the start.")
+    s.add_argument("artifacts", nargs="+", metavar="ART_OR_DIR", help="artifacts, or folders of *.nectar files")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    s.add_argument("--max-batch", type=_at_least_one, default=32, help="rows decoded together (default 32; 1: "
+                   "one request at a time)")
+    s.add_argument("--max-tokens", type=_at_least_one, default=512, help="largest answer a request may ask for, "
+                   "and the default (default 512)")
+    s.add_argument("--max-body", type=_at_least_one, default=1 << 20, help="largest request body in bytes (1 MiB)")
+    _model_args(s, default=None, dtype="float32")
+    s.set_defaults(run=cmd_serve)
 
     d = sub.add_parser("demo", help="compile a bundled document, ask three questions, compare with the full cache")
     d.add_argument("-o", "--output", default="demo.nectar", help="where the demo's artifact goes (demo.nectar)")

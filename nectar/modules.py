@@ -228,20 +228,25 @@ class FusedBank:
 
     def __call__(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
         b, h, m, d = q.shape
-        weights, biases = self.weights[layer], self.biases[layer]
         # Batch 1 (the common decode) needs no transposes: each view or cast here costs a microsecond.
         x = q[0] if b == 1 else q.transpose(0, 1).reshape(h, b * m, d)
-        z = torch.baddbmm(biases[0], x.to(weights[0].dtype), weights[0])
-        skip, x = z[..., -1], gelu(z)
-        for w, bias in zip(weights[1:-1], biases[1:-1]):
-            x = gelu(torch.baddbmm(bias, x, w))
-        out = torch.baddbmm(biases[-1], x, weights[-1])
-        if out.dtype != torch.float32:
-            out, skip = out.float(), skip.float()
-        o, lse = out[..., :d], out[..., d] + skip
+        o, lse = fused_mlp(self.weights[layer], self.biases[layer], x)
         if b == 1:
             return o[None], lse[None]
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
+
+
+def fused_mlp(weights: list[Tensor], biases: list[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """A FusedBank layer's computation on x [modules, N, d] -> (o [modules, N, d], lse [modules, N]), fp32."""
+    d = x.shape[-1]
+    z = torch.baddbmm(biases[0], x.to(weights[0].dtype), weights[0])
+    skip, x = z[..., -1], gelu(z)
+    for w, bias in zip(weights[1:-1], biases[1:-1]):
+        x = gelu(torch.baddbmm(bias, x, w))
+    out = torch.baddbmm(biases[-1], x, weights[-1])
+    if out.dtype != torch.float32:
+        out, skip = out.float(), skip.float()
+    return out[..., :d], out[..., d] + skip
 
 
 def _block_diag(a: Tensor, b: Tensor) -> Tensor:

@@ -90,7 +90,7 @@ def saved(compiled, tmp_path_factory):
 def cli_model(monkeypatch, compiled, tokenizer):
     """`nectar`'s CLI loads the tiny model of the shared artifact instead of a real one."""
     model = compiled[0]
-    monkeypatch.setattr("nectar.cli._load", lambda name, dtype, device="auto": (model, tokenizer))
+    monkeypatch.setattr("nectar.commands._load", lambda name, dtype, device="auto": (model, tokenizer))
     return model
 
 

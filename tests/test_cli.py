@@ -26,7 +26,7 @@ def no_model(monkeypatch):
     """Fails the test if a command loads a model: its arguments should have been refused first."""
     def load(*args, **kwargs):
         pytest.fail("loaded a model before checking the arguments")
-    monkeypatch.setattr("nectar.cli._load", load)
+    monkeypatch.setattr("nectar.commands._load", load)
 
 
 @pytest.mark.parametrize("arg, expected", [("pydoc", Pydoc(4096)), ("pydoc:512", Pydoc(512))])

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import nectar.cli as cli
+import nectar.commands as commands
 from nectar.cli import main
 from nectar.compare_report import spearman
 from conftest import FAST, assert_one_line_error, run_cli, sample_document, tiny_llama
@@ -20,7 +20,7 @@ def tiny(monkeypatch, tokenizer, tmp_path):
     model = tiny_llama()
     tokenizer.save_pretrained(tmp_path / "tok")
     model.config.name_or_path = str(tmp_path / "tok")
-    monkeypatch.setattr(cli, "_load", lambda name, dtype, device="auto": (model, tokenizer))
+    monkeypatch.setattr(commands, "_load", lambda name, dtype, device="auto": (model, tokenizer))
     return model
 
 

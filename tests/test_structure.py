@@ -15,7 +15,10 @@ PIPELINE = [
     # compile: prompts -> capture -> modules -> fit -> evaluate -> artifact
     "prompts", "capture", "selection", "modules", "quadrature", "schedule", "fit", "refine", "evaluate", "artifact", "compiler",
     # what uses a compiled document
-    "baselines", "generate", "summary", "plots", "compare_report", "compare", "bench", "bench_report", "cli",
+    "baselines", "generate", "summary", "plots", "compare_report", "compare", "bench", "bench_report",
+    # serving: many documents, one decode batch
+    "rowbanks", "engine", "api", "server",
+    "commands", "cli",
 ]
 FILES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 
