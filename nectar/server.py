@@ -142,7 +142,7 @@ def create_app(engine: Engine, library: Library, config: ServeConfig) -> FastAPI
         if cap is not None and not 1 <= cap <= config.max_tokens:
             raise ApiError(400, f"max_tokens must be in 1..{config.max_tokens}, got {cap}", param="max_tokens")
         wanted = cap or min(config.max_tokens, room)
-        if wanted > room:
+        if room < 1 or wanted > room:
             raise ApiError(400, f"the document's {artifact.n} tokens, the prompt's {len(prompt)} and {wanted} answer "
                            f"tokens pass the model's window of {window}: shorten the prompt or lower max_tokens",
                            code="context_length_exceeded", param="messages")
