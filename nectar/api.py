@@ -22,6 +22,7 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true} adds a last chunk with the token counts
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
     @field_validator("stop")

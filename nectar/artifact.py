@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .attention import ExactContext
 from .errors import NectarError
@@ -78,15 +78,16 @@ class Artifact:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
+        return write_bytes(self.to_bytes(), path)
+
+    def to_bytes(self) -> bytes:
+        """The file's bytes: what a compile on another machine sends back."""
         tensors = self.tensors()
         manifest = dict(self.manifest, format_version=FORMAT_VERSION)
         manifest.pop("sha256", None)
         manifest["sha256"] = _checksum(manifest, tensors)
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={"nectar": json.dumps(manifest)})
         self.manifest = manifest
-        return path
+        return save(tensors, metadata={"nectar": json.dumps(manifest)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Artifact":
@@ -120,6 +121,14 @@ class Artifact:
                               f"'{have['name']}': load that model, or recompile the document for this one")
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest["tokenizer"]:
             raise NectarError("this artifact was compiled with another tokenizer: use the model's own tokenizer")
+
+
+def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """An artifact's bytes to `path`, renamed into place: never a half-written file that loads."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return path
 
 
 def _bank_from(manifest: dict, tensors: dict) -> Bank:

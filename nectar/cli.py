@@ -52,8 +52,14 @@ def parser() -> argparse.ArgumentParser:
                        description="Compile a document (in bf16 by default, ~3x faster than fp32 on CPU). The "
                        "questions it is compiled for follow the model's chat template; a base model with no chat "
                        "template gets a plain layout: the document, then '\\n\\nQuestion: ...\\nAnswer: '.")
-    c.add_argument("document", help="UTF-8 text file, or pydoc[:TOKENS] for CPython's help topics")
-    c.add_argument("-o", "--output", required=True, help="artifact path, e.g. manual.nectar")
+    c.add_argument("document", nargs="+", help="UTF-8 text file, or pydoc[:TOKENS] for CPython's help topics; "
+                   "several files, folders or globs compile a corpus into --out")
+    c.add_argument("-o", "--output", help="artifact path for one document, e.g. manual.nectar")
+    c.add_argument("--out", help="folder for a corpus: one artifact per document and index.json; a re-run "
+                   "compiles only what changed, and removes the artifacts of documents that are gone")
+    c.add_argument("--no-ray", action="store_true", help="compile a corpus in this process, one document at a time")
+    c.add_argument("--ray-address", help="HOST:PORT of a Ray cluster's head (default: start a local one)")
+    c.add_argument("--cpus-per-task", type=_at_least_one, default=1, help="CPUs each corpus task asks Ray for")
     c.add_argument("--variant", default="mlp", help="module kind: mlp (default) or quadrature")
     c.add_argument("--allocation", default="uniform",
                    help="capacity per layer: uniform (default) or probe (by a short fit's per-layer error)")
@@ -156,19 +162,20 @@ def _model_args(p, default, dtype) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args) or 0
         sys.stdout.flush()
     except NectarError as e:
         print(f"nectar: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("nectar: interrupted; nothing was written", file=sys.stderr)
+        print("nectar: interrupted; no half-written file was left", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader (`| head`) left: what it did not read is not an error. Point stdout at nothing so
         # that the interpreter's own final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+        return 0
+    return code
 
 
 if __name__ == "__main__":

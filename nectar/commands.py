@@ -45,9 +45,15 @@ def _compile_config(args) -> CompileConfig:
                          fit=FitConfig(steps=args.steps), prompts=PromptConfig.with_total(args.prompts))
 
 
-def cmd_compile(args) -> None:
+def cmd_compile(args) -> int:
     config = _compile_config(args)
-    source = parse_source(args.document)
+    from .corpus import is_corpus
+
+    if args.out or is_corpus(args.document):
+        return _compile_corpus(args, config)
+    if not args.output:
+        raise NectarError("say where the artifact goes: -o NAME.nectar (or --out DIR to compile a corpus)")
+    source = parse_source(args.document[0])
     check_writable(args.output, "--output")
     from .compiler import compile
     from .summary import summary
@@ -55,6 +61,35 @@ def cmd_compile(args) -> None:
     model, tokenizer = _load(args.model, args.dtype, args.device)
     artifact = compile(model, tokenizer, load_text(source, tokenizer), config)
     print(summary(artifact, artifact.save(args.output)))
+    return 0
+
+
+def _compile_corpus(args, config: CompileConfig) -> int:
+    """Every document the arguments name, into --out; the exit code is the number that failed."""
+    from .corpus import CorpusJob, discover
+
+    if args.output:
+        raise NectarError("-o names one artifact; a corpus goes to a folder: --out DIR")
+    if not args.out:
+        raise NectarError("several documents need a folder for their artifacts: --out DIR")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NectarError(f"--out {out} is a file: give a folder")
+    check_writable(out / "index.json", "--out")
+    sources = discover(args.document)
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    job = CorpusJob(sources, out, args.model, config, args.dtype, device, use_ray=not args.no_ray,
+                    ray_address=args.ray_address, cpus_per_task=args.cpus_per_task)
+    start = time.perf_counter()
+    result = job.run()
+    print(f"{len(sources)} document(s): {result['compiled']} compiled, {len(result['failed'])} failed, "
+          f"{result['up_to_date']} up to date, {len(result['removed'])} removed, in {time.perf_counter() - start:.0f} s"
+          f"; index: {out / 'index.json'}")
+    for name in result["removed"]:
+        print(f"removed: {name} (its file is gone)")
+    return min(len(result["failed"]), 125)
 
 
 def cmd_info(args) -> None:

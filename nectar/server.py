@@ -158,8 +158,12 @@ def create_app(engine: Engine, library: Library, config: ServeConfig) -> FastAPI
         request = admit(body, artifact, prompt, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
         rid = api.new_id("chatcmpl" if respond is api.chat_response else "cmpl")
         if body.stream:
-            return StreamingResponse(_events(request, queue, lambda d: chunk(rid, body.model, d)),
-                                     media_type="text/event-stream")
+            def chunks(delta: Delta) -> list[dict]:
+                out = chunk(rid, body.model, delta)
+                if delta.finish and (body.stream_options or {}).get("include_usage"):
+                    out.append({**out[-1], "choices": [], "usage": api.usage(len(prompt), delta.tokens)})
+                return out
+            return StreamingResponse(_events(request, queue, chunks), media_type="text/event-stream")
         text, delta = [], Delta("", 0)
         while delta.finish is None:
             delta = await queue.get()

@@ -131,7 +131,7 @@ def test_ctrl_c_during_compile_writes_nothing(doc, tmp_path, capsys, cli_model, 
 
     monkeypatch.setattr("nectar.compiler.compile", interrupted)
     code, _, err = run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar")
-    assert code == 130 and "nothing was written" in err
+    assert code == 130 and "no half-written file" in err
     assert list(tmp_path.iterdir()) == [doc]
 
 

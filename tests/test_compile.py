@@ -117,12 +117,15 @@ def test_a_changed_manifest_byte_is_refused(compiled, saved, tmp_path, field):
 
 
 def test_interrupted_save_leaves_nothing_that_loads(compiled, tmp_path, monkeypatch):
-    import nectar.artifact as artifact_module
+    from pathlib import Path
 
-    def interrupted(*args, **kwargs):
+    real = Path.write_bytes
+
+    def interrupted(self, data):  # half the bytes reach the disk, then Ctrl-C
+        real(self, data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifact_module, "save_file", interrupted)
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compiled[1].save(tmp_path / "doc.nectar")
     assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,8 @@ PIPELINE = [
     "prefill", "binding", "decode",
     # compile: prompts -> capture -> modules -> fit -> evaluate -> artifact
     "prompts", "capture", "selection", "modules", "quadrature", "schedule", "fit", "refine", "evaluate", "artifact", "compiler",
+    # a whole corpus, one task per document
+    "corpus",
     # what uses a compiled document
     "baselines", "generate", "summary", "plots", "compare_report", "compare", "bench", "bench_report",
     # serving: many documents, one decode batch
