@@ -89,13 +89,14 @@ def read_index(out: Path) -> dict:
 
 
 def plan(sources: list[Source], index: dict, out: Path, settings: str) -> tuple[list[Source], list[Source], list[str]]:
-    """(to compile, up to date, removed since the last run)."""
+    """(to compile, unchanged since the last run, removed since then). An unchanged document that failed
+    is not retried: it would fail the same way until its text (or the settings) change."""
     todo, fresh = [], []
     for source in sources:
         entry = index.get(source.name, {})
-        current = (entry.get("status") == "compiled" and entry.get("settings_sha256") == settings
-                   and entry.get("text_sha256") == text_hash(source.path) and (out / source.artifact).exists())
-        (fresh if current else todo).append(source)
+        same = entry.get("settings_sha256") == settings and entry.get("text_sha256") == text_hash(source.path)
+        done = entry.get("status") == "failed" or (out / source.artifact).exists()
+        (fresh if same and done else todo).append(source)
     names = {s.name for s in sources}
     return todo, fresh, sorted(name for name in index if name not in names)
 
@@ -143,7 +144,10 @@ class CorpusJob:
         for name in removed:
             (self.out / index.pop(name).get("artifact", f"{name}.nectar")).unlink(missing_ok=True)
         self._save(index)
-        tasks = self._ray_tasks(todo) if self.use_ray and todo else ((s, compile_document(*self._args(s))) for s in todo)
+        if self.use_ray and todo:
+            tasks = self._ray_tasks(_ray(self.ray_address), todo)  # connected before any progress is drawn
+        else:
+            tasks = ((s, compile_document(*self._args(s))) for s in todo)
         failed = []
         with tqdm(total=len(todo), desc="compiling documents", unit="doc") as bar:
             for source, result in tasks:
@@ -156,14 +160,15 @@ class CorpusJob:
                           f"{entry['bytes'] / 1e6:.2f} MB, agreement {entry['fidelity'].get('agreement')}, "
                           f"{entry['seconds']:.0f} s"))
                 bar.update()
-        return {"compiled": len(todo) - len(failed), "failed": failed, "up_to_date": len(fresh), "removed": removed}
+        still = [s.name for s in fresh if index[s.name]["status"] == "failed"]
+        return {"compiled": len(todo) - len(failed), "failed": failed + still, "up_to_date": len(fresh) - len(still),
+                "removed": removed}
 
     def _args(self, source: Source) -> tuple:
         return str(source.path), self.model, self.dtype, self.device, self.config
 
-    def _ray_tasks(self, todo: list[Source]):
+    def _ray_tasks(self, ray, todo: list[Source]):
         """(source, result) pairs in the order tasks finish."""
-        ray = _ray(self.ray_address)
         resources = {"num_gpus": 1} if self.device.startswith("cuda") else {"num_cpus": self.cpus_per_task}
         remote = ray.remote(**resources)(compile_document)
         pending = {remote.remote(*self._args(s)): s for s in todo}
