@@ -157,7 +157,7 @@ class CorpusJob:
                 if entry["status"] == "failed":
                     failed.append(source.name)
                 bar.write(f"{source.name}: " + (f"failed: {entry['reason']}" if entry["status"] == "failed" else
-                          f"{entry['bytes'] / 1e6:.2f} MB, agreement {entry['fidelity'].get('agreement')}, "
+                          f"{entry['bytes'] / 1e6:.2f} MB, held-out agreement {entry['fidelity']['agreement'] or 0:.3f}, "
                           f"{entry['seconds']:.0f} s"))
                 bar.update()
         still = [s.name for s in fresh if index[s.name]["status"] == "failed"]
@@ -189,7 +189,9 @@ class CorpusJob:
         path = write_bytes(result["bytes"], self.out / source.artifact)
         artifact = Artifact.load(path)
         metrics = artifact.manifest["metrics"]
-        fidelity = {k: metrics.get(k) for k in ("agreement", "kl", "rel_error")}
+        questions = metrics.get("questions", {}).get("nectar", {})
+        fidelity = {"agreement": questions.get("agreement"), "kl": questions.get("kl"),
+                    "merged_error": metrics.get("validation", {}).get("merged_rel")}
         return {**entry, "status": "compiled", "bytes": path.stat().st_size, "tokens": artifact.n,
                 "memory_ratio": artifact.memory_ratio(), "fidelity": fidelity}
 

@@ -55,6 +55,7 @@ def test_compiles_a_folder_incrementally_on_ray(local_ray, tiny_folder, corpus, 
     assert code == 2 and "3 compiled, 2 failed" in stdout
     assert sorted(n for n, e in index.items() if e["status"] == "compiled") == sorted(TOPICS)
     assert "binary" in index["image"]["reason"] and "empty" in index["blank"]["reason"]
+    assert all(0 <= index[n]["fidelity"]["agreement"] <= 1 and index[n]["bytes"] > 0 for n in TOPICS)
     assert sorted(p.name for p in out.glob("*.nectar")) == sorted(f"{n}.nectar" for n in TOPICS)
 
     stamps = {n: (out / f"{n}.nectar").stat().st_mtime_ns for n in TOPICS}
