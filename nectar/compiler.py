@@ -43,7 +43,7 @@ def _stage(timings: dict, name: str):
     start = time.perf_counter()
     print(f"[nectar] {name}...", flush=True)
     yield
-    timings[name] = round(time.perf_counter() - start, 1)
+    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)  # rounds add up
 
 
 def build_prompts(model, tokenizer, doc_ids, full: ExactContext, templates, config: CompileConfig) -> list[P.Prompt]:
@@ -183,7 +183,7 @@ class Workbench:
             bank = self._bank(config, count, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
-        if config.onpolicy_steps:
+        for _ in range(config.onpolicy_rounds if config.onpolicy_steps else 0):
             # Queries as the modules below each layer will shape them at inference, targets still exact.
             train_store, val_store = self.stores(count, drive=bank, timings=timings)
             with _stage(timings, "fit on-policy"):

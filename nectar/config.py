@@ -81,6 +81,7 @@ class CompileConfig:
     refine_steps: int = 0  # end-to-end distillation steps after the per-layer fit (0: off)
     exact_share: float = 0.0  # budget share for tokens kept exact per (layer, head), the most attended ones
     onpolicy_steps: int = 500  # refit steps on queries captured with the fitted modules driving the model (0: off)
+    onpolicy_rounds: int = 1  # capture-and-refit rounds, each on queries shaped by the previous round's modules
     sink_tokens: int = 4  # first document tokens kept exact: attention sinks, which carry much of the mass
     document_template: str | None = None  # "...{document}..."; None: derived from the chat template
     question_template: str | None = None  # "...{question}..."; None: derived from the chat template
@@ -103,6 +104,7 @@ class CompileConfig:
         _require(0.0 <= self.exact_share < 1.0, f"exact_share must be in [0, 1), got {self.exact_share}: the "
                  "modules need some of the budget")
         _require(self.onpolicy_steps >= 0, "onpolicy_steps must be >= 0")
+        _require(self.onpolicy_rounds >= 1, "onpolicy_rounds must be >= 1")
         _require(self.batch_size >= 1, "batch_size must be >= 1")
         if self.document_template is not None:
             _require("{document}" in self.document_template, "document_template needs a {document} slot")

@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from transformers import DynamicCache
 
 from .attention import ExactContext
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, ids: torch.Tensor) -> ExactContext:
-    """Run the document once and keep its post-RoPE keys/values per layer, [kv_heads, n, d] each."""
-    out = model(input_ids=ids.view(1, -1).to(model.device), use_cache=True)
-    cache = out.past_key_values
+def prefill(model: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> ExactContext:
+    """Run the document once and keep its post-RoPE keys/values per layer, [kv_heads, n, d] each.
+
+    The document goes through in chunks of `chunk` tokens, each attending to the cache of the ones
+    before: attention's working memory then grows with chunk x n, not n^2 (a 32k-token single pass
+    holds GBs of scores), and no logits are computed but the last position's.
+    """
+    ids = ids.view(1, -1).to(model.device)
+    cache = DynamicCache(config=model.config)
+    for start in range(0, ids.shape[1], chunk):
+        model(input_ids=ids[:, start: start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
     keys = [layer.keys[0].contiguous() for layer in cache.layers]
     values = [layer.values[0].contiguous() for layer in cache.layers]
     return ExactContext(keys, values)

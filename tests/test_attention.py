@@ -190,3 +190,12 @@ def test_gqa_reference_path_matches_fused_kernel():
     reference = exact_attention(q.clone().requires_grad_(True), k, v, 0.3, mask)  # grad: reference path
     torch.testing.assert_close(fused[0], reference[0].detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused[1], reference[1].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_in_chunks_equals_one_pass(model):
+    from nectar.prefill import prefill
+
+    doc = torch.randint(3, 300, (50,))
+    whole, chunked = prefill(model, doc, chunk=64), prefill(model, doc, chunk=7)
+    for a, b in zip(whole.keys + whole.values, chunked.keys + chunked.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
