@@ -56,6 +56,20 @@ def test_onpolicy_refit_runs_after_the_fit_and_keeps_the_best(bench):
     assert art.manifest["metrics"]["onpolicy"]["steps"] >= 1
 
 
+def test_each_onpolicy_round_captures_with_the_latest_modules(bench, monkeypatch):
+    drivers = []
+    real = bench.stores
+
+    def stores(count=0, drive=None, timings=None):
+        if drive is not None:
+            drivers.append(drive.target.weights[0].detach().clone())
+        return real(count, drive, timings)
+
+    monkeypatch.setattr(bench, "stores", stores)
+    bench.compile(onpolicy_steps=20, onpolicy_rounds=2)
+    assert len(drivers) == 2 and not torch.equal(*drivers)  # the second round sees the first round's refit
+
+
 def test_more_exact_tokens_than_the_budget_holds_is_refused(bench):
     with pytest.raises(nectar.NectarError, match="exact tokens"):
         bench.compile(budget=0.003, exact_share=0.9)
