@@ -65,7 +65,7 @@ class AnswerText:
             return self._advance(full[: min(cuts)].rstrip()), True
         settled = full.rstrip().rstrip("\ufffd")
         held = max((k for s in self.stops for k in range(1, len(s)) if settled.endswith(s[:k])), default=0)
-        return self._advance(settled[: len(settled) - held]), False
+        return self._advance(settled[: len(settled) - held].rstrip()), False
 
     def finish(self) -> str:
         """The rest of the text, once no token will follow."""

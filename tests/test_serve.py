@@ -260,3 +260,24 @@ def test_sigint_stops_the_server_with_exit_code_0(compiled, tokenizer, saved, tm
     finally:
         proc.kill()
     assert proc.returncode == 0, out
+
+
+@pytest.mark.parametrize("stops, want", [
+    ((), "The assert statement checks a condition. If not, it raises."),
+    (("If not",), "The assert statement checks a condition."),
+    (("zzz", "checks"), "The assert statement"),
+])
+def test_answer_text_deltas_add_up_to_the_stripped_text_cut_at_a_stop(tokenizer, stops, want):
+    from nectar.engine import AnswerText
+    from nectar.templates import encode
+
+    text = AnswerText(tokenizer, stops)
+    parts, stopped = [], False
+    for token in encode(tokenizer, "  The assert statement checks a condition. If not, it raises.  "):
+        delta, stopped = text.push(token)
+        parts.append(delta)
+        if stopped:
+            break
+    if not stopped:
+        parts.append(text.finish())
+    assert "".join(parts) == want and stopped == bool(stops)
