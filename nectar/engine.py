@@ -178,11 +178,8 @@ class Engine:
 
     def _prefill(self, request: Request) -> None:
         artifact = request.artifact
-        provider, sinks = artifact.providers(self.model)
-        ids = torch.tensor([request.prompt])
-        inputs = generation_inputs(self.model, ids, torch.ones_like(ids), artifact.n, sinks)
-        self.banks.select([provider])
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        provider = artifact.providers(self.model)[0]
+        logits, cache = self.first_logits(artifact, request.prompt)
         self.stats.prefills += 1
         generator = None
         if request.temperature > 0:
@@ -190,8 +187,21 @@ class Engine:
             generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(2**62, ())))
         row = _Row(request, provider, artifact.n + len(request.prompt),
                    AnswerText(self.tokenizer, request.stop), generator)
-        if self._advance(row, self._sample(row, out.logits[0, -1])):
-            self._join(row, out.past_key_values)
+        if self._advance(row, self._sample(row, logits)):
+            self._join(row, cache)
+
+    def first_logits(self, artifact, prompt: list[int]) -> tuple[Tensor, DynamicCache]:
+        """The prompt's last logits after the document, and its local cache (sink tokens, then the prompt)."""
+        provider, sinks = artifact.providers(self.model)
+        ids = torch.tensor([prompt])
+        inputs = generation_inputs(self.model, ids, torch.ones_like(ids), artifact.n, sinks)
+        cache = inputs.get("past_key_values")
+        cached = 0 if cache is None else cache.get_seq_length()  # the sinks: in the cache, not fed again
+        self.banks.select([provider])
+        out = self.model(input_ids=inputs["input_ids"][:, cached:], position_ids=inputs["position_ids"][:, cached:],
+                         attention_mask=inputs["attention_mask"], past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[0, -1], out.past_key_values
 
     def _decode(self) -> None:
         self.banks.select([row.provider for row in self.rows])

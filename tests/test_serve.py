@@ -136,6 +136,19 @@ def test_same_seed_same_sample(live):
     assert first == again
 
 
+def test_engine_prefill_is_the_attached_model_on_the_prompt_alone(compiled, tokenizer):
+    """The sink tokens sit in the cache, not fed again as tokens: the logits are those of `attach`."""
+    model, artifact = compiled
+    prompt = [5, 17, 42, 99, 7]
+    engine = Engine(model, tokenizer)
+    with bound(model, engine.banks), torch.no_grad():
+        logits, cache = engine.first_logits(artifact, prompt)
+    with nectar.attach(model, artifact), torch.no_grad():
+        want = model(input_ids=torch.tensor([prompt]), position_ids=artifact.n + torch.arange(5)[None]).logits[0, -1]
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == FAST.sink_tokens + len(prompt)
+
+
 def test_two_documents_share_one_decode_batch(compiled, second, tokenizer):
     """Driven step by step: both rows sit in every decode step, and each answers as `nectar ask` does."""
     model = compiled[0]
