@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -22,7 +23,7 @@ from nectar.rowbanks import RowBanks
 from nectar.server import Library, ServeConfig, create_app
 from nectar.templates import question_ids
 
-from conftest import FAST
+from conftest import FAST, tiny_llama
 
 QUESTIONS = ["What does assert do?", "When does the else branch of an if statement run?"]
 ANSWER = 12  # tokens
@@ -246,15 +247,20 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(compiled, tokenizer, fold
 def test_reload_serves_new_documents_and_skips_bad_ones(compiled, tokenizer, folder, tmp_path):
     shutil.copy(folder / "alpha.nectar", tmp_path / "one.nectar")
     (tmp_path / "broken.nectar").write_bytes(b"not an artifact")
+    other = tiny_llama(seed=1)  # same shapes, other weights: an artifact of another model
+    nectar.compile(other, tokenizer, "A short note about nothing in particular. " * 20, FAST).save(
+        tmp_path / "foreign.nectar")
     with Live(compiled[0], tokenizer, [tmp_path]) as server:
-        assert [s["path"].endswith("broken.nectar") for s in server.report["skipped"]] == [True]
+        reasons = {Path(s["path"]).name: s["reason"] for s in server.report["skipped"]}
+        assert set(reasons) == {"broken.nectar", "foreign.nectar"} and "compiled for model" in reasons["foreign.nectar"]
         assert [m.id for m in server.client().models.list()] == ["one"]
         shutil.copy(folder / "beta.nectar", tmp_path / "two.nectar")
         report = httpx.post(server.url + "/reload", content=b"", headers={"content-length": "0"}).json()
         assert report["loaded"] == ["two"] and [m.id for m in server.client().models.list()] == ["one", "two"]
 
 
-def test_sigint_stops_the_server_with_exit_code_0(compiled, tokenizer, saved, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_the_server_with_exit_code_0(compiled, tokenizer, saved, tmp_path, stop):
     compiled[0].save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     port = _free_port()
@@ -268,7 +274,7 @@ def test_sigint_stops_the_server_with_exit_code_0(compiled, tokenizer, saved, tm
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
