@@ -231,8 +231,21 @@ def cmd_serve(args) -> None:
         raise NectarError(f"serving needs {e.name}: pip install 'nectar[serve]'") from None
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
                          max_tokens=args.max_tokens, max_body=args.max_body)
+    _check_port(config.host, config.port)
     model, tokenizer = _load(args.model or _model_of(paths), args.dtype, args.device)
     serve(model, tokenizer, paths, config)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before the model loads if the address is taken or cannot be bound."""
+    import socket
+
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise NectarError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
 
 
 def _model_of(paths: list[Path]) -> str:

@@ -300,3 +300,12 @@ def test_answer_text_deltas_add_up_to_the_stripped_text_cut_at_a_stop(tokenizer,
     if not stopped:
         parts.append(text.finish())
     assert "".join(parts) == want and stopped == bool(stops)
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(saved, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert_one_line_error(run_cli(capsys, "serve", saved, "--port", busy.getsockname()[1]), "pick another --port")
