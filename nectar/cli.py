@@ -141,14 +141,17 @@ def parser() -> argparse.ArgumentParser:
 def _compile_args(p) -> None:
     p.add_argument("--budget", type=float, default=0.02, help="module bytes / KV-cache bytes (default 0.02)")
     p.add_argument("--steps", type=_at_least_one, default=1000, help="fitting steps (default 1000)")
-    p.add_argument("--prompts", type=_at_least_one, default=320,
-                   help="training prompts: 40%% recall, 30%% self-study, 30%% generic (default 320)")
+    p.add_argument("--prompts", type=_at_least_one, default=416,
+                   help="training prompts: 4/13 recall, 3/13 each self-study, generic and direct (default 416)")
     p.add_argument("--exact-share", type=float, default=CompileConfig.exact_share,
                    help="share of the budget spent on document tokens kept exact in each head, those training "
                    f"queries attend to most (default {CompileConfig.exact_share})")
     p.add_argument("--onpolicy-steps", type=int, default=CompileConfig.onpolicy_steps,
                    help="refit steps on queries captured with the fitted modules in place, as they will be at "
                    f"inference (default {CompileConfig.onpolicy_steps}; 0: off)")
+    p.add_argument("--onpolicy-rounds", type=_at_least_one, default=CompileConfig.onpolicy_rounds,
+                   help="capture-and-refit rounds, each on queries the previous round's modules shape "
+                   f"(default {CompileConfig.onpolicy_rounds})")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, splits and fitting (default 0)")
     p.add_argument("--truncate", action="store_true", help="cut a document too long for the model (says how much)")
 

@@ -42,6 +42,7 @@ def _compile_config(args) -> CompileConfig:
     return CompileConfig(budget=args.budget, variant=getattr(args, "variant", "mlp"),
                          allocation=getattr(args, "allocation", "uniform"), seed=args.seed, truncate=args.truncate,
                          exact_share=args.exact_share, onpolicy_steps=args.onpolicy_steps,
+                         onpolicy_rounds=args.onpolicy_rounds,
                          fit=FitConfig(steps=args.steps), prompts=PromptConfig.with_total(args.prompts))
 
 
@@ -134,8 +135,9 @@ def cmd_demo(args) -> None:
     from .summary import compare_answers, summary
 
     check_writable(args.output, "--output")
+    # A smaller compile than the default, so that the demo ends in a few minutes.
     demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps), onpolicy_steps=args.steps // 2,
-                         prompts=PromptConfig(recall=64, self_study=48, generic=48))  # ends in a few minutes
+                         onpolicy_rounds=1, prompts=PromptConfig(recall=64, self_study=48, generic=48, direct=48))
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "bfloat16")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)

@@ -26,7 +26,7 @@ class PromptConfig:
     recall: int = 128
     self_study: int = 96
     generic: int = 96
-    direct: int = 0
+    direct: int = 96
     answer_tokens: int = 40
     chunk_tokens: int = 256
     val_fraction: float = 0.15
@@ -41,10 +41,11 @@ class PromptConfig:
 
     @classmethod
     def with_total(cls, total: int, **shape) -> PromptConfig:
-        """`total` prompts in the default mix: 40% recall, 30% self-study, 30% generic."""
+        """`total` prompts in the default mix: 4 recall to 3 each of self-study, generic and direct."""
         _require(total >= 1, f"the number of training prompts must be >= 1, got {total}")
-        recall, self_study = round(0.4 * total), round(0.3 * total)
-        return cls(recall=recall, self_study=self_study, generic=total - recall - self_study, **shape)
+        recall, self_study, generic = round(4 * total / 13), round(3 * total / 13), round(3 * total / 13)
+        return cls(recall=recall, self_study=self_study, generic=generic,
+                   direct=total - recall - self_study - generic, **shape)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class CompileConfig:
     refine_steps: int = 0  # end-to-end distillation steps after the per-layer fit (0: off)
     exact_share: float = 0.0  # budget share for tokens kept exact per (layer, head), the most attended ones
     onpolicy_steps: int = 500  # refit steps on queries captured with the fitted modules driving the model (0: off)
-    onpolicy_rounds: int = 1  # capture-and-refit rounds, each on queries shaped by the previous round's modules
+    onpolicy_rounds: int = 2  # capture-and-refit rounds, each on queries shaped by the previous round's modules
     sink_tokens: int = 4  # first document tokens kept exact: attention sinks, which carry much of the mass
     document_template: str | None = None  # "...{document}..."; None: derived from the chat template
     question_template: str | None = None  # "...{question}..."; None: derived from the chat template

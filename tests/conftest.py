@@ -7,9 +7,10 @@ import nectar
 from nectar.cli import main
 
 FAST = nectar.CompileConfig(
-    prompts=nectar.PromptConfig(recall=12, self_study=4, generic=6, chunk_tokens=64, answer_tokens=12),
+    prompts=nectar.PromptConfig(recall=12, self_study=4, generic=6, direct=0, chunk_tokens=64, answer_tokens=12),
     fit=nectar.FitConfig(steps=60, eval_every=20),
     onpolicy_steps=20,
+    onpolicy_rounds=1,
 )
 
 
