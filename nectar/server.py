@@ -53,12 +53,29 @@ class ApiError(Exception):
         self.status, self.body = status, api.error(message, code=code, param=param)
 
 
+@dataclass
+class Served:
+    """What serving needs of a compiled document: its length, question layout and modules in inference
+    form. The training-form bank the artifact also holds is dropped, halving the memory per document."""
+
+    n: int
+    question_template: str
+    _providers: tuple
+
+    @classmethod
+    def of(cls, artifact: Artifact, model) -> "Served":
+        return cls(artifact.n, artifact.question_template, artifact.providers(model))
+
+    def providers(self, model) -> tuple:
+        return self._providers
+
+
 class Library:
     """The compiled documents served, by id (the artifact's file name without `.nectar`)."""
 
     def __init__(self, paths: list[Path], model, tokenizer):
         self.paths, self.model, self.tokenizer = paths, model, tokenizer
-        self.documents: dict[str, Artifact] = {}
+        self.documents: dict[str, Served] = {}
         self._stamps: dict[str, tuple[Path, float]] = {}
 
     def files(self) -> list[Path]:
@@ -81,12 +98,11 @@ class Library:
             try:
                 artifact = Artifact.load(path)
                 artifact.check_compatible(self.model, self.tokenizer)
-                artifact.providers(self.model)  # built now, not on the first request
             except NectarError as e:
                 skipped.append({"path": str(path), "reason": str(e)})
                 self.documents.pop(name, None)
                 continue
-            self.documents[name], self._stamps[name] = artifact, (path, stamp)
+            self.documents[name], self._stamps[name] = Served.of(artifact, self.model), (path, stamp)
             loaded.append(name)
         removed = sorted(set(self.documents) - set(seen))
         for name in removed:
@@ -98,7 +114,7 @@ class Library:
     def created(self, name: str) -> int:
         return int(self._stamps[name][1])
 
-    def get(self, name: str) -> Artifact:
+    def get(self, name: str) -> Served:
         if name not in self.documents:
             raise ApiError(404, f"no compiled document '{name}'; this server has: {', '.join(sorted(self.documents))}",
                            code="model_not_found", param="model")
@@ -134,7 +150,7 @@ def create_app(engine: Engine, library: Library, config: ServeConfig) -> FastAPI
                 "steps": s.steps, "prefills": s.prefills, "mean_batch": s.rows / max(1, s.steps),
                 "largest_batch": s.largest}
 
-    def admit(body: api.Sampling, artifact: Artifact, prompt: list[int], emit) -> Request:
+    def admit(body: api.Sampling, artifact: Served, prompt: list[int], emit) -> Request:
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
         room = window - artifact.n - len(prompt)
