@@ -267,7 +267,8 @@ class Engine:
         """Rows leave the batch; columns that no remaining row uses are cut off its left edge."""
         if not rows:
             return
-        keep = [i for i in range(len(self.rows)) if i not in set(rows)]
+        leaving = set(rows)
+        keep = [i for i in range(len(self.rows)) if i not in leaving]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.cache, self.mask = None, None

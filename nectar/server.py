@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -167,12 +168,12 @@ def create_app(engine: Engine, library: Library, config: ServeConfig) -> FastAPI
         engine.submit(request)
         return request
 
-    async def run(body: api.Sampling, prompt_of, respond, chunk):
+    async def run(body: api.Sampling, prompt_of, respond, chunk, kind: str):
         artifact = library.get(body.model)
         prompt = prompt_of(artifact)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         request = admit(body, artifact, prompt, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
-        rid = api.new_id("chatcmpl" if respond is api.chat_response else "cmpl")
+        rid = api.new_id(kind)
         if body.stream:
             def chunks(delta: Delta) -> list[dict]:
                 out = chunk(rid, body.model, delta)
@@ -194,12 +195,13 @@ def create_app(engine: Engine, library: Library, config: ServeConfig) -> FastAPI
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         return await run(body, lambda a: question_ids(engine.tokenizer, a.question_template, question),
-                         api.chat_response, _chat_chunks)
+                         api.chat_response, _chat_chunks, "chatcmpl")
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest):
         return await run(body, lambda a: encode(engine.tokenizer, body.prompt), api.completion_response,
-                         lambda rid, model, d: [api.completion_response(rid, model, d.text, d.finish, chunk=True)])
+                         lambda rid, model, d: [api.completion_response(rid, model, d.text, d.finish, chunk=True)],
+                         "cmpl")
 
     return app
 
@@ -282,30 +284,21 @@ class _Guard:
         return None
 
 
-class _Server:
+class _Uvicorn(uvicorn.Server):
     """uvicorn's server, except that a stop asked for by SIGINT/SIGTERM ends in exit code 0: uvicorn
     would raise the signal again once it has shut down."""
 
-    @staticmethod
-    def run(app: FastAPI, config: ServeConfig) -> None:
-        import uvicorn
-
-        class Server(uvicorn.Server):
-            @contextmanager
-            def capture_signals(self):
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                handled = (signal.SIGINT, signal.SIGTERM)
-                original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-                try:
-                    yield
-                finally:
-                    for sig, handler in original.items():
-                        signal.signal(sig, handler)
-
-        Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                              timeout_graceful_shutdown=10)).run()
+    @contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def serve(model, tokenizer, paths: list[Path], config: ServeConfig) -> None:
@@ -315,4 +308,6 @@ def serve(model, tokenizer, paths: list[Path], config: ServeConfig) -> None:
     report = library.reload()
     log.info("serving %d compiled document(s): %s", len(library.documents), ", ".join(report["documents"]) or "none "
              "yet (compile some into the folder, then POST /v1/reload)")
-    _Server.run(create_app(Engine(model, tokenizer, config.max_batch), library, config), config)
+    app = create_app(Engine(model, tokenizer, config.max_batch), library, config)
+    _Uvicorn(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                            timeout_graceful_shutdown=10)).run()

@@ -85,7 +85,7 @@ def test_each_artifact_equals_a_plain_compile(local_ray, tiny_folder, corpus, tm
         assert torch.equal(ray_tensors[name], plain_tensors[name]), name
 
 
-def test_no_ray_loop_gives_the_same_index(tiny_folder, corpus, tmp_path, capsys):
+def test_no_ray_loop_compiles_and_fails_the_same_documents(tiny_folder, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, _ = run_cli(capsys, "compile", corpus, "--out", out, "--model", tiny_folder, "--no-ray", *FLAGS)
     assert code == 2 and "3 compiled, 2 failed" in stdout
