@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from .attention import ExactContext
 from .errors import NectarError
 from .files import atomic_path
-from .models import model_fingerprint, tokenizer_fingerprint
+from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint
 from .modules import MLPBank
 from .quadrature import QuadratureBank
 
@@ -52,17 +52,24 @@ class Artifact:
         if (dtype, device) not in self._providers:
             # Modules stay fp32: they are tiny, and bf16 would cost the lse its precision.
             fused = self.bank.inference().to(device)
-            sinks = ExactContext([k.to(device, dtype) for k in self.sinks.keys],
-                                 [v.to(device, dtype) for v in self.sinks.values])
+            sinks = replace(self.sinks, keys=[k.to(device, dtype) for k in self.sinks.keys],
+                            values=[v.to(device, dtype) for v in self.sinks.values])
             self._providers[dtype, device] = (fused, sinks)
         return self._providers[dtype, device]
 
+    @property
+    def windows(self) -> list[int | None]:
+        """Per model layer, its sliding window, or None for a global layer (the ones with modules)."""
+        return self.manifest["model"].get("windows") or [None] * self.manifest["model"]["layers"]
+
     def kv_bytes(self, dtype_bytes: int = 2) -> int:
+        """The model's own cache for this document: every token in global layers, the window in sliding ones."""
         m = self.manifest["model"]
-        return 2 * self.n * m["layers"] * m["kv_heads"] * m["head_dim"] * dtype_bytes
+        tokens = sum(self.n if w is None else min(self.n, w) for w in self.windows)
+        return 2 * tokens * m["kv_heads"] * m["head_dim"] * dtype_bytes
 
     def nbytes(self, dtype_bytes: int = 2) -> int:
-        """Bytes kept for the document (modules + sink tokens) at `dtype_bytes` per number."""
+        """Bytes kept for the document (modules + exact tokens: sinks, sliding tails) at `dtype_bytes` per number."""
         sinks = sum(k.numel() + v.numel() for k, v in zip(self.sinks.keys, self.sinks.values))
         return (self.bank.num_params() + sinks) * dtype_bytes
 
@@ -71,8 +78,12 @@ class Artifact:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"bank.{k}": v.detach().to(STORE_DTYPE).contiguous() for k, v in self.bank.export().items()}
-        out["sinks.keys"] = torch.stack(self.sinks.keys).to(STORE_DTYPE).contiguous()
-        out["sinks.values"] = torch.stack(self.sinks.values).to(STORE_DTYPE).contiguous()
+        # Sinks of the global layers and tails of the sliding ones: each part has one length, so it stacks.
+        for name, slides in (("sinks", False), ("tails", True)):
+            layers = [layer for layer, w in enumerate(self.windows) if (w is not None) == slides]
+            if layers:
+                out[f"{name}.keys"] = torch.stack([self.sinks.keys[i] for i in layers]).to(STORE_DTYPE).contiguous()
+                out[f"{name}.values"] = torch.stack([self.sinks.values[i] for i in layers]).to(STORE_DTYPE).contiguous()
         if self.document_ids is not None:
             out["document.ids"] = torch.tensor(self.document_ids, dtype=torch.int32)
         return out
@@ -107,7 +118,7 @@ class Artifact:
         if manifest.get("sha256") != _checksum({k: v for k, v in manifest.items() if k != "sha256"}, tensors):
             raise NectarError(f"{path} is corrupted (it does not match its checksum): recompile it")
         try:
-            bank, sinks = _bank_from(manifest, tensors), _sinks_from(tensors)
+            bank, sinks = _bank_from(manifest, tensors), _sinks_from(manifest, tensors)
         except (KeyError, RuntimeError, ValueError) as e:
             raise NectarError(f"{path} does not hold what its manifest describes ({e}): recompile it") from None
         ids = tensors.get("document.ids")
@@ -134,13 +145,21 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 def _bank_from(manifest: dict, tensors: dict) -> Bank:
     sizes = manifest["modules"]
     state = {k.removeprefix("bank."): v.float() for k, v in tensors.items() if k.startswith("bank.")}
-    bank = BANKS[sizes["variant"]].from_export(manifest["model"], sizes, state)
+    windows = manifest["model"].get("windows") or []
+    model = dict(manifest["model"], layers=manifest["model"]["layers"] - sum(w is not None for w in windows))
+    bank = BANKS[sizes["variant"]].from_export(model, sizes, state)  # modules only for the global layers
     return bank.eval().requires_grad_(False)
 
 
-def _sinks_from(tensors: dict) -> ExactContext:
-    keys, values = tensors["sinks.keys"].float(), tensors["sinks.values"].float()
-    return ExactContext(list(keys.unbind(0)), list(values.unbind(0)))
+def _sinks_from(manifest: dict, tensors: dict) -> ExactContext:
+    windows = manifest["model"].get("windows")
+    if not windows:
+        keys, values = tensors["sinks.keys"].float(), tensors["sinks.values"].float()
+        return ExactContext(list(keys.unbind(0)), list(values.unbind(0)))
+    parts = {name: iter(zip(tensors[f"{name}.keys"].float(), tensors[f"{name}.values"].float()))
+             for name in ("sinks", "tails") if f"{name}.keys" in tensors}
+    keys, values = zip(*(next(parts["sinks" if w is None else "tails"]) for w in windows))
+    return ExactContext(list(keys), list(values), windows=windows, end=manifest["document"]["tokens"])
 
 
 def _checksum(manifest: dict, tensors: dict[str, torch.Tensor]) -> str:
@@ -160,12 +179,14 @@ def document_hash(doc_ids: list[int]) -> str:
 def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: Bank, config,
                    metrics: dict, timings: dict) -> dict:
     cfg = model.config
+    windows = layer_windows(cfg)
     return {
         "model": {
             "fingerprint": model_fingerprint(model),
             "layers": cfg.num_hidden_layers,
             "kv_heads": cfg.num_key_value_heads,
             "head_dim": bank.head_dim,
+            **({"windows": windows} if any(windows) else {}),
         },
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "document": {
@@ -177,7 +198,7 @@ def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: 
             "variant": bank.variant,
             "allocation": config.allocation,
             **bank.sizes(),
-            "params_per_module": bank.num_params() // (cfg.num_hidden_layers * cfg.num_key_value_heads),
+            "params_per_module": bank.num_params() // (len(modeled_layers(cfg)) * cfg.num_key_value_heads),
             "dtype": str(STORE_DTYPE).removeprefix("torch."),
         },
         "config": config.to_dict(),

@@ -123,11 +123,18 @@ def _grouped_mask(mask: Tensor | None, groups: int, length: int) -> Tensor | Non
 
 @dataclass
 class ExactContext:
-    """Exact attention over stored per-layer keys/values [kv_heads, n, d]: the oracle a module imitates."""
+    """Exact attention over stored per-layer keys/values [kv_heads, n, d]: the oracle a module imitates.
+
+    On a sliding-window layer (`windows[layer]` set) a query sees only the document's last tokens, so
+    such a layer is served by `tail(layer)`, never called as a whole: its entry holds the tokens that end
+    at position `end` (the document's length).
+    """
 
     keys: list[Tensor]
     values: list[Tensor]
     bias: list[Tensor] | None = None  # per layer [kv_heads, n], -inf where a key counts as evicted
+    windows: list[int | None] | None = None
+    end: int = 0
 
     def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         k, v = self.keys[layer], self.values[layer]
@@ -139,6 +146,16 @@ class ExactContext:
         mask = None if self.bias is None else self.bias[layer].to(q.device)[None, :, None, :]
         o, lse = exact_attention(rows, k.to(q.dtype)[None], v.to(q.dtype)[None], scaling, mask)
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
+
+    def slides(self, layer: int) -> bool:
+        return self.windows is not None and self.windows[layer] is not None
+
+    def tail(self, layer: int) -> "WindowTail":
+        """The document tokens a query after it can see on sliding layer `layer`: the last window - 1."""
+        window = self.windows[layer]
+        keep = min(window - 1, self.keys[layer].shape[-2])
+        bias = None if self.bias is None else self.bias[layer][:, -keep:]
+        return WindowTail(self.keys[layer][:, -keep:], self.values[layer][:, -keep:], bias, self.end - keep, window)
 
     def prepend(self, layer: int, key: Tensor, value: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Put these tokens in front of the local keys [b, Hkv, s, d]: one attention call covers both.
@@ -156,6 +173,43 @@ class ExactContext:
         if mask is not None:
             mask = torch.nn.functional.pad(mask, (k.shape[-2], 0))  # 0: every local query sees them
         return key, value, mask
+
+
+@dataclass
+class WindowTail:
+    """A sliding layer's document part: exact attention over its last tokens, masked by position.
+
+    A query at position p sees a key at position j when p - j < window, as transformers' sliding mask
+    does on the cache. Positions, not cache indices: a left-padded row sees what it would see alone.
+    """
+
+    keys: Tensor  # [kv_heads, t, d]
+    values: Tensor
+    bias: Tensor | None  # [kv_heads, t]
+    first: int  # position of the first key
+    window: int
+
+    def __call__(self, q: Tensor, scaling: float, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """q [b, kv_heads, groups * L, d] (grouped as in `nectar_attention`), positions [b or 1, L]."""
+        b, h, rows, d = q.shape
+        t = self.keys.shape[-2]
+        if t == 0:
+            return _empty(q)
+        groups = rows // positions.shape[-1]
+        query_pos = positions.to(q.device).expand(b, -1).unsqueeze(1).expand(b, groups, -1).reshape(b * rows)
+        key_pos = self.first + torch.arange(t, device=q.device)
+        seen = query_pos[:, None] - key_pos[None, :] < self.window
+        mask = torch.zeros(seen.shape, device=q.device).masked_fill_(~seen, float("-inf"))[None, None]
+        if self.bias is not None:
+            mask = mask + self.bias.to(q.device)[None, :, None, :]
+        folded = q.transpose(0, 1).reshape(1, h, b * rows, d)
+        o, lse = exact_attention(folded, self.keys.to(q.dtype)[None], self.values.to(q.dtype)[None], scaling, mask)
+        # A query past the window sees no key; the kernels return lse 0 for such a row, not -inf.
+        blind = ~seen.any(-1).view(1, 1, -1)
+        if self.bias is not None:
+            blind = blind | ~torch.isfinite(mask).any(-1)
+        o, lse = o.masked_fill(blind.unsqueeze(-1), 0.0), lse.masked_fill(blind, float("-inf"))
+        return o.view(h, b, rows, d).transpose(0, 1), lse.view(h, b, rows).transpose(0, 1)
 
 
 class NoContext:
@@ -189,6 +243,9 @@ class Binding:
     sinks: ExactContext | None = None
     recorder: Recorder | None = None
     reference: ContextProvider | None = None
+    slot: int = 0  # this layer's place among the layers that have modules (the recorder's index)
+    index: int = 0  # what `context` is called with: `slot` for module banks, `layer` for exact contexts
+    tail: WindowTail | None = None  # set on a sliding layer: its whole document part, no module
 
 
 _BINDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, Binding]" = weakref.WeakKeyDictionary()
@@ -211,20 +268,24 @@ def nectar_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     kv_heads = key.shape[1]
     scaling = d**-0.5 if scaling is None else scaling
     binding = _BINDINGS.get(module)
-    if binding is not None and binding.sinks is not None:
+    if binding is not None and binding.sinks is not None and binding.tail is None:
         key, value, attention_mask = binding.sinks.prepend(binding.layer, key, value, attention_mask)
     out, lse = exact_attention(query, key, value, scaling, attention_mask)
     if binding is not None:
         # [b, H, L] is laid out as [b, Hkv, groups * L]: views, no copies.
         q = query.reshape(b, kv_heads, -1, d)
         out, lse = out.reshape(b, kv_heads, -1, d), lse.reshape(b, kv_heads, -1)
-        if binding.recorder is None and graphable(binding.context, query):
-            out = graphs_for(binding.context)(binding.layer, scaling, _document_step(binding, scaling), q, out, lse)
+        if binding.tail is not None:
+            if kwargs.get("position_ids") is None:
+                raise ValueError("a sliding-window layer needs the queries' position_ids")
+            out = blend(out, lse, *binding.tail(q, scaling, kwargs["position_ids"]))
+        elif binding.recorder is None and graphable(binding.context, query):
+            out = graphs_for(binding.context)(binding.index, scaling, _document_step(binding, scaling), q, out, lse)
         else:
-            o_ctx, lse_ctx = binding.context(binding.layer, q, scaling)
+            o_ctx, lse_ctx = binding.context(binding.index, q, scaling)
             if binding.recorder is not None:
                 target = (o_ctx, lse_ctx) if binding.reference is None else binding.reference(binding.layer, q, scaling)
-                binding.recorder(binding.layer, q, *target, out, lse)
+                binding.recorder(binding.slot, q, *target, out, lse)
             out = blend(out, lse, o_ctx, lse_ctx)
     return out.to(query.dtype).reshape(b, heads, length, d).transpose(1, 2).contiguous(), None
 
@@ -232,7 +293,7 @@ def nectar_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 def _document_step(binding: Binding, scaling: float):
     """The document part of a step and its merge, as one function of tensors: what a CUDA graph captures."""
     def step(q: Tensor, out: Tensor, lse: Tensor) -> Tensor:
-        return blend(out, lse, *binding.context(binding.layer, q, scaling))
+        return blend(out, lse, *binding.context(binding.index, q, scaling))
     return step
 
 

@@ -16,10 +16,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .binding import bound, generation_inputs
+from .binding import bound, cacheable, generation_inputs
 from .attention import IMPLEMENTATION, ExactContext
 from .errors import NectarError
-from .models import attn_implementation
+from .models import attn_implementation, cache_tokens
 from .modules import FusedBank
 from .prefill import prefill
 
@@ -127,9 +127,11 @@ def decode(model, bank: FusedBank, sinks: ExactContext, doc_ids: list[int], conf
 
 
 def _bound_decode(model, prompt, n, new_tokens, context, sinks=None):
+    cached = sinks if cacheable(model) else None
+
     def run():
-        with bound(model, context):
-            greedy_decode(model, prompt, n, new_tokens, sinks)
+        with bound(model, context, sinks=None if cached is not None else sinks):
+            greedy_decode(model, prompt, n, new_tokens, cached)
     return run
 
 
@@ -185,11 +187,13 @@ def _rate(times: list[float], batch: int, new_tokens: int) -> dict:
 
 
 def memory(model, artifact, sizes: list[int]) -> list[dict]:
+    """The model's own bf16 cache at each n (sliding layers hold their window only) against the artifact's."""
     cfg = model.config
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * artifact.bank.head_dim * 2  # bf16 K and V
+    per_token = 2 * cfg.num_key_value_heads * artifact.bank.head_dim * 2  # bf16 K and V, one layer
     nectar_bytes = artifact.nbytes()
-    return [{"n": n, "full_cache_bytes": n * per_token, "nectar_bytes": nectar_bytes,
-             "ratio": nectar_bytes / (n * per_token)} for n in sizes]
+    full = {n: cache_tokens(cfg, n) * per_token for n in sizes}
+    return [{"n": n, "full_cache_bytes": full[n], "nectar_bytes": nectar_bytes, "ratio": nectar_bytes / full[n]}
+            for n in sizes]
 
 
 def peak_rss_mb() -> float:

@@ -9,8 +9,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from . import attention
-from .attention import Binding, ContextProvider, ExactContext, Recorder
-from .models import attention_layers, attn_implementation, check_supported
+from .attention import Binding, ContextProvider, ExactContext, NoContext, Recorder, WindowTail
+from .models import attention_layers, attn_implementation, check_supported, layer_windows
 from .padding import positions_after
 
 
@@ -23,17 +23,43 @@ def bound(
     reference: ContextProvider | None = None,
 ) -> Iterator[nn.Module]:
     """Inside, every attention layer merges exact local attention with `context` (plus exact `sinks`);
-    a `recorder` sees each layer's queries, with targets from `reference` if given (see `Binding`)."""
+    a `recorder` sees each layer's queries, with targets from `reference` if given (see `Binding`).
+
+    A sliding-window layer has no module: it attends exactly to the document's last tokens, taken from
+    `sinks` when they hold them (a compiled document) or else from `context` (the exact document).
+    """
     check_supported(model)
+    windows = layer_windows(model.config)
+    modeled = [layer for layer, window in enumerate(windows) if window is None]
+    by_slot = getattr(context, "by_slot", False)  # module banks hold only the modeled layers, in order
     layers = attention_layers(model)
     for module in layers:
-        attention.bind(module, Binding(module.layer_idx, context, sinks, recorder, reference))
+        layer = module.layer_idx
+        tail = None if windows[layer] is None else _tail(layer, context, sinks)
+        slot = modeled.index(layer) if tail is None else -1
+        attention.bind(module, Binding(layer, context, sinks, recorder, reference, slot, slot if by_slot else layer,
+                                       tail))
     try:
         with attn_implementation(model, attention.IMPLEMENTATION):
             yield model
     finally:
         for module in layers:
             attention.unbind(module)
+
+
+def _tail(layer: int, context: ContextProvider, sinks: ExactContext | None) -> WindowTail:
+    for source in (sinks, context):
+        if isinstance(source, ExactContext) and source.slides(layer):
+            return source.tail(layer)
+    if isinstance(context, NoContext):
+        return WindowTail(*(torch.zeros(0, 0, 0),) * 2, None, 0, 1)
+    raise ValueError(f"layer {layer} slides over a window, but nothing bound holds the document's last tokens")
+
+
+def cacheable(model: nn.Module) -> bool:
+    """Whether sink tokens may go in a prefix cache for `generate`: not when some layer slides, since the
+    sinks lie outside its window and the cache would show them to it."""
+    return all(window is None for window in layer_windows(model.config))
 
 
 def generation_inputs(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
@@ -51,6 +77,8 @@ def generation_inputs(model: nn.Module, ids: torch.Tensor, attention_mask: torch
               "position_ids": positions_after(n, attention_mask).to(device)}
     if sinks is None or sinks.keys[0].shape[-2] == 0:
         return inputs
+    if not cacheable(model):
+        raise ValueError("a model with sliding layers takes its sinks bound (`bound(..., sinks=)`), not cached")
     if sinks.bias is not None:
         raise ValueError("tokens with an eviction bias cannot be cached exactly")
     b, s = ids.shape[0], sinks.keys[0].shape[-2]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .binding import bound
 from .attention import ContextProvider, ExactContext
-from .models import head_dim
+from .models import head_dim, modeled_layers
 from .padding import right_pad, right_padded_positions
 
 
@@ -77,7 +77,7 @@ def capture(
     below it actually produce at inference, while the targets stay those of `context`.
     """
     cfg = model.config
-    layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    layers, kv_heads = len(modeled_layers(cfg)), cfg.num_key_value_heads
     d = head_dim(cfg)
     groups = cfg.num_attention_heads // kv_heads
     rows = groups * sum(len(s) for s in sequences)

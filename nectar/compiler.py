@@ -25,7 +25,7 @@ from .errors import NectarError
 from .evaluate import next_token_fidelity
 from .fit import bank_errors, fit
 from .metrics import pooled_kinds
-from .models import attention_scaling, check_supported, head_dim
+from .models import attention_scaling, check_supported, head_dim, layer_windows, modeled_layers
 from .modules import MLPBank
 from .prefill import prefill, split_exact
 from .quadrature import QuadratureBank
@@ -81,6 +81,12 @@ class Workbench:
         if self.n <= self.config.sink_tokens:
             raise NectarError(f"the document has only {self.n} tokens: nothing to compile beyond the "
                               f"{self.config.sink_tokens} sink tokens")
+        windows = layer_windows(model.config)
+        if all(windows):
+            raise NectarError(f"every layer of {model.config.model_type} slides over {windows[0]} tokens: its cache "
+                              "is already bounded, and there is nothing for nectar to compile")
+        if any(windows) and self.config.exact_share:
+            raise NectarError("exact_share is not supported on models with sliding-window layers yet: set it to 0")
         self.timings: dict[str, float] = {}
         self._splits: dict[int, tuple[ExactContext, ExactContext]] = {}
         self._stores: dict[int, tuple[Store, Store]] = {}
@@ -208,7 +214,7 @@ class Workbench:
         timings["total"] = round(sum(timings.values()), 1)
         manifest = build_manifest(self.model, self.tokenizer, self.doc_ids, self.templates, bank, config, metrics,
                                   timings)
-        sinks = ExactContext([k.cpu() for k in sinks.keys], [v.cpu() for v in sinks.values])
+        sinks = replace(sinks, keys=[k.cpu() for k in sinks.keys], values=[v.cpu() for v in sinks.values])
         artifact = Artifact(manifest, bank.cpu(), sinks, self.doc_ids if config.keep_document else None)
         artifact.manifest["memory_ratio"] = artifact.memory_ratio()
         _warn_if_useless(metrics["questions"])
@@ -229,16 +235,18 @@ class Workbench:
 
     def _bank(self, config: CompileConfig, count: int, train_store: Store, val_store: Store) -> Bank:
         cfg, d = self.model.config, head_dim(self.model.config)
+        modeled = modeled_layers(cfg)
         per_module = params_per_module(self.model, self.n, config, count)
         if config.variant == "quadrature":
-            bank = QuadratureBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, d, per_module,
+            bank = QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,
                                              attention_scaling(self.model))
             _, rest = self.split(count)
-            bank.init_from(torch.cat(rest.keys).float().cpu(), torch.cat(rest.values).float().cpu(), seed=config.seed)
+            keys, values = ([part[layer] for layer in modeled] for part in (rest.keys, rest.values))
+            bank.init_from(torch.cat(keys).float().cpu(), torch.cat(values).float().cpu(), seed=config.seed)
             return bank
 
         def bank_for(params) -> MLPBank:
-            return MLPBank.for_budget(cfg.num_hidden_layers, cfg.num_key_value_heads, d, params, config.depth,
+            return MLPBank.for_budget(len(modeled), cfg.num_key_value_heads, d, params, config.depth,
                                       config.score_share)
 
         uniform = bank_for(per_module)

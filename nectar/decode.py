@@ -5,7 +5,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import ContextProvider, ExactContext
-from .binding import bound, generation_inputs
+from .binding import bound, cacheable, generation_inputs
 from .errors import NectarError
 from .padding import left_pad
 
@@ -39,10 +39,11 @@ def generate_ids(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     answers: list[list[int]] = []
     batches = range(0, len(prompts), batch_size)
-    with bound(model, context):
+    cached = sinks if cacheable(model) else None  # else bound, and read beside the local keys each step
+    with bound(model, context, sinks=None if cached is not None else sinks):
         for start in tqdm(batches, desc=desc, disable=desc is None, leave=False):
             ids, mask = left_pad(prompts[start: start + batch_size], pad)
-            inputs = generation_inputs(model, ids, mask, n, sinks)
+            inputs = generation_inputs(model, ids, mask, n, cached)
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,

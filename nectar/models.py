@@ -141,17 +141,38 @@ def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def layer_windows(config) -> list[int | None]:
+    """Per layer, the sliding window it attends over (tokens), or None for a global layer.
+
+    Families with `layer_types` (Gemma 3, Qwen 2/3) slide only on "sliding_attention" layers; Mistral and
+    Phi-3 slide on every layer when `sliding_window` is set. A window as long as the context is global.
+    """
+    window, layers = getattr(config, "sliding_window", None), config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        slides = getattr(config, "use_sliding_window", True) is not False
+        types = ["sliding_attention" if slides else "full_attention"] * layers
+    if not window or window >= config.max_position_embeddings:
+        return [None] * layers
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def modeled_layers(config) -> list[int]:
+    """The layers a module learns the document for: the global ones. A sliding layer keeps its window exactly."""
+    return [layer for layer, window in enumerate(layer_windows(config)) if window is None]
+
+
+def cache_tokens(config, n: int) -> int:
+    """Tokens of an n-token document the model's own cache holds, summed over layers (per KV head)."""
+    return sum(n if window is None else min(n, window) for window in layer_windows(config))
+
+
 def unsupported(config) -> str | None:
     """Why nectar's split attention cannot run this model exactly, or None when it can."""
     cap = getattr(config, "attn_logit_softcapping", None)
     if cap:
         return (f"its attention logits are soft-capped ({cap}), so attention is not the plain softmax whose "
                 "log-sum-exp merge nectar relies on")
-    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
-    sliding = "sliding_attention" in types if types else getattr(config, "use_sliding_window", True) is not False
-    if window and sliding and window < config.max_position_embeddings:
-        return (f"it has sliding-window layers ({window} tokens), whose document part nectar does not cut to the "
-                "window yet")
     return None
 
 

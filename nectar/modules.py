@@ -78,6 +78,7 @@ def width_for(params: int, d_in: int, d_out: int, depth: int) -> int:
 
 class MLPBank(nn.Module):
     variant = "mlp"
+    by_slot = True  # layer i of the bank is the model's i-th global layer (sliding layers have no module)
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, target_widths: int | list[int],
                  score_widths: int | list[int], depth: int):
@@ -205,6 +206,7 @@ class FusedBank:
     """
 
     graphable = True  # on a GPU its decode step runs as a CUDA graph (nectar.graphs)
+    by_slot = True
 
     def __init__(self, bank: MLPBank, dtype: torch.dtype = torch.float32):
         self.head_dim, self.kv_heads = bank.head_dim, bank.kv_heads

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from .attention import ExactContext
+from .models import layer_windows
 
 
 @torch.no_grad()
@@ -17,12 +18,13 @@ def prefill(model: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> ExactCont
     holds GBs of scores), and no logits are computed but the last position's.
     """
     ids = ids.view(1, -1).to(model.device)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)  # a sliding layer keeps only the tokens its window sees
     for start in range(0, ids.shape[1], chunk):
         model(input_ids=ids[:, start: start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
     keys = [layer.keys[0].contiguous() for layer in cache.layers]
     values = [layer.values[0].contiguous() for layer in cache.layers]
-    return ExactContext(keys, values)
+    windows = layer_windows(model.config)
+    return ExactContext(keys, values, windows=windows if any(windows) else None, end=ids.shape[1])
 
 
 def split_sinks(full: ExactContext, sinks: int) -> tuple[ExactContext, ExactContext]:
@@ -35,9 +37,18 @@ def split_exact(full: ExactContext, skip: int, chosen: list[Tensor] | None) -> t
 
     The exact part has the same count per head but not the same tokens; its keys are post-RoPE, so
     their positions come with them. The rest's mask makes a module's targets cover exactly what is left.
+    A sliding layer keeps the tail its window sees as its exact part, and leaves nothing to a module.
     """
     keys, values, rest_keys, rest_values, bias = [], [], [], [], []
     for layer, (k, v) in enumerate(zip(full.keys, full.values)):
+        if full.slides(layer):
+            tail = full.tail(layer)
+            keys.append(tail.keys)
+            values.append(tail.values)
+            rest_keys.append(k[:, :0])
+            rest_values.append(v[:, :0])
+            bias.append(torch.zeros(k.shape[0], 0, device=k.device))
+            continue
         pick = chosen[layer] if chosen is not None else torch.zeros(k.shape[0], 0, dtype=torch.long, device=k.device)
         index = pick.unsqueeze(-1).expand(-1, -1, k.shape[-1])
         keys.append(torch.cat([k[:, :skip], k.gather(1, index)], 1))
@@ -46,4 +57,6 @@ def split_exact(full: ExactContext, skip: int, chosen: list[Tensor] | None) -> t
         rest_values.append(v[:, skip:])
         b = torch.zeros(k.shape[0], k.shape[1] - skip, device=k.device)
         bias.append(b.scatter_(1, pick - skip, float("-inf")))
-    return ExactContext(keys, values), ExactContext(rest_keys, rest_values, bias if chosen is not None else None)
+    shape = dict(windows=full.windows, end=full.end)
+    return (ExactContext(keys, values, **shape),
+            ExactContext(rest_keys, rest_values, bias if chosen is not None else None, **shape))

@@ -16,6 +16,7 @@ class QuadratureBank(nn.Module):
     """
 
     variant = "quadrature"
+    by_slot = True
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, nodes: int, scaling: float):
         super().__init__()

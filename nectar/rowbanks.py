@@ -19,6 +19,7 @@ class RowBanks:
     """A context provider whose batch row i is served by `providers[i]` (set with `select`)."""
 
     graphable = False  # the stack changes with the batch; captured graphs would hold stale weights
+    by_slot = True
 
     def __init__(self):
         self.providers: list = []

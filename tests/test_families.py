@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers as T
 
-from nectar.binding import bound, generation_inputs
+from nectar.binding import bound, cacheable, generation_inputs
 from nectar.errors import NectarError
 from nectar.prefill import prefill, split_sinks
 from conftest import full_logits
@@ -13,6 +13,7 @@ from conftest import full_logits
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
              eos_token_id=2)
+SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
 SUPPORTED = {
     "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
@@ -22,11 +23,20 @@ SUPPORTED = {
     "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {}),
     "gemma3-global": (T.Gemma3TextConfig, T.Gemma3ForCausalLM,  # query_pre_attn_scalar, all layers global
                       {"query_pre_attn_scalar": 24, "layer_types": ["full_attention"] * 3}),
+    # Windows of 8 tokens: the 10-token prompt outgrows them, so the window cuts into the document, then
+    # moves past it entirely.
+    "mistral-sliding": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": 8}),  # every layer slides
+    "qwen2-sliding": (T.Qwen2Config, T.Qwen2ForCausalLM, {"sliding_window": 8, "use_sliding_window": True,
+                                                          "max_window_layers": 1}),
+    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"sliding_window": 8, "layer_types": SLIDING,
+                                                         "query_pre_attn_scalar": 24,
+                                                         "rope_parameters": {
+                                                             "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                             "sliding_attention": {"rope_type": "default",
+                                                                                   "rope_theta": 1e4}}}),
 }
 REFUSED = {
-    "mistral-sliding": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": 64}, "sliding-window"),
     "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {}, "soft-capped"),
-    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"sliding_window": 64}, "sliding-window"),
 }
 
 
@@ -75,8 +85,9 @@ def test_left_padded_generate_matches_full_cache_generate(family):
     for row, p in enumerate(prompts):
         ids[row, 8 - len(p):], mask[row, 8 - len(p):] = p, 1
     sinks, rest = split_sinks(prefill(family, doc), 4)
-    inputs = generation_inputs(family, ids, mask, 30, sinks)
-    with bound(family, rest):
+    cached = sinks if cacheable(family) else None
+    inputs = generation_inputs(family, ids, mask, 30, cached)
+    with bound(family, rest, sinks=None if cached else sinks):
         out = family.generate(**inputs, max_new_tokens=5, do_sample=False)
     for row in range(2):
         assert out[row, inputs["input_ids"].shape[1]:].tolist() == expected[row].tolist()
