@@ -182,6 +182,7 @@ class Workbench:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
         config = replace(self.config, **changes)
         count = self.exact_count(config)
+        params_per_module(self.model, self.n, config, count)  # a budget too small is refused before any work
         train_store, val_store = self.stores(count)
         sinks, rest = self.split(count)
         timings = {**self.timings, **self._stage_times[count]}

@@ -48,6 +48,7 @@ def _window(store: Store, step: int, batch: int) -> Store:
     return Store(store.q[:, index], store.o_ctx[:, index], store.lse_ctx[:, index], None, store.lse_loc[:, index])
 
 
+@torch.enable_grad()  # a caller inside `torch.no_grad()` still gets a fit
 def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progress: bool = True,
         warm: bool = False) -> dict:
     """Adam(W) with warmup + cosine and an EMA of the weights; keeps the EMA state best on validation.

@@ -49,6 +49,7 @@ def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int) -> Tensor:
     return ce[valid.to(ce.device)].mean()
 
 
+@torch.enable_grad()
 def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[int]], teacher: Teacher,
            val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
            batch_size: int = 8, eval_every: int = 20, seed: int = 0, progress: bool = True) -> dict:

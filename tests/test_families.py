@@ -1,14 +1,20 @@
 """Every common decoder family, as a tiny random model built in code: the split path with the exact document
 as provider equals transformers' eager attention (prefill, step-by-step decode, left-padded generate), or the
 family is refused in one line that says why. Never silently wrong numbers."""
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers as T
 
+import nectar
+from nectar.artifact import Artifact
+from nectar.models import layer_windows, modeled_layers
+
 from nectar.binding import bound, cacheable, generation_inputs
 from nectar.errors import NectarError
 from nectar.prefill import prefill, split_sinks
-from conftest import full_logits
+from conftest import FAST, full_logits, tiny_tokenizer
 
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
@@ -101,3 +107,53 @@ def test_unsupported_family_is_refused_in_one_line(name):
         with bound(model, split_sinks(prefill(model, torch.randint(3, 300, (20,))), 4)[1]):
             pass
     assert "\n" not in str(error.value) and model.config.model_type in str(error.value)
+
+
+TINY = replace(FAST, budget=0.1, fit=replace(FAST.fit, steps=20, eval_every=10), onpolicy_steps=10)
+COMPILED = [name for name in SUPPORTED if name != "mistral-sliding"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def document(tokenizer):
+    from pydoc_data.topics import topics
+    return torch.tensor(tokenizer(topics["assert"] + topics["assignment"])["input_ids"][:240])
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compile_attach_ask_end_to_end(name, tokenizer, document, tmp_path):
+    model = tiny(*SUPPORTED[name])
+    artifact = Artifact.load(nectar.compile(model, tokenizer, document, TINY).save(tmp_path / "doc.nectar"))
+    assert len(nectar.ask(model, tokenizer, artifact, ["What does assert do?"], max_new_tokens=4)) == 1
+    n, cfg = len(document), model.config
+    tokens = sum(n if w is None else min(n, w) for w in layer_windows(cfg))
+    assert artifact.kv_bytes() == 2 * tokens * cfg.num_key_value_heads * 16 * 2
+    assert artifact.bank.layers == len(modeled_layers(cfg))
+
+
+@torch.no_grad()
+def test_a_compiled_sliding_layer_reads_its_exact_tail(tokenizer, document, tmp_path):
+    """The artifact's tails are the document's last window - 1 keys, at the right positions: with exact global
+    layers in place of the modules, the loaded artifact reproduces the full cache to fp16 storage precision."""
+    model = tiny(*SUPPORTED["gemma3"])
+    artifact = Artifact.load(nectar.compile(model, tokenizer, document, TINY).save(tmp_path / "doc.nectar"))
+    sinks, rest = split_sinks(prefill(model, document), 4)
+    for layer in (0, 2):
+        assert artifact.sinks.keys[layer].shape[-2] == 7
+        torch.testing.assert_close(artifact.sinks.keys[layer], sinks.keys[layer], atol=2e-3, rtol=2e-3)
+    prompt = torch.randint(3, 300, (10,))
+    positions = len(document) + torch.arange(10).view(1, -1)
+    with bound(model, rest, sinks=artifact.sinks):
+        logits = model(input_ids=prompt.view(1, -1), position_ids=positions).logits[0]
+    assert (logits - full_logits(model, document, prompt)).abs().max() <= 1e-2
+
+
+def test_a_model_whose_every_layer_slides_is_refused_at_compile(tokenizer, document):
+    model = tiny(*SUPPORTED["mistral-sliding"])
+    with pytest.raises(NectarError, match="every layer") as error:
+        nectar.compile(model, tokenizer, document, TINY)
+    assert "\n" not in str(error.value)
