@@ -147,7 +147,9 @@ def _bank_from(manifest: dict, tensors: dict) -> Bank:
     state = {k.removeprefix("bank."): v.float() for k, v in tensors.items() if k.startswith("bank.")}
     windows = manifest["model"].get("windows") or []
     model = dict(manifest["model"], layers=manifest["model"]["layers"] - sum(w is not None for w in windows))
-    bank = BANKS[sizes["variant"]].from_export(model, sizes, state)  # modules only for the global layers
+    bank = BANKS[sizes["variant"]].from_export(model, sizes, state)
+    if windows:  # modules only for the global layers
+        bank.model_layers = [layer for layer, w in enumerate(windows) if w is None]
     return bank.eval().requires_grad_(False)
 
 

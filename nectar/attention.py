@@ -243,8 +243,7 @@ class Binding:
     sinks: ExactContext | None = None
     recorder: Recorder | None = None
     reference: ContextProvider | None = None
-    slot: int = 0  # this layer's place among the layers that have modules (the recorder's index)
-    index: int = 0  # what `context` is called with: `slot` for module banks, `layer` for exact contexts
+    slot: int = 0  # this layer's place among the layers that have modules: the recorder's index
     tail: WindowTail | None = None  # set on a sliding layer: its whole document part, no module
 
 
@@ -280,9 +279,9 @@ def nectar_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                 raise ValueError("a sliding-window layer needs the queries' position_ids")
             out = blend(out, lse, *binding.tail(q, scaling, kwargs["position_ids"]))
         elif binding.recorder is None and graphable(binding.context, query):
-            out = graphs_for(binding.context)(binding.index, scaling, _document_step(binding, scaling), q, out, lse)
+            out = graphs_for(binding.context)(binding.layer, scaling, _document_step(binding, scaling), q, out, lse)
         else:
-            o_ctx, lse_ctx = binding.context(binding.index, q, scaling)
+            o_ctx, lse_ctx = binding.context(binding.layer, q, scaling)
             if binding.recorder is not None:
                 target = (o_ctx, lse_ctx) if binding.reference is None else binding.reference(binding.layer, q, scaling)
                 binding.recorder(binding.slot, q, *target, out, lse)
@@ -293,7 +292,7 @@ def nectar_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 def _document_step(binding: Binding, scaling: float):
     """The document part of a step and its merge, as one function of tensors: what a CUDA graph captures."""
     def step(q: Tensor, out: Tensor, lse: Tensor) -> Tensor:
-        return blend(out, lse, *binding.context(binding.index, q, scaling))
+        return blend(out, lse, *binding.context(binding.layer, q, scaling))
     return step
 
 

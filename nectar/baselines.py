@@ -30,11 +30,13 @@ def tokens_for_budget(n: int, budget: float) -> int:
 
 
 def streaming_llm(full: ExactContext, budget: float, sinks: int = 4) -> ExactContext:
-    """The first `sinks` tokens and the most recent ones (Xiao et al., 2023)."""
-    n = full.keys[0].shape[-2]
+    """The first `sinks` tokens and the most recent ones (Xiao et al., 2023), in the global layers (a
+    sliding layer keeps its window's tail exactly, for every method)."""
+    n = max(k.shape[-2] for k in full.keys)
     keep = tokens_for_budget(n, budget)
     index = torch.cat([torch.arange(min(sinks, keep)), torch.arange(n - max(0, keep - sinks), n)]).unique()
-    return ExactContext([k[:, index] for k in full.keys], [v[:, index] for v in full.values])
+    pick = [index[:0] if full.slides(layer) else index for layer in range(len(full.keys))]
+    return ExactContext([k[:, i] for k, i in zip(full.keys, pick)], [v[:, i] for v, i in zip(full.values, pick)])
 
 
 @torch.no_grad()
@@ -47,14 +49,22 @@ def attention_matching(full: ExactContext, queries: torch.Tensor, budget: float,
 
     Closed form: no gradient steps. Each kept token costs its key, its value and its bias.
     """
-    kv, (_, n, d) = full.keys[0].shape[0], full.keys[0].shape
+    kv, d = full.keys[0].shape[0], full.keys[0].shape[-1]
+    n = max(k.shape[-2] for k in full.keys)
     count = max(1, int(budget * n * 2 * d / (2 * d + 1)))
     step = max(1, queries.shape[1] // max_queries)
     keys, values, biases = [], [], []
+    slot = -1  # the queries hold the global layers only: a sliding layer keeps nothing here
     for layer, (k_all, v_all) in enumerate(zip(full.keys, full.values)):
+        if full.slides(layer):
+            keys.append(k_all[:, :0])
+            values.append(v_all[:, :0])
+            biases.append(torch.zeros(kv, 0))
+            continue
+        slot += 1
         layer_keys, layer_values, layer_bias = [], [], []
         for head in range(kv):
-            q = queries[layer * kv + head, ::step].float().cpu()
+            q = queries[slot * kv + head, ::step].float().cpu()
             k, v = k_all[head].float().cpu(), v_all[head].float().cpu()
             probs = torch.softmax(scaling * q @ k.T, -1)  # [N, n], rows sum to 1
             pick, bias = _matched_mass(probs, min(count, n))

@@ -31,14 +31,12 @@ def bound(
     check_supported(model)
     windows = layer_windows(model.config)
     modeled = [layer for layer, window in enumerate(windows) if window is None]
-    by_slot = getattr(context, "by_slot", False)  # module banks hold only the modeled layers, in order
     layers = attention_layers(model)
     for module in layers:
         layer = module.layer_idx
         tail = None if windows[layer] is None else _tail(layer, context, sinks)
         slot = modeled.index(layer) if tail is None else -1
-        attention.bind(module, Binding(layer, context, sinks, recorder, reference, slot, slot if by_slot else layer,
-                                       tail))
+        attention.bind(module, Binding(layer, context, sinks, recorder, reference, slot, tail))
     try:
         with attn_implementation(model, attention.IMPLEMENTATION):
             yield model

@@ -25,7 +25,8 @@ from .errors import NectarError
 from .evaluate import document_part, generation_match, layer_errors, next_token_fidelity
 from .files import write_json
 from .metrics import pooled_kinds
-from .models import attention_scaling
+from .models import attention_scaling, cache_tokens, modeled_layers
+from .prefill import window_tails
 from .prompts import Prompt
 from .templates import question_ids
 
@@ -109,18 +110,31 @@ class Comparison:
             art = self._compiled(name, budget)
             self._fit_seconds[name, budget] = _fit_seconds(art.manifest["timings"])
             return art.providers(self.model), art.memory_ratio()
+        tails = window_tails(full)  # sliding layers: their window's tail, exact, whatever the method
         if name == "no_document":
-            return (NoContext(), None), 0.0
+            return (NoContext(), tails), self._ratio(0.0, tails)
         if name == "streaming_llm":
             context = baselines.streaming_llm(full, budget, self.wb.config.sink_tokens)
         elif name == "attention_matching":
             # Fitted on the queries nectar trains on, so that both see the same data.
             queries = self.wb.stores(0)[0].q
             context = baselines.attention_matching(full, queries, budget, self.scaling)
-            return (context, None), baselines.matched_bytes(context, self.n)
+            return (context, tails), self._ratio(baselines.matched_bytes(context, self.n), tails)
         else:
+            if tails is not None:
+                raise NectarError(f"kvpress presses are not run on models with sliding-window layers yet: leave "
+                                  f"'{name}' out of --methods")
             context = baselines.press(self.model, self.wb.doc_ids, name, budget)
-        return (context, None), baselines.context_tokens(context) / self.n
+        return (context, tails), self._ratio(baselines.context_tokens(context) / self.n, tails)
+
+    def _ratio(self, global_ratio: float, tails: ExactContext | None) -> float:
+        """Bytes kept / the model's own cache. `global_ratio` is per layer, against every layer holding all n
+        tokens; with sliding layers, their exact tails count too, against the cache's real size."""
+        if tails is None:
+            return global_ratio
+        layers = self.model.config.num_hidden_layers
+        kept = global_ratio * self.n * layers + sum(k.shape[-2] for k in tails.keys)
+        return kept / cache_tokens(self.model.config, self.n)
 
     def _compiled(self, name: str, budget: float) -> Artifact:
         if name == "nectar" and self.artifact is not None and budget == self.main_budget:
@@ -166,7 +180,8 @@ class Comparison:
                                                  self.config.batch_size)[name]
         row = {"method": name, "budget": budget, "bytes_ratio": ratio, "fidelity": fidelity,
                "questions": {part: pooled_kinds(fidelity, self.question_kinds, part) for part in ("question", "answer")},
-               "layers": layer_errors(method, self.store, self.kv_heads, self.scaling, device=self.model.device)}
+               "layers": layer_errors(method, self.store, self.kv_heads, self.scaling, device=self.model.device,
+                                      layers=modeled_layers(self.model.config))}
         row["errors"] = {k: None if None in v else sum(v) / len(v) for k, v in row["layers"].items()}
         row["fit_seconds"] = self._fit_seconds.get((name, budget))
         if self.config.generate and budget == self.main_budget:
@@ -181,9 +196,10 @@ class Comparison:
         """Answer-token KL when only layer l uses the method and every other layer the full cache."""
         pairs = [(p.question_ids, p.answer_ids) for p in self.prompts][: self.config.gap_prompts]
         provider = document_part(method)
-        layers = range(self.model.config.num_hidden_layers)
+        layers = modeled_layers(self.model.config)  # a sliding layer is exact for every method
         # One call with every layer as a method: the full-cache reference runs once per batch, not per layer.
-        swapped = {str(layer): (_OneLayer(layer, provider, self.wb.full), None) for layer in layers}
+        tails = window_tails(self.wb.full)
+        swapped = {str(layer): (_OneLayer(layer, provider, self.wb.full), tails) for layer in layers}
         fid = next_token_fidelity(self.model, pairs, self.n, (self.wb.full, None), swapped, self.config.batch_size)
         return [fid[str(layer)]["answer"]["kl"] for layer in layers]
 

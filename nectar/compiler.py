@@ -188,6 +188,8 @@ class Workbench:
         timings = {**self.timings, **self._stage_times[count]}
         with _stage(timings, "fit"):
             bank = self._bank(config, count, train_store, val_store).to(self.model.device)
+            if len(modeled_layers(self.model.config)) < self.model.config.num_hidden_layers:
+                bank.model_layers = modeled_layers(self.model.config)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
         for _ in range(config.onpolicy_rounds if config.onpolicy_steps else 0):

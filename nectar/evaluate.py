@@ -80,14 +80,16 @@ def document_part(method: Method):
     return provider
 
 
-def layer_errors(method: Method, store, kv_heads: int, scaling: float,
-                 device: torch.device | str = "cpu") -> dict[str, list]:
+def layer_errors(method: Method, store, kv_heads: int, scaling: float, device: torch.device | str = "cpu",
+                 layers: list[int] | None = None) -> dict[str, list]:
     """Per-layer mean errors (o_ctx relative, |lse_ctx| absolute, merged output relative) of a method against
-    a store captured with the whole document as context. |lse| is None where a method keeps nothing."""
+    a store captured with the whole document as context. |lse| is None where a method keeps nothing.
+    `layers`: the model layer of each of the store's (the global ones, when some slide)."""
     provider = document_part(method)
 
     def predict(rows: slice, q: torch.Tensor):
-        o, lse = provider(rows.start // kv_heads, q.float().unsqueeze(0), scaling)
+        index = rows.start // kv_heads
+        o, lse = provider(index if layers is None else layers[index], q.float().unsqueeze(0), scaling)
         return o[0], lse[0]
 
     errors = module_errors(predict, store, block=kv_heads, chunk=4096, device=device)

@@ -76,9 +76,15 @@ def width_for(params: int, d_in: int, d_out: int, depth: int) -> int:
     return width
 
 
+def slot(bank, layer: int) -> int:
+    """The bank's own index of model layer `layer`: a bank holds modules for the global layers only, in
+    order (`model_layers`; None when every layer has modules, and the indices agree)."""
+    return layer if bank.model_layers is None else bank.model_layers.index(layer)
+
+
 class MLPBank(nn.Module):
     variant = "mlp"
-    by_slot = True  # layer i of the bank is the model's i-th global layer (sliding layers have no module)
+    model_layers: list[int] | None = None
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, target_widths: int | list[int],
                  score_widths: int | list[int], depth: int):
@@ -124,7 +130,7 @@ class MLPBank(nn.Module):
 
     def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
         """Context-provider interface: q [b, kv_heads, m, d] -> (out [b, kv_heads, m, d], lse [b, kv_heads, m])."""
-        return per_layer_call(self.predict, layer, q)
+        return per_layer_call(self.predict, slot(self, layer), q)
 
     def inference(self) -> "FusedBank":
         return FusedBank(self)
@@ -206,10 +212,9 @@ class FusedBank:
     """
 
     graphable = True  # on a GPU its decode step runs as a CUDA graph (nectar.graphs)
-    by_slot = True
 
     def __init__(self, bank: MLPBank, dtype: torch.dtype = torch.float32):
-        self.head_dim, self.kv_heads = bank.head_dim, bank.kv_heads
+        self.head_dim, self.kv_heads, self.model_layers = bank.head_dim, bank.kv_heads, bank.model_layers
         self.weights: list[list[Tensor]] = []
         self.biases: list[list[Tensor]] = []
         with torch.no_grad():
@@ -232,7 +237,8 @@ class FusedBank:
         b, h, m, d = q.shape
         # Batch 1 (the common decode) needs no transposes: each view or cast here costs a microsecond.
         x = q[0] if b == 1 else q.transpose(0, 1).reshape(h, b * m, d)
-        o, lse = fused_mlp(self.weights[layer], self.biases[layer], x)
+        index = slot(self, layer)
+        o, lse = fused_mlp(self.weights[index], self.biases[index], x)
         if b == 1:
             return o[None], lse[None]
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)

@@ -27,6 +27,14 @@ def prefill(model: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> ExactCont
     return ExactContext(keys, values, windows=windows if any(windows) else None, end=ids.shape[1])
 
 
+def window_tails(full: ExactContext) -> ExactContext | None:
+    """What every method keeps of a model with sliding layers: their exact tails, nothing in the global
+    layers. None when no layer slides."""
+    if full.windows is None or not any(full.windows):
+        return None
+    return split_exact(full, 0, None)[0]
+
+
 def split_sinks(full: ExactContext, sinks: int) -> tuple[ExactContext, ExactContext]:
     """(the first `sinks` tokens, the rest): sinks stay exact, a module learns the rest."""
     return split_exact(full, sinks, None)

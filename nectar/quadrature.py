@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .modules import per_layer_call
+from .modules import per_layer_call, slot
 
 
 class QuadratureBank(nn.Module):
@@ -16,7 +16,7 @@ class QuadratureBank(nn.Module):
     """
 
     variant = "quadrature"
-    by_slot = True
+    model_layers: list[int] | None = None
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, nodes: int, scaling: float):
         super().__init__()
@@ -46,7 +46,7 @@ class QuadratureBank(nn.Module):
         return torch.bmm(torch.exp(scores - lse.unsqueeze(-1)), self.values[rows]), lse
 
     def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
-        return per_layer_call(self.predict, layer, q)
+        return per_layer_call(self.predict, slot(self, layer), q)
 
     def inference(self) -> "QuadratureBank":
         return self

@@ -12,14 +12,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .modules import FusedBank, fused_mlp
+from .modules import FusedBank, fused_mlp, slot
 
 
 class RowBanks:
     """A context provider whose batch row i is served by `providers[i]` (set with `select`)."""
 
     graphable = False  # the stack changes with the batch; captured graphs would hold stale weights
-    by_slot = True
 
     def __init__(self):
         self.providers: list = []
@@ -61,12 +60,12 @@ class RowBanks:
             groups: dict[tuple, list[int]] = {}
             for row, p in enumerate(self.providers):
                 if isinstance(p, FusedBank):
-                    groups.setdefault(tuple(w.shape for w in p.weights[layer]), []).append(row)
+                    groups.setdefault(tuple(w.shape for w in p.weights[slot(p, layer)]), []).append(row)
             stacks = []
             for rows in groups.values():
                 banks = [self.providers[r] for r in rows]
-                weights = [torch.cat(ws) for ws in zip(*(bank.weights[layer] for bank in banks))]
-                biases = [torch.cat(bs) for bs in zip(*(bank.biases[layer] for bank in banks))]
+                weights = [torch.cat(ws) for ws in zip(*(bank.weights[slot(bank, layer)] for bank in banks))]
+                biases = [torch.cat(bs) for bs in zip(*(bank.biases[slot(bank, layer)] for bank in banks))]
                 index = torch.tensor(rows, device=weights[0].device)
                 stacks.append((index, weights, biases))
             self._stacks[layer] = stacks

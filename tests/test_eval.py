@@ -155,3 +155,26 @@ def test_layer_errors_are_zero_for_the_exact_document_and_total_for_none():
     none = layer_errors((NoContext(), None), store, kv, scaling)
     assert none["o_rel"] == pytest.approx([1.0] * 3) and none["lse_abs"] == [None] * 3
     assert min(none["merged_rel"]) > 0.05
+
+
+def test_eval_on_a_model_with_sliding_layers(monkeypatch, tokenizer, doc, tmp_path, capsys):
+    """Every method keeps the sliding layers' exact tails, and bytes count against the model's real cache."""
+    from test_families import SUPPORTED, tiny as tiny_family
+    from nectar.models import cache_tokens
+
+    model = tiny_family(*SUPPORTED["gemma3"])
+    monkeypatch.setattr(commands, "_load", lambda name, dtype, device="auto": (model, tokenizer))
+    out = tmp_path / "ev"
+    code = main(["eval", str(doc), "--out", str(out), *SMALL, "--no-generate",
+                 "--methods", "nectar,streaming_llm,attention_matching,no_document"])
+    assert code == 0, capsys.readouterr().err
+    rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    n = json.loads((out / "eval.json").read_text())["document_tokens"]
+    tails = 2 * 7 / cache_tokens(model.config, n)  # two sliding layers keep 7 tokens each
+    assert rows["no_document"]["bytes_ratio"] == pytest.approx(tails)
+    for name in ("nectar", "streaming_llm", "attention_matching"):
+        assert tails < rows[name]["bytes_ratio"] < tails + 0.05 * 1.01
+        assert len(rows[name]["layers"]["merged_rel"]) == 1  # the one global layer
+    assert rows["nectar"]["errors"]["merged_rel"] < rows["no_document"]["errors"]["merged_rel"]
+    code = main(["eval", str(doc), "--out", str(out), *SMALL, "--no-generate", "--methods", "knorm"])
+    assert code != 0 and "sliding-window" in capsys.readouterr().err
