@@ -170,3 +170,12 @@ def test_gemma3_gguf_vocabulary_is_rebuilt_as_sentencepiece_bpe():
     assert tokenizer("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
     text = "def f(x):\n        return x  # two spaces\n\n\nQuestion: what is `assert`?"
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_serve_refuses_a_sliding_model_in_one_line(tokenizer, document, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    from conftest import assert_one_line_error, run_cli
+    model = tiny(*SUPPORTED["gemma3"])
+    path = nectar.compile(model, tokenizer, document, TINY).save(tmp_path / "doc.nectar")
+    monkeypatch.setattr("nectar.commands._load", lambda name, dtype, device="auto": (model, tokenizer))
+    assert_one_line_error(run_cli(capsys, "serve", path, "--port", "0"), "sliding-window")
