@@ -51,7 +51,10 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a document into an artifact",
                        description="Compile a document (in bf16 by default, ~3x faster than fp32 on CPU). The "
                        "questions it is compiled for follow the model's chat template; a base model with no chat "
-                       "template gets a plain layout: the document, then '\\n\\nQuestion: ...\\nAnswer: '.")
+                       "template (gemma3-270m is one) gets a plain layout: the document, then "
+                       "'\\n\\nQuestion: ...\\nAnswer:'. Known models: smollm2-135m (default), gemma3-270m "
+                       "(32k context; its sliding-window layers keep their last 511 tokens exact, modules learn "
+                       "the global ones).")
     c.add_argument("document", nargs="+", help="UTF-8 text file, or pydoc[:TOKENS] for CPython's help topics; "
                    "several files, folders or globs compile a corpus into --out")
     c.add_argument("-o", "--output", help="artifact path for one document, e.g. manual.nectar")
