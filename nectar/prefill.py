@@ -10,21 +10,36 @@ from .models import layer_windows
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, ids: torch.Tensor, chunk: int = 2048) -> ExactContext:
+def prefill(model: nn.Module, ids: torch.Tensor, chunk: int = 2048, whole: bool = False) -> ExactContext:
     """Run the document once and keep its post-RoPE keys/values per layer, [kv_heads, n, d] each.
 
     The document goes through in chunks of `chunk` tokens, each attending to the cache of the ones
     before: attention's working memory then grows with chunk x n, not n^2 (a 32k-token single pass
-    holds GBs of scores), and no logits are computed but the last position's.
+    holds GBs of scores), and no logits are computed but the last position's. A sliding layer keeps
+    only the tokens its window sees, unless `whole`: then every prefix of the document is a slice.
     """
     ids = ids.view(1, -1).to(model.device)
-    cache = DynamicCache(config=model.config)  # a sliding layer keeps only the tokens its window sees
+    cache = DynamicCache() if whole else DynamicCache(config=model.config)
     for start in range(0, ids.shape[1], chunk):
         model(input_ids=ids[:, start: start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
     keys = [layer.keys[0].contiguous() for layer in cache.layers]
     values = [layer.values[0].contiguous() for layer in cache.layers]
     windows = layer_windows(model.config)
     return ExactContext(keys, values, windows=windows if any(windows) else None, end=ids.shape[1])
+
+
+def prefix(full: ExactContext, n: int) -> ExactContext:
+    """The first n tokens of a document prefilled `whole`, as prefilling them alone would give (views)."""
+    return ExactContext([k[:, :n] for k in full.keys], [v[:, :n] for v in full.values], windows=full.windows, end=n)
+
+
+def as_cache(model: nn.Module, full: ExactContext, batch: int = 1) -> DynamicCache:
+    """transformers' own cache holding a prefilled document (each row a copy), for stock `generate`."""
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in enumerate(zip(full.keys, full.values)):
+        cache.update(k[None].expand(batch, -1, -1, -1).contiguous(), v[None].expand(batch, -1, -1, -1).contiguous(),
+                     layer)
+    return cache
 
 
 def window_tails(full: ExactContext) -> ExactContext | None:
