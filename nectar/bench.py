@@ -64,11 +64,12 @@ def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> li
     heads, kv, d = model.config.num_attention_heads, model.config.num_key_value_heads, bank.head_dim
     like = dict(dtype=next(model.parameters()).dtype, device=model.device)
     q = torch.randn(1, heads, 1, d, **like)
+    layer = 0 if bank.model_layers is None else bank.model_layers[0]  # a global layer: one with modules
     calls = {}
     for n in sizes:
         k, v = torch.randn(1, kv, n, d, **like), torch.randn(1, kv, n, d, **like)
         calls["sdpa", n] = lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        calls["module", n] = lambda: bank(0, q.view(1, kv, heads // kv, d))
+        calls["module", n] = lambda: bank(layer, q.view(1, kv, heads // kv, d))
     times = {key: [] for key in calls}
     for round_ in range(repeats * 5 + 1):
         for key, fn in calls.items():

@@ -39,3 +39,20 @@ def test_bench_caps_sizes_above_the_model_window_without_changing_its_config(com
 def test_bench_config_rejects_nonsense():
     with pytest.raises(nectar.NectarError):
         BenchConfig(batches=[0])
+
+
+def test_bench_on_a_model_with_sliding_layers(tmp_path):
+    """Every case decodes, and memory counts the model's real cache: the window in each sliding layer."""
+    from conftest import tiny_tokenizer
+    from test_families import SUPPORTED, TINY, tiny
+    from nectar.models import cache_tokens
+
+    model, tokenizer = tiny(*SUPPORTED["gemma3"]), tiny_tokenizer()
+    doc = torch.randint(3, 300, (512,))
+    art = nectar.compile(model, tokenizer, doc[:240], TINY)
+    config = BenchConfig(attention_n=[64], decode_n=[128, 256], batches=[1, 2], new_tokens=3, repeats=1)
+    report = run(model, art, doc.tolist(), config)
+    assert {r["method"] for r in report["decode"]} >= {"full_cache", "full_cache_stock", "nectar"}
+    per_token = 2 * model.config.num_key_value_heads * 16 * 2
+    assert [r["full_cache_bytes"] for r in report["memory"]] == [cache_tokens(model.config, r["n"]) * per_token
+                                                                 for r in report["memory"]]
