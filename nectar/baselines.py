@@ -121,6 +121,15 @@ def press(model, doc_ids: list[int], name: str, budget: float) -> ExactContext:
     return ExactContext(keys, values, _evicted(model, keys))
 
 
+def global_layers(context: ExactContext, windows: list[int | None]) -> ExactContext:
+    """`context` with nothing left in its sliding layers (`windows[layer]` set)."""
+    def cut(tensors):
+        return [t[..., :0, :] if w else t for t, w in zip(tensors, windows)]
+
+    bias = None if context.bias is None else [b[:, :0] if w else b for b, w in zip(context.bias, windows)]
+    return ExactContext(cut(context.keys), cut(context.values), bias)
+
+
 def _evicted(model, keys: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """Presses with a different budget per head (KVzip) evict by masking, not by cutting the cache:
     turn their marks into an additive bias, and clear them so that nothing else sees them."""

@@ -121,10 +121,9 @@ class Comparison:
             context = baselines.attention_matching(full, queries, budget, self.scaling)
             return (context, tails), self._ratio(baselines.matched_bytes(context, self.n), tails)
         else:
-            if tails is not None:
-                raise NectarError(f"kvpress presses are not run on models with sliding-window layers yet: leave "
-                                  f"'{name}' out of --methods")
             context = baselines.press(self.model, self.wb.doc_ids, name, budget)
+            if tails is not None:  # what it kept in sliding layers is not used: their tails are, as for all
+                context = baselines.global_layers(context, full.windows)
         return (context, tails), self._ratio(baselines.context_tokens(context) / self.n, tails)
 
     def _ratio(self, global_ratio: float, tails: ExactContext | None) -> float:
