@@ -50,7 +50,7 @@ def _tail(layer: int, context: ContextProvider, sinks: ExactContext | None) -> W
         if isinstance(source, ExactContext) and source.slides(layer):
             return source.tail(layer)
     if isinstance(context, NoContext):
-        return WindowTail(*(torch.zeros(0, 0, 0),) * 2, None, 0, 1)
+        return WindowTail(torch.zeros(0, 0, 0), torch.zeros(0, 0, 0), None, 0, 1)
     raise ValueError(f"layer {layer} slides over a window, but nothing bound holds the document's last tokens")
 
 

@@ -171,7 +171,7 @@ def test_eval_on_a_model_with_sliding_layers(monkeypatch, tokenizer, doc, tmp_pa
     rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     n = json.loads((out / "eval.json").read_text())["document_tokens"]
     tails = 2 * 7 / cache_tokens(model.config, n)  # two sliding layers keep 7 tokens each
-    assert rows["no_document"]["bytes_ratio"] == pytest.approx(tails)
+    assert rows["no_document"]["bytes_ratio"] == 0
     for name in ("nectar", "streaming_llm", "attention_matching"):
         assert tails < rows[name]["bytes_ratio"] < tails + 0.05 * 1.01
         assert len(rows[name]["layers"]["merged_rel"]) == 1  # the one global layer
