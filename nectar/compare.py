@@ -22,7 +22,7 @@ from .compiler import Workbench
 from .config import CompileConfig
 from .decode import generate_ids, generate_text
 from .errors import NectarError
-from .evaluate import document_part, generation_match, layer_errors, next_token_fidelity
+from .evaluate import generation_match, layer_errors, layer_gaps, next_token_fidelity
 from .files import write_json
 from .metrics import pooled_kinds
 from .models import attention_scaling, cache_tokens, modeled_layers
@@ -194,13 +194,9 @@ class Comparison:
     def layer_gap(self, method) -> list[float]:
         """Answer-token KL when only layer l uses the method and every other layer the full cache."""
         pairs = [(p.question_ids, p.answer_ids) for p in self.prompts][: self.config.gap_prompts]
-        provider = document_part(method)
         layers = modeled_layers(self.model.config)  # a sliding layer is exact for every method
-        # One call with every layer as a method: the full-cache reference runs once per batch, not per layer.
-        tails = window_tails(self.wb.full)
-        swapped = {str(layer): (_OneLayer(layer, provider, self.wb.full), tails) for layer in layers}
-        fid = next_token_fidelity(self.model, pairs, self.n, (self.wb.full, None), swapped, self.config.batch_size)
-        return [fid[str(layer)]["answer"]["kl"] for layer in layers]
+        return layer_gaps(self.model, pairs, self.n, self.wb.full, method, layers, window_tails(self.wb.full),
+                          self.config.batch_size)
 
     def methods_at(self, budget: float) -> list[str]:
         # The allocation ablation is one comparison at the main budget, not a curve.
@@ -229,16 +225,6 @@ def _fit_seconds(timings: dict) -> float:
     """A compile's own cost beside the stages every compile of the document shares (prefill, prompts, capture)."""
     shared = ("prefill", "prompts", "capture", "total")
     return round(sum(v for k, v in timings.items() if k not in shared), 1)
-
-
-class _OneLayer:
-    """A provider that is `provider` at one layer and the exact document everywhere else."""
-
-    def __init__(self, layer: int, provider, full: ExactContext):
-        self.layer, self.provider, self.full = layer, provider, full
-
-    def __call__(self, layer, q, scaling):
-        return (self.provider if layer == self.layer else self.full)(layer, q, scaling)
 
 
 def held_out(workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, batch_size: int):

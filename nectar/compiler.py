@@ -22,12 +22,12 @@ from .config import CompileConfig
 from .decode import generate_ids
 from .documents import document_ids
 from .errors import NectarError
-from .evaluate import next_token_fidelity
+from .evaluate import layer_gaps, next_token_fidelity
 from .fit import bank_errors, fit
 from .metrics import pooled_kinds
 from .models import attention_scaling, check_supported, head_dim, layer_windows, modeled_layers
 from .modules import MLPBank
-from .prefill import prefill, split_exact
+from .prefill import prefill, split_exact, window_tails
 from .quadrature import QuadratureBank
 from .refine import refine, teacher
 from .selection import most_attended
@@ -35,6 +35,7 @@ from .templates import chat, encode, question_ids, templates_for
 
 TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
+GAP_PROMPTS = 24  # training questions on which the "gap" allocation measures each layer's KL
 QUESTION_KINDS = ("self_study", "generic", "direct")  # answered in the model's words; recall quotes verbatim
 
 
@@ -255,7 +256,15 @@ class Workbench:
         uniform = bank_for(per_module)
         if config.allocation == "uniform":
             return uniform
-        shares = allocate(self._probe(bank_for(per_module), config, train_store, val_store), per_module)
+        probe = self._fit_probe(bank_for(per_module), config, train_store, val_store)
+        if config.allocation == "gap":
+            # The KL a layer causes alone is very skewed (one layer in 30 can carry most of it): its square
+            # root, within 0.5x-6x of uniform, moves capacity there without starving the others.
+            gaps = torch.tensor(self._gaps(probe, count)).clamp_min(0).sqrt().tolist()
+            shares = allocate(gaps, per_module, low=0.5, high=6.0)
+        else:
+            merged = bank_errors(probe, val_store)["merged_rel"]
+            shares = allocate(merged.view(probe.layers, -1).mean(1).tolist(), per_module)
         # Widths round down per layer; shrink until no more numbers than the uniform bank's, for a fair match.
         for scale in torch.linspace(1.0, 0.8, 41).tolist():
             bank = bank_for([int(p * scale) for p in shares])
@@ -263,13 +272,22 @@ class Workbench:
                 return bank
         return uniform
 
-    def _probe(self, probe: MLPBank, config: CompileConfig, train_store: Store, val_store: Store) -> list[float]:
-        """Each layer's merged-output error after a short fit of `probe` (uniform): where capacity is short."""
+    def _fit_probe(self, probe: MLPBank, config: CompileConfig, train_store: Store, val_store: Store) -> MLPBank:
+        """A short fit at uniform width: its per-layer errors show where capacity is short."""
         steps = config.probe_steps
         fit(probe.to(train_store.q.device), train_store, val_store,
             replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10), seed=config.seed, progress=False)
-        merged = bank_errors(probe, val_store)["merged_rel"]
-        return merged.view(probe.layers, -1).mean(1).tolist()
+        if len(modeled_layers(self.model.config)) < self.model.config.num_hidden_layers:
+            probe.model_layers = modeled_layers(self.model.config)
+        return probe.eval().requires_grad_(False)
+
+    def _gaps(self, probe: MLPBank, count: int) -> list[float]:
+        """Per modeled layer, the answer-token KL when it alone uses the probe, on training questions."""
+        train = [p for p in self.prompts if p.chunk not in self.val_chunks and p.kind in QUESTION_KINDS]
+        pairs = [(p.question_ids, p.answer_ids) for p in train[:: max(1, len(train) // GAP_PROMPTS)][:GAP_PROMPTS]]
+        sinks = self.split(count)[0]
+        return layer_gaps(self.model, pairs, self.n, self.full, (probe, sinks), modeled_layers(self.model.config),
+                          window_tails(self.full), self.config.batch_size)
 
 
 def _warn_if_useless(questions: dict) -> None:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import NectarError
 
 VARIANTS = ("mlp", "quadrature")
-ALLOCATIONS = ("uniform", "probe")
+ALLOCATIONS = ("uniform", "probe", "gap")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -74,7 +74,9 @@ class CompileConfig:
 
     budget: float = 0.02
     variant: str = "mlp"
-    allocation: str = "uniform"  # capacity per layer: equal, or by a short probe fit's per-layer error
+    # Capacity per layer: equal; by a short probe fit's per-layer error ("probe"); or by the next-token KL
+    # each layer causes when it alone uses the probe's modules ("gap").
+    allocation: str = "uniform"
     probe_steps: int = 150  # fitting steps of that probe
     seed: int = 0
     depth: int = 2  # hidden layers per network

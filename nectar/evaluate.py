@@ -68,6 +68,28 @@ def next_token_fidelity(
     }
 
 
+class OneLayer:
+    """A provider that is `provider` at one layer and the exact document everywhere else."""
+
+    def __init__(self, layer: int, provider, full):
+        self.layer, self.provider, self.full = layer, provider, full
+
+    def __call__(self, layer, q, scaling):
+        return (self.provider if layer == self.layer else self.full)(layer, q, scaling)
+
+
+def layer_gaps(model, pairs, n: int, full, method: Method, layers: list[int], tails=None,
+               batch_size: int = 8) -> list[float]:
+    """Answer-token KL when only layer l uses `method` and every other layer the exact document, per layer.
+
+    One call with every layer as a method: the full-cache reference runs once per batch, not per layer.
+    """
+    provider = document_part(method)
+    swapped = {str(layer): (OneLayer(layer, provider, full), tails) for layer in layers}
+    fid = next_token_fidelity(model, pairs, n, (full, None), swapped, batch_size)
+    return [fid[str(layer)]["answer"]["kl"] for layer in layers]
+
+
 def document_part(method: Method):
     """The whole stand-in a method keeps for the document (its context merged with any sink tokens)."""
     context, sinks = method

@@ -28,9 +28,10 @@ def test_bank_meets_budget_beats_no_document_and_round_trips(bench, variant, all
     assert_same_logits(bench.model, tokenizer, nectar.Artifact.load(art.save(tmp_path / "v.nectar")), art)
 
 
-def test_probe_allocation_spends_the_same_bytes_unevenly(bench):
+@pytest.mark.parametrize("allocation", ["probe", "gap"])
+def test_allocation_spends_the_same_bytes_unevenly(bench, allocation):
     uniform = bench.compile()
-    probe = bench.compile(allocation="probe", probe_steps=20)
+    probe = bench.compile(allocation=allocation, probe_steps=20)
     widths = probe.manifest["modules"]["target_widths"]
     assert len(set(widths)) > 1
     assert probe.bank.num_params() <= uniform.bank.num_params()
