@@ -102,6 +102,7 @@ def decode(model, bank: FusedBank, sinks: ExactContext, doc_ids: list[int], conf
     so drift in the machine's speed hits all alike; `vs_*` are medians of per-round time ratios.
     """
     # One prefill of the longest prefix; each shorter document is a slice of it.
+    print(f"[nectar] prefill of {max(config.decode_n)} tokens", flush=True)
     whole = prefill(model, torch.tensor(doc_ids[:max(config.decode_n)]), whole=True)
     fulls = {n: prefix(whole, n) for n in config.decode_n}
     rows = []
@@ -116,7 +117,7 @@ def decode(model, bank: FusedBank, sinks: ExactContext, doc_ids: list[int], conf
         # The modules' cost does not depend on n; timing them at each n shows that it does not.
         for n in config.decode_n:
             cases["nectar", n] = _bound_decode(model, prompt, n, config.new_tokens, bank, sinks)
-        times = _round_robin(cases, config.repeats)
+        times = _round_robin(cases, config.repeats, f"decode, batch {batch}")
         for (method, n), t in times.items():
             row = {"method": method, "n": n, "batch": batch, **_rate(t, batch, config.new_tokens)}
             if method == "nectar":
@@ -157,7 +158,7 @@ def _stock_decode(model, prompt, full: ExactContext, new_tokens):
     return lambda: as_cache(model, full, prompt.shape[0]), run
 
 
-def _round_robin(cases: dict, repeats: int) -> dict:
+def _round_robin(cases: dict, repeats: int, desc: str) -> dict:
     """Per case, `repeats` timings; a case is a function, or (prepare, run) with prepare off the clock."""
     def once(case) -> float:
         prepare, run = case if isinstance(case, tuple) else (None, case)
@@ -168,12 +169,14 @@ def _round_robin(cases: dict, repeats: int) -> dict:
         _sync()
         return time.perf_counter() - start
 
-    for case in cases.values():
-        once(case)  # warm-up: allocator, kernels, caches
     times = {key: [] for key in cases}
-    for _ in tqdm(range(repeats), desc=f"decode, {len(cases)} cases", leave=False):
-        for key, case in cases.items():
-            times[key].append(once(case))
+    with tqdm(total=(repeats + 1) * len(cases), desc=desc, leave=False) as bar:
+        for round_ in range(repeats + 1):  # round 0 warms up: allocator, kernels, caches
+            for key, case in cases.items():
+                t = once(case)
+                if round_:
+                    times[key].append(t)
+                bar.update()
     return times
 
 
@@ -210,6 +213,7 @@ def run(model, artifact, doc_ids: list[int], config: BenchConfig) -> dict:
     if len(doc_ids) < max(config.decode_n):
         raise NectarError(f"the bench document has {len(doc_ids)} tokens, fewer than n = {max(config.decode_n)}")
     bank, sinks = artifact.providers(model)
+    print("[nectar] one layer's attention alone, at each n", flush=True)
     report = {"attention": attention_only(model, bank, config.attention_n, config.repeats)}
     report["decode"] = decode(model, bank, sinks, doc_ids, config)
     report["memory"] = memory(model, artifact, config.decode_n)
