@@ -17,7 +17,7 @@ from .metrics import module_errors
 from .padding import right_pad, right_padded_positions
 
 Method = tuple[ContextProvider, "ExactContext | None"]
-LOGIT_NUMBERS = 2**26  # log-probabilities held per forward pass: 256 MB of fp32, whatever the vocabulary
+LOGIT_NUMBERS = 2**27  # log-probabilities held per forward pass: 512 MB of fp32, whatever the vocabulary
 
 
 def _batch(pairs: list[tuple[list[int], list[int]]]):

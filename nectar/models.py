@@ -180,12 +180,18 @@ def cache_tokens(config, n: int) -> int:
     return sum(n if window is None else min(n, window) for window in layer_windows(config))
 
 
+# The families whose attention the test matrix checks against transformers' eager attention.
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "gemma3_text")
+
+
 def unsupported(config) -> str | None:
     """Why nectar's split attention cannot run this model exactly, or None when it can."""
     cap = getattr(config, "attn_logit_softcapping", None)
     if cap:
         return (f"its attention logits are soft-capped ({cap}), so attention is not the plain softmax whose "
                 "log-sum-exp merge nectar relies on")
+    if config.model_type not in FAMILIES:
+        return f"nectar checks its attention only for the {', '.join(FAMILIES)} families"
     return None
 
 

@@ -43,6 +43,7 @@ SUPPORTED = {
 }
 REFUSED = {
     "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {}, "soft-capped"),
+    "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, {}, "families"),  # outside the matrix: never run unchecked
 }
 
 
