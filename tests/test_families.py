@@ -171,6 +171,9 @@ def test_gemma3_gguf_vocabulary_is_rebuilt_as_sentencepiece_bpe():
     assert tokenizer("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
     text = "def f(x):\n        return x  # two spaces\n\n\nQuestion: what is `assert`?"
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+    # A base model: the plain layout, BOS first, and no trailing space after "Answer:".
+    from nectar.templates import default_templates
+    assert default_templates(tokenizer) == ("<bos>{document}", "\n\nQuestion: {question}\nAnswer:")
 
 
 def test_serve_refuses_a_sliding_model_in_one_line(tokenizer, document, tmp_path, monkeypatch, capsys):
