@@ -114,8 +114,12 @@ def press(model, doc_ids: list[int], name: str, budget: float) -> ExactContext:
     compressor = getattr(kvpress, PRESSES[name])(compression_ratio=1.0 - budget)
     cache = DynamicCache()
     ids = torch.tensor([doc_ids], device=model.device)
-    with attn_implementation(model, "sdpa"), compressor(model):  # KVzip refuses eager; presses run on SDPA
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    try:
+        with attn_implementation(model, "sdpa"), compressor(model):  # KVzip refuses eager; presses run on SDPA
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+    except (AttributeError, TypeError, ValueError) as e:  # a press that does not know this architecture
+        raise NectarError(f"kvpress's {PRESSES[name]} does not run on {model.config.model_type} "
+                          f"({type(e).__name__}: {e}): leave '{name}' out of --methods") from None
     keys = [layer.keys[0].contiguous() for layer in cache.layers]
     values = [layer.values[0].contiguous() for layer in cache.layers]
     return ExactContext(keys, values, _evicted(model, keys))
