@@ -13,6 +13,11 @@ def summary(artifact, path: str | Path | None = None) -> str:
     lines = [f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)"] if path else []
     lines.append(f"document: {m['document']['tokens']} tokens; modules: {describe(m['modules'])}, "
                  f"{artifact.memory_ratio():.4f} x the KV cache's bytes")
+    sliding = [w for w in artifact.windows if w is not None]
+    if sliding:
+        lines.append(f"sliding-window layers: {len(sliding)} of {len(artifact.windows)} keep their last "
+                     f"{artifact.sinks.keys[artifact.windows.index(sliding[0])].shape[-2]} tokens exact; modules "
+                     "stand in for the global ones")
     val = m["metrics"]["validation"]
     lines.append(f"validation: o_ctx rel err {val['o_rel']:.3f}, |lse err| {val['lse_abs']:.3f}, "
                  f"merged rel err {val['merged_rel']:.4f}")
@@ -50,8 +55,9 @@ def compare_answers(model, tokenizer, artifact, questions: list[str], max_new_to
         lines.append(f"Q: {q}\n  nectar:     {indent(a)}\n  full cache: {indent(f)}\n  {measure}: {score:.3f}\n")
     lines.append(f"{measure} of the answers to the full cache's: mean {sum(scores) / len(scores):.3f}, "
                  f"identical answers {sum(a == f for a, f in zip(answers, full))}/{len(full)}")
-    lines.append(f"memory for the document: {artifact.nbytes() / 1e6:.2f} MB of modules and sink tokens against "
-                 f"{artifact.kv_bytes() / 1e6:.1f} MB of bf16 KV cache ({artifact.memory_ratio():.4f})")
+    exact = "sink tokens" if not any(artifact.windows) else "exact tokens (sinks, sliding-window tails)"
+    lines.append(f"memory for the document: {artifact.nbytes() / 1e6:.2f} MB of modules and {exact} against "
+                 f"{artifact.kv_bytes() / 1e6:.1f} MB of the model's bf16 KV cache ({artifact.memory_ratio():.4f})")
     lines.append(f"time: {took:.1f} s with nectar, {took_full:.1f} s with the full cache (including its prefill)")
     return "\n".join(lines)
 

@@ -134,6 +134,8 @@ def test_compile_attach_ask_end_to_end(name, tokenizer, document, tmp_path):
     tokens = sum(n if w is None else min(n, w) for w in layer_windows(cfg))
     assert artifact.kv_bytes() == 2 * tokens * cfg.num_key_value_heads * 16 * 2
     assert artifact.bank.layers == len(modeled_layers(cfg))
+    from nectar.summary import summary
+    assert ("sliding-window layers" in summary(artifact)) == any(layer_windows(cfg))
 
 
 @torch.no_grad()
