@@ -64,9 +64,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--ray-address", help="HOST:PORT of a Ray cluster's head (default: start a local one)")
     c.add_argument("--cpus-per-task", type=_at_least_one, default=1, help="CPUs each corpus task asks Ray for")
     c.add_argument("--variant", default="mlp", help="module kind: mlp (default) or quadrature")
-    c.add_argument("--allocation", default="uniform",
-                   help="capacity per layer: uniform (default), probe (by a short fit's per-layer error) or gap (by the "
-                   "next-token KL each layer causes alone with that fit's modules)")
+    c.add_argument("--allocation", default="gap",
+                   help="capacity per layer: gap (default: by the next-token KL each layer causes alone with a short "
+                   "probe fit's modules), probe (by that fit's per-layer error) or uniform (fastest)")
     _compile_args(c)
     _model_args(c, default="smollm2-135m", dtype="bfloat16")
     c.set_defaults(run=cmd_compile)

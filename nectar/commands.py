@@ -40,7 +40,7 @@ def _load_for(artifact, args):
 def _compile_config(args) -> CompileConfig:
     """The CompileConfig the flags ask for: built (and so validated) before anything slow runs."""
     return CompileConfig(budget=args.budget, variant=getattr(args, "variant", "mlp"),
-                         allocation=getattr(args, "allocation", "uniform"), seed=args.seed, truncate=args.truncate,
+                         allocation=getattr(args, "allocation", CompileConfig.allocation), seed=args.seed, truncate=args.truncate,
                          exact_share=args.exact_share, onpolicy_steps=args.onpolicy_steps,
                          onpolicy_rounds=args.onpolicy_rounds,
                          fit=FitConfig(steps=args.steps), prompts=PromptConfig.with_total(args.prompts))
@@ -137,7 +137,7 @@ def cmd_demo(args) -> None:
     check_writable(args.output, "--output")
     # A smaller compile than the default, so that the demo ends in a few minutes.
     demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps), onpolicy_steps=args.steps // 2,
-                         onpolicy_rounds=1, prompts=PromptConfig(recall=64, self_study=48, generic=48, direct=48))
+                         onpolicy_rounds=1, allocation="uniform", prompts=PromptConfig(recall=64, self_study=48, generic=48, direct=48))
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "bfloat16")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)

@@ -76,7 +76,7 @@ class CompileConfig:
     variant: str = "mlp"
     # Capacity per layer: equal; by a short probe fit's per-layer error ("probe"); or by the next-token KL
     # each layer causes when it alone uses the probe's modules ("gap").
-    allocation: str = "uniform"
+    allocation: str = "gap"
     probe_steps: int = 150  # fitting steps of that probe
     seed: int = 0
     depth: int = 2  # hidden layers per network

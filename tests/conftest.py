@@ -11,6 +11,7 @@ FAST = nectar.CompileConfig(
     fit=nectar.FitConfig(steps=60, eval_every=20),
     onpolicy_steps=20,
     onpolicy_rounds=1,
+    allocation="uniform",  # the per-layer allocations have tests of their own
 )
 
 
