@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from .attention import ExactContext
 from .errors import NectarError
 from .files import atomic_path
-from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint
+from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
 
@@ -65,8 +65,7 @@ class Artifact:
     def kv_bytes(self, dtype_bytes: int = 2) -> int:
         """The model's own cache for this document: every token in global layers, the window in sliding ones."""
         m = self.manifest["model"]
-        tokens = sum(self.n if w is None else min(self.n, w) for w in self.windows)
-        return 2 * tokens * m["kv_heads"] * m["head_dim"] * dtype_bytes
+        return 2 * window_tokens(self.windows, self.n) * m["kv_heads"] * m["head_dim"] * dtype_bytes
 
     def nbytes(self, dtype_bytes: int = 2) -> int:
         """Bytes kept for the document (modules + exact tokens: sinks, sliding tails) at `dtype_bytes` per number."""

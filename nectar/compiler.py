@@ -189,8 +189,6 @@ class Workbench:
         timings = {**self.timings, **self._stage_times[count]}
         with _stage(timings, "fit"):
             bank = self._bank(config, count, train_store, val_store).to(self.model.device)
-            if len(modeled_layers(self.model.config)) < self.model.config.num_hidden_layers:
-                bank.model_layers = modeled_layers(self.model.config)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
         for _ in range(config.onpolicy_rounds if config.onpolicy_steps else 0):
@@ -242,16 +240,16 @@ class Workbench:
         modeled = modeled_layers(cfg)
         per_module = params_per_module(self.model, self.n, config, count)
         if config.variant == "quadrature":
-            bank = QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,
-                                             attention_scaling(self.model))
+            bank = self._on_modeled(QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,
+                                                              attention_scaling(self.model)))
             _, rest = self.split(count)
             keys, values = ([part[layer] for layer in modeled] for part in (rest.keys, rest.values))
             bank.init_from(torch.cat(keys).float().cpu(), torch.cat(values).float().cpu(), seed=config.seed)
             return bank
 
         def bank_for(params) -> MLPBank:
-            return MLPBank.for_budget(len(modeled), cfg.num_key_value_heads, d, params, config.depth,
-                                      config.score_share)
+            return self._on_modeled(MLPBank.for_budget(len(modeled), cfg.num_key_value_heads, d, params,
+                                                       config.depth, config.score_share))
 
         uniform = bank_for(per_module)
         if config.allocation == "uniform":
@@ -277,9 +275,13 @@ class Workbench:
         steps = config.probe_steps
         fit(probe.to(train_store.q.device), train_store, val_store,
             replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10), seed=config.seed, progress=False)
-        if len(modeled_layers(self.model.config)) < self.model.config.num_hidden_layers:
-            probe.model_layers = modeled_layers(self.model.config)
         return probe.eval().requires_grad_(False)
+
+    def _on_modeled(self, bank: Bank) -> Bank:
+        """A bank for the model's global layers only, called by model layer (None: every layer has modules)."""
+        modeled = modeled_layers(self.model.config)
+        bank.model_layers = modeled if len(modeled) < self.model.config.num_hidden_layers else None
+        return bank
 
     def _gaps(self, probe: MLPBank, count: int) -> list[float]:
         """Per modeled layer, the answer-token KL when it alone uses the probe, on training questions."""

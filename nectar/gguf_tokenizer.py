@@ -20,17 +20,15 @@ SPACE = "\u2581"
 CONTROL, USER_DEFINED = 3, 4  # SentencePiece piece types, as GGUF stores them
 
 
-def needs_rebuild(path: Path) -> bool:
-    """A SentencePiece vocabulary with spaces in its pieces (Gemma's), which transformers 5.2 misreads."""
+def spm_bpe_tokenizer(path: Path) -> PreTrainedTokenizerFast | None:
+    """The rebuilt tokenizer, or None when the file's vocabulary is not a SentencePiece one with spaces in its
+    pieces (Gemma's), which transformers reads right. The file is read once (about 10 s for 262k pieces)."""
     fields = GGUFReader(str(path)).fields
-    if fields["tokenizer.ggml.model"].contents() != "llama" or "tokenizer.ggml.merges" in fields:
-        return False
-    return any(" " in piece for piece in fields["tokenizer.ggml.tokens"].contents()[:1000])
-
-
-def spm_bpe_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    fields = GGUFReader(str(path)).fields
-    pieces = [piece.replace(" ", SPACE) for piece in fields["tokenizer.ggml.tokens"].contents()]
+    raw = fields["tokenizer.ggml.tokens"].contents()
+    if (fields["tokenizer.ggml.model"].contents() != "llama" or "tokenizer.ggml.merges" in fields
+            or not any(" " in piece for piece in raw[:1000])):
+        return None
+    pieces = [piece.replace(" ", SPACE) for piece in raw]
     types = fields["tokenizer.ggml.token_type"].contents()
     special = {name: pieces[fields[f"tokenizer.ggml.{name}_token_id"].contents()]
                for name in ("bos", "eos", "unknown", "padding")}

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from .errors import NectarError
-from .gguf_tokenizer import needs_rebuild, spm_bpe_tokenizer
+from .gguf_tokenizer import spm_bpe_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -85,10 +85,8 @@ def _convert(source: GGUFSource, target: Path) -> None:
     with offline():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                      local_files_only=True)
-        if needs_rebuild(gguf):
-            tokenizer = spm_bpe_tokenizer(gguf)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        tokenizer = spm_bpe_tokenizer(gguf) or AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                              local_files_only=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:
@@ -177,7 +175,12 @@ def modeled_layers(config) -> list[int]:
 
 def cache_tokens(config, n: int) -> int:
     """Tokens of an n-token document the model's own cache holds, summed over layers (per KV head)."""
-    return sum(n if window is None else min(n, window) for window in layer_windows(config))
+    return window_tokens(layer_windows(config), n)
+
+
+def window_tokens(windows: list[int | None], n: int) -> int:
+    """The same from the layers' windows alone (what an artifact's manifest keeps)."""
+    return sum(n if window is None else min(n, window) for window in windows)
 
 
 # The families whose attention the test matrix checks against transformers' eager attention.

