@@ -77,12 +77,20 @@ class Artifact:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"bank.{k}": v.detach().to(STORE_DTYPE).contiguous() for k, v in self.bank.export().items()}
-        # Sinks of the global layers and tails of the sliding ones: each part has one length, so it stacks.
+        # Sinks of the global layers and tails of the sliding ones: each part stacks when its layers keep as
+        # many tokens; exact tokens allocated by layer do not, and go end to end with their lengths.
         for name, slides in (("sinks", False), ("tails", True)):
             layers = [layer for layer, w in enumerate(self.windows) if (w is not None) == slides]
-            if layers:
-                out[f"{name}.keys"] = torch.stack([self.sinks.keys[i] for i in layers]).to(STORE_DTYPE).contiguous()
-                out[f"{name}.values"] = torch.stack([self.sinks.values[i] for i in layers]).to(STORE_DTYPE).contiguous()
+            if not layers:
+                continue
+            keys, values = [self.sinks.keys[i] for i in layers], [self.sinks.values[i] for i in layers]
+            if len({k.shape[1] for k in keys}) == 1:
+                out[f"{name}.keys"], out[f"{name}.values"] = torch.stack(keys), torch.stack(values)
+            else:
+                out[f"{name}.keys"], out[f"{name}.values"] = torch.cat(keys, 1), torch.cat(values, 1)
+                out[f"{name}.lengths"] = torch.tensor([k.shape[1] for k in keys], dtype=torch.int32)
+            for part in ("keys", "values"):
+                out[f"{name}.{part}"] = out[f"{name}.{part}"].to(STORE_DTYPE).contiguous()
         if self.document_ids is not None:
             out["document.ids"] = torch.tensor(self.document_ids, dtype=torch.int32)
         return out
@@ -155,12 +163,20 @@ def _bank_from(manifest: dict, tensors: dict) -> Bank:
 def _sinks_from(manifest: dict, tensors: dict) -> ExactContext:
     windows = manifest["model"].get("windows")
     if not windows:
-        keys, values = tensors["sinks.keys"].float(), tensors["sinks.values"].float()
-        return ExactContext(list(keys.unbind(0)), list(values.unbind(0)))
-    parts = {name: iter(zip(tensors[f"{name}.keys"].float(), tensors[f"{name}.values"].float()))
-             for name in ("sinks", "tails") if f"{name}.keys" in tensors}
+        keys, values = _per_layer(tensors, "sinks")
+        return ExactContext(keys, values)
+    parts = {name: iter(zip(*_per_layer(tensors, name))) for name in ("sinks", "tails") if f"{name}.keys" in tensors}
     keys, values = zip(*(next(parts["sinks" if w is None else "tails"]) for w in windows))
     return ExactContext(list(keys), list(values), windows=windows, end=manifest["document"]["tokens"])
+
+
+def _per_layer(tensors: dict, name: str) -> tuple[list, list]:
+    """A stored part's keys and values, one [kv_heads, tokens, d] per layer: stacked, or end to end."""
+    keys, values = tensors[f"{name}.keys"].float(), tensors[f"{name}.values"].float()
+    if f"{name}.lengths" not in tensors:
+        return list(keys.unbind(0)), list(values.unbind(0))
+    lengths = tensors[f"{name}.lengths"].tolist()
+    return list(keys.split(lengths, 1)), list(values.split(lengths, 1))
 
 
 def _checksum(manifest: dict, tensors: dict[str, torch.Tensor]) -> str:

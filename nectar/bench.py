@@ -130,7 +130,7 @@ def decode(model, bank: FusedBank, sinks: ExactContext, doc_ids: list[int], conf
 
 
 def _bound_decode(model, prompt, n, new_tokens, context, sinks=None):
-    cached = sinks if cacheable(model) else None
+    cached = sinks if cacheable(model, sinks) else None
 
     def run():
         with bound(model, context, sinks=None if cached is not None else sinks):

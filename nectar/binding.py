@@ -54,10 +54,12 @@ def _tail(layer: int, context: ContextProvider, sinks: ExactContext | None) -> W
     raise ValueError(f"layer {layer} slides over a window, but nothing bound holds the document's last tokens")
 
 
-def cacheable(model: nn.Module) -> bool:
+def cacheable(model: nn.Module, sinks: ExactContext | None = None) -> bool:
     """Whether sink tokens may go in a prefix cache for `generate`: not when some layer slides, since the
-    sinks lie outside its window and the cache would show them to it."""
-    return all(window is None for window in layer_windows(model.config))
+    sinks lie outside its window and the cache would show them to it, nor when layers keep different
+    numbers of exact tokens, since one cache length (and one mask) serves every layer."""
+    even = sinks is None or len({k.shape[-2] for k in sinks.keys}) <= 1
+    return even and all(window is None for window in layer_windows(model.config))
 
 
 def generation_inputs(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
@@ -75,8 +77,9 @@ def generation_inputs(model: nn.Module, ids: torch.Tensor, attention_mask: torch
               "position_ids": positions_after(n, attention_mask).to(device)}
     if sinks is None or sinks.keys[0].shape[-2] == 0:
         return inputs
-    if not cacheable(model):
-        raise ValueError("a model with sliding layers takes its sinks bound (`bound(..., sinks=)`), not cached")
+    if not cacheable(model, sinks):
+        raise ValueError("sinks of a model with sliding layers, or of uneven length, are bound (`bound(..., "
+                         "sinks=)`), not cached")
     if sinks.bias is not None:
         raise ValueError("tokens with an eviction bias cannot be cached exactly")
     b, s = ids.shape[0], sinks.keys[0].shape[-2]

@@ -16,6 +16,7 @@ import torch
 
 from . import prompts as P
 from .artifact import Artifact, Bank, build_manifest
+from .budget import allocate, params_per_module, uniform_exact
 from .attention import ExactContext, NoContext
 from .capture import Store, capture
 from .config import CompileConfig
@@ -91,7 +92,9 @@ class Workbench:
         self.timings: dict[str, float] = {}
         self._splits: dict[int, tuple[ExactContext, ExactContext]] = {}
         self._stores: dict[int, tuple[Store, Store]] = {}
-        self._stage_times: dict[int, dict[str, float]] = {}  # per exact-token count: its own capture stages
+        self._stage_times: dict[tuple, dict[str, float]] = {}  # per exact-token counts: their own capture stages
+        self._gaps: dict[tuple, list[float]] = {}  # per probe setting: each modeled layer's KL (`gap` allocation)
+        self._gap_times: dict[tuple, dict[str, float]] = {}
         self._teacher_time: dict[str, float] = {}  # only compiles that refine pay for the teacher
 
     @cached_property
@@ -99,22 +102,36 @@ class Workbench:
         with _stage(self.timings, "prefill"):
             return prefill(self.model, torch.tensor(self.doc_ids))
 
-    def exact_count(self, config: CompileConfig) -> int:
-        """Tokens kept exact per (layer, head) beyond the sinks: `exact_share` of the budget's tokens."""
-        return int(config.exact_share * config.budget * self.n)
+    def exact_counts(self, config: CompileConfig) -> tuple[int, ...]:
+        """Tokens kept exact per (layer, head) beyond the sinks, per model layer: `exact_share` of the budget's
+        tokens, the same in every layer, or under the `gap` allocation in proportion to the KL each layer
+        causes, since a layer whose module barely moves the answer needs no exact tokens at all."""
+        layers = self.model.config.num_hidden_layers
+        per_layer = uniform_exact(self.n, config)
+        if not per_layer or config.allocation != "gap":
+            return (per_layer,) * layers
+        gaps = self.gaps(config)
+        # At most half the document exact in any layer: the module must keep something to learn.
+        counts = allocate(gaps, per_layer, low=0.0, high=max(1.0, (self.n - config.sink_tokens) / 2 / per_layer))
+        return tuple(counts)
 
-    def split(self, count: int = 0) -> tuple[ExactContext, ExactContext]:
-        """(exact tokens: the sinks and `count` most attended per head; the rest, which modules learn)."""
-        if count not in self._splits:
+    def split(self, counts: int | tuple[int, ...] = 0) -> tuple[ExactContext, ExactContext]:
+        """(exact tokens: the sinks and the `counts` most attended per head of each layer; the rest, which
+        modules learn)."""
+        counts = self._counts(counts)
+        if counts not in self._splits:
             chosen = None
-            if count:
-                with _stage(self._stage_times.setdefault(count, {}), "choose exact tokens"):
+            if any(counts):
+                with _stage(self._stage_times.setdefault(counts, {}), "choose exact tokens"):
                     queries = capture(self.model, self.pilot_sequences, self.n, self.full, None,
                                       self.config.batch_size, "choose exact tokens").q
                     chosen = most_attended(queries, self.full, attention_scaling(self.model),
-                                           self.config.sink_tokens, count)
-            self._splits[count] = split_exact(self.full, self.config.sink_tokens, chosen)
-        return self._splits[count]
+                                           self.config.sink_tokens, counts)
+            self._splits[counts] = split_exact(self.full, self.config.sink_tokens, chosen)
+        return self._splits[counts]
+
+    def _counts(self, counts: int | tuple[int, ...]) -> tuple[int, ...]:
+        return (counts,) * self.model.config.num_hidden_layers if isinstance(counts, int) else tuple(counts)
 
     @property
     def pilot_sequences(self) -> list[list[int]]:
@@ -154,21 +171,22 @@ class Workbench:
     def kinds(self) -> dict[str, int]:
         return {kind: sum(p.kind == kind for p in self.prompts) for kind in ("recall", "self_study", "generic", "direct")}
 
-    def stores(self, count: int = 0, drive=None, timings: dict | None = None) -> tuple[Store, Store]:
-        """(train, validation) stores for the split with `count` exact tokens, on the model's device (the fit
+    def stores(self, counts: int | tuple[int, ...] = 0, drive=None, timings: dict | None = None) -> tuple[Store, Store]:
+        """(train, validation) stores for the split with `counts` exact tokens, on the model's device (the fit
         runs where the model does). With `drive`, queries come from the model running on that bank, are not
         kept, and their capture is timed into `timings`."""
-        if drive is None and count in self._stores:
-            return self._stores[count]
+        counts = self._counts(counts)
+        if drive is None and counts in self._stores:
+            return self._stores[counts]
         train, val = self.train_sequences, [p.ids for p in self.val_prompts]
-        sinks, rest = self.split(count)
+        sinks, rest = self.split(counts)
         size, device = self.config.batch_size, self.model.device
-        times = self._stage_times.setdefault(count, {}) if drive is None else timings
+        times = self._stage_times.setdefault(counts, {}) if drive is None else timings
         with _stage(times, "capture" if drive is None else "capture on-policy"):
             stores = tuple(capture(self.model, seqs, self.n, rest, sinks, size, f"capture {name}", drive).to(device)
                            for seqs, name in ((train, "train"), (val, "val")))
         if drive is None:
-            self._stores[count] = stores
+            self._stores[counts] = stores
         return stores
 
     @cached_property
@@ -182,18 +200,24 @@ class Workbench:
     def compile(self, **changes) -> Artifact:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
         config = replace(self.config, **changes)
-        count = self.exact_count(config)
-        params_per_module(self.model, self.n, config, count)  # a budget too small is refused before any work
-        train_store, val_store = self.stores(count)
-        sinks, rest = self.split(count)
-        timings = {**self.timings, **self._stage_times[count]}
+        params_per_module(self.model, self.n, config, uniform_exact(self.n, config))  # refused before any work
+        gap_times = {}
+        if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
+            self.gaps(config)
+            gap_times = dict(self._gap_times[_gap_key(config)])
+        counts = self.exact_counts(config)
+        train_store, val_store = self.stores(counts)
+        sinks, rest = self.split(counts)
+        timings = {**self.timings, **self._stage_times[counts], **gap_times}
+        if gap_times and any(counts):  # the probe's own capture, of the document without exact tokens
+            timings["capture (probe)"] = self._stage_times[self._counts(0)]["capture"]
         with _stage(timings, "fit"):
-            bank = self._bank(config, count, train_store, val_store).to(self.model.device)
+            bank = self._bank(config, counts, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
         for _ in range(config.onpolicy_rounds if config.onpolicy_steps else 0):
             # Queries as the modules below each layer will shape them at inference, targets still exact.
-            train_store, val_store = self.stores(count, drive=bank, timings=timings)
+            train_store, val_store = self.stores(counts, drive=bank, timings=timings)
             with _stage(timings, "fit on-policy"):
                 steps = replace(config.fit, steps=config.onpolicy_steps, warmup=config.onpolicy_steps // 10)
                 fit_log["onpolicy"] = fit(bank.requires_grad_(True), train_store, val_store, steps, seed=config.seed,
@@ -212,7 +236,7 @@ class Workbench:
                               for p in self.val_prompts]
         metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"),
                        onpolicy=fit_log.get("onpolicy"), train_tokens=sum(map(len, self.train_sequences)),
-                       prompts=self.kinds, exact_tokens=count)
+                       prompts=self.kinds, exact_tokens=max(counts), exact_per_layer=list(counts))
         timings["total"] = round(sum(timings.values()), 1)
         manifest = build_manifest(self.model, self.tokenizer, self.doc_ids, self.templates, bank, config, metrics,
                                   timings)
@@ -235,40 +259,40 @@ class Workbench:
         return {"validation": {k: sum(v) / len(v) for k, v in per_layer.items()}, "per_layer": per_layer,
                 "fidelity": fidelity, "questions": questions, "val_prompts": len(self.val_prompts)}
 
-    def _bank(self, config: CompileConfig, count: int, train_store: Store, val_store: Store) -> Bank:
+    def _bank(self, config: CompileConfig, counts: tuple[int, ...], train_store: Store, val_store: Store) -> Bank:
         cfg, d = self.model.config, head_dim(self.model.config)
-        modeled = modeled_layers(cfg)
-        per_module = params_per_module(self.model, self.n, config, count)
+        per_module = params_per_module(self.model, self.n, config, uniform_exact(self.n, config))
         if config.variant == "quadrature":
+            modeled = modeled_layers(cfg)
             bank = self._on_modeled(QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,
                                                               attention_scaling(self.model)))
-            _, rest = self.split(count)
+            _, rest = self.split(counts)
             keys, values = ([part[layer] for layer in modeled] for part in (rest.keys, rest.values))
             bank.init_from(torch.cat(keys).float().cpu(), torch.cat(values).float().cpu(), seed=config.seed)
             return bank
-
-        def bank_for(params) -> MLPBank:
-            return self._on_modeled(MLPBank.for_budget(len(modeled), cfg.num_key_value_heads, d, params,
-                                                       config.depth, config.score_share))
-
-        uniform = bank_for(per_module)
+        uniform = self._mlp_bank(config, per_module)
         if config.allocation == "uniform":
             return uniform
-        probe = self._fit_probe(bank_for(per_module), config, train_store, val_store)
         if config.allocation == "gap":
             # The KL a layer causes alone is very skewed (one layer in 30 can carry most of it): its square
             # root, within 0.5x-6x of uniform, moves capacity there without starving the others.
-            gaps = torch.tensor(self._gaps(probe, count)).clamp_min(0).sqrt().tolist()
+            gaps = torch.tensor(self.gaps(config)).clamp_min(0).sqrt().tolist()
             shares = allocate(gaps, per_module, low=0.5, high=6.0)
         else:
+            probe = self._fit_probe(self._mlp_bank(config, per_module), config, train_store, val_store)
             merged = bank_errors(probe, val_store)["merged_rel"]
             shares = allocate(merged.view(probe.layers, -1).mean(1).tolist(), per_module)
         # Widths round down per layer; shrink until no more numbers than the uniform bank's, for a fair match.
         for scale in torch.linspace(1.0, 0.8, 41).tolist():
-            bank = bank_for([int(p * scale) for p in shares])
+            bank = self._mlp_bank(config, [int(p * scale) for p in shares])
             if bank.num_params() <= uniform.num_params():
                 return bank
         return uniform
+
+    def _mlp_bank(self, config: CompileConfig, params: int | list[int]) -> MLPBank:
+        cfg = self.model.config
+        return self._on_modeled(MLPBank.for_budget(len(modeled_layers(cfg)), cfg.num_key_value_heads,
+                                                   head_dim(cfg), params, config.depth, config.score_share))
 
     def _fit_probe(self, probe: MLPBank, config: CompileConfig, train_store: Store, val_store: Store) -> MLPBank:
         """A short fit at uniform width: its per-layer errors show where capacity is short."""
@@ -283,13 +307,30 @@ class Workbench:
         bank.model_layers = modeled if len(modeled) < self.model.config.num_hidden_layers else None
         return bank
 
-    def _gaps(self, probe: MLPBank, count: int) -> list[float]:
-        """Per modeled layer, the answer-token KL when it alone uses the probe, on training questions."""
-        train = [p for p in self.prompts if p.chunk not in self.val_chunks and p.kind in QUESTION_KINDS]
-        pairs = [(p.question_ids, p.answer_ids) for p in train[:: max(1, len(train) // GAP_PROMPTS)][:GAP_PROMPTS]]
-        sinks = self.split(count)[0]
-        return layer_gaps(self.model, pairs, self.n, self.full, (probe, sinks), modeled_layers(self.model.config),
-                          window_tails(self.full), self.config.batch_size)
+    def gaps(self, config: CompileConfig) -> list[float]:
+        """Per modeled layer, the answer-token KL on training questions when it alone uses a probe: modules
+        fitted briefly at uniform width beside the sink tokens. Made once per probe setting: every bank of a
+        budget sweep or ablation that allocates by it shares it."""
+        key = _gap_key(config)
+        if key not in self._gaps:
+            times = self._gap_times.setdefault(key, {})
+            train_store, val_store = self.stores(0)
+            with _stage(times, "probe"):
+                per_module = params_per_module(self.model, self.n, config)
+                probe = self._fit_probe(self._mlp_bank(config, per_module), config, train_store, val_store)
+            with _stage(times, "layer gaps"):
+                train = [p for p in self.prompts if p.chunk not in self.val_chunks and p.kind in QUESTION_KINDS]
+                pairs = [(p.question_ids, p.answer_ids)
+                         for p in train[:: max(1, len(train) // GAP_PROMPTS)][:GAP_PROMPTS]]
+                self._gaps[key] = layer_gaps(self.model, pairs, self.n, self.full, (probe, self.split(0)[0]),
+                                             modeled_layers(self.model.config), window_tails(self.full),
+                                             self.config.batch_size)
+        return self._gaps[key]
+
+
+def _gap_key(config: CompileConfig) -> tuple:
+    """What a probe depends on beyond the document: two compiles that agree on it share their gaps."""
+    return config.budget, config.probe_steps, config.depth, config.score_share, config.seed, repr(config.fit)
 
 
 def _warn_if_useless(questions: dict) -> None:
@@ -301,35 +342,6 @@ def _warn_if_useless(questions: dict) -> None:
               f"({none['agreement']:.3f}): raise --steps or --budget", file=sys.stderr)
 
 
-def allocate(difficulty: list[float], per_module: int, low: float = 0.25, high: float = 3.0) -> list[int]:
-    """Split a uniform budget across layers in proportion to difficulty, each within [low, high] x uniform.
-
-    The total never exceeds the uniform one, so both allocations compare at the same bytes.
-    """
-    share = torch.tensor(difficulty, dtype=torch.float64).clamp_min(1e-9)
-    share = share / share.mean()
-    for _ in range(50):  # clamping moves mass: rescale the unclamped layers until the mean is 1 again
-        share = share.clamp(low, high)
-        free = (share > low) & (share < high)
-        excess = share.sum() - len(share)
-        if abs(excess) < 1e-6 or not free.any():
-            break
-        share = torch.where(free, share - excess * share / share[free].sum(), share)
-    share = share.clamp(low, high)
-    share = share / max(1.0, share.mean().item())
-    return [int(per_module * s) for s in share.tolist()]
-
-
 def compile(model, tokenizer, context, config: CompileConfig | None = None) -> Artifact:
     """Compile a document (text, or a 1-D tensor of token ids) into an Artifact for `model`."""
     return Workbench(model, tokenizer, context, config).compile()
-
-
-def params_per_module(model, n: int, config: CompileConfig, exact: int = 0) -> int:
-    """Numbers per (layer, KV head) module so that modules + exact K/V = budget x the document's KV."""
-    d = head_dim(model.config)
-    per_module = config.budget * 2 * n * d - (config.sink_tokens + exact) * 2 * d
-    if per_module < 4 * d:
-        raise NectarError(f"budget {config.budget} leaves no room for modules beside {config.sink_tokens + exact} "
-                          "exact tokens per head: raise --budget, or lower exact_share or sink_tokens")
-    return int(per_module)

@@ -39,7 +39,7 @@ def generate_ids(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     answers: list[list[int]] = []
     batches = range(0, len(prompts), batch_size)
-    cached = sinks if cacheable(model) else None  # else bound, and read beside the local keys each step
+    cached = sinks if cacheable(model, sinks) else None  # else bound, and read beside the local keys each step
     with bound(model, context, sinks=None if cached is not None else sinks):
         for start in tqdm(batches, desc=desc, disable=desc is None, leave=False):
             ids, mask = left_pad(prompts[start: start + batch_size], pad)

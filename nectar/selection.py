@@ -7,6 +7,8 @@ each. Which tokens is measured on training queries, never on evaluation question
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -14,13 +16,18 @@ from .attention import ExactContext
 
 
 @torch.no_grad()
-def most_attended(queries: Tensor, full: ExactContext, scaling: float, skip: int, count: int,
+def most_attended(queries: Tensor, full: ExactContext, scaling: float, skip: int, count: int | Sequence[int],
                   chunk: int = 2048) -> list[Tensor]:
     """Per layer, the [kv_heads, count] positions (all >= skip, sorted) of the document tokens with the
-    largest attention mass summed over `queries` ([layers * kv_heads, N, d], layer-major as a capture store)."""
+    largest attention mass summed over `queries` ([layers * kv_heads, N, d], layer-major as a capture store).
+    `count` is one number for every layer, or one per layer."""
     kv = full.keys[0].shape[0]
+    counts = [count] * len(full.keys) if isinstance(count, int) else list(count)
     chosen = []
-    for layer, keys in enumerate(full.keys):
+    for layer, (keys, count) in enumerate(zip(full.keys, counts)):
+        if not count:
+            chosen.append(torch.zeros(kv, 0, dtype=torch.long, device=keys.device))
+            continue
         q, k = queries[layer * kv:(layer + 1) * kv], keys.float().to(queries.device)
         mass = torch.zeros(k.shape[:2], device=k.device)
         for start in range(0, q.shape[1], chunk):

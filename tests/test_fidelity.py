@@ -1,14 +1,18 @@
 """The fidelity levers: exact most-attended tokens, the on-policy refit, and the Attention Matching baseline."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 import nectar
 from nectar.attention import merge
+from nectar.binding import cacheable
+from nectar.decode import generate_ids
 from nectar.baselines import attention_matching, matched_bytes
 from nectar.compiler import Workbench
 from nectar.prefill import prefill, split_exact
 from nectar.selection import most_attended
-from conftest import FAST, sample_document, tiny_llama
+from conftest import FAST, assert_same_logits, sample_document, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,38 @@ def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
         assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
     loaded = nectar.Artifact.load(art.save(tmp_path / "e.nectar"))
     torch.testing.assert_close(loaded.sinks.keys[1], art.sinks.keys[1].float(), atol=1e-2, rtol=1e-2)
+
+
+@torch.no_grad()
+def test_uneven_exact_tokens_and_the_rest_generate_as_the_full_cache(tokenizer):
+    """Layers keeping different numbers of exact tokens cannot share a prefix cache: they are bound instead."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    doc = torch.randint(3, 300, (40,))
+    full = prefill(model, doc)
+    chosen = most_attended(torch.randn(3 * 2, 30, 16), full, 0.25, skip=4, count=[0, 7, 2])
+    exact, rest = split_exact(full, 4, chosen)
+    assert [k.shape[1] for k in exact.keys] == [4, 11, 6] and not cacheable(model, exact)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 9)]
+    want = generate_ids(model, tokenizer, prompts, len(doc), full, max_new_tokens=6)
+    assert generate_ids(model, tokenizer, prompts, len(doc), rest, exact, max_new_tokens=6) == want
+
+
+def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, tmp_path):
+    config = dict(allocation="gap", exact_share=0.3, probe_steps=20)
+    art = bench.compile(**config)
+    counts = art.manifest["metrics"]["exact_per_layer"]
+    gaps = bench.gaps(replace(bench.config, **config))
+    assert len(set(counts)) > 1 and counts.index(max(counts)) == gaps.index(max(gaps))
+    assert sum(counts) <= len(counts) * int(0.3 * FAST.budget * bench.n)
+    assert [k.shape[1] for k in art.sinks.keys] == [FAST.sink_tokens + c for c in counts]
+    assert art.memory_ratio() <= FAST.budget
+    loaded = nectar.Artifact.load(art.save(tmp_path / "gap.nectar"))
+    assert [k.shape[1] for k in loaded.sinks.keys] == [k.shape[1] for k in art.sinks.keys]
+    assert_same_logits(bench.model, tokenizer, loaded, art)
+    questions = ["What is assert?", "When does the else clause run?"]
+    assert nectar.ask(bench.model, tokenizer, loaded, questions, max_new_tokens=6) == \
+        nectar.ask(bench.model, tokenizer, art, questions, max_new_tokens=6)
 
 
 def test_onpolicy_refit_runs_after_the_fit_and_keeps_the_best(bench):

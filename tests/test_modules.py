@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nectar.attention import reference_attention
-from nectar.compiler import allocate
+from nectar.budget import allocate
 from nectar.modules import FusedBank, MLPBank
 from nectar.quadrature import QuadratureBank
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ from nectar.rowbanks import RowBanks
 from nectar.server import Library, ServeConfig, create_app
 from nectar.templates import question_ids
 
-from conftest import FAST, tiny_llama
+from conftest import FAST, sample_document, tiny_llama
 
 QUESTIONS = ["What does assert do?", "When does the else branch of an if statement run?"]
 ANSWER = 12  # tokens
@@ -309,3 +310,11 @@ def test_a_taken_port_is_one_line_before_the_model_loads(saved, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         assert_one_line_error(run_cli(capsys, "serve", saved, "--port", busy.getsockname()[1]), "pick another --port")
+
+
+def test_an_artifact_with_uneven_exact_tokens_is_skipped_in_one_line(compiled, tokenizer, tmp_path):
+    model = compiled[0]
+    config = replace(FAST, allocation="gap", exact_share=0.3, probe_steps=10)
+    nectar.compile(model, tokenizer, sample_document(1500), config).save(tmp_path / "uneven.nectar")
+    report = Library([tmp_path], model, tokenizer).reload()
+    assert report["documents"] == [] and "different numbers of exact tokens" in report["skipped"][0]["reason"]

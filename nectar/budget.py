@@ -1,0 +1,47 @@
+"""How a budget of bytes is split: numbers per module, per layer, and tokens kept exact.
+
+A budget is module numbers + exact keys and values per (layer, KV head) against the document's KV cache
+at the same dtype. Splits move capacity between layers but never exceed the uniform total, so that
+every allocation compares with the uniform one at the same bytes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import CompileConfig
+from .errors import NectarError
+from .models import head_dim
+
+
+def params_per_module(model, n: int, config: CompileConfig, exact: int = 0) -> int:
+    """Numbers per (layer, KV head) module so that modules + exact K/V = budget x the document's KV."""
+    d = head_dim(model.config)
+    per_module = config.budget * 2 * n * d - (config.sink_tokens + exact) * 2 * d
+    if per_module < 4 * d:
+        raise NectarError(f"budget {config.budget} leaves no room for modules beside {config.sink_tokens + exact} "
+                          "exact tokens per head: raise --budget, or lower exact_share or sink_tokens")
+    return int(per_module)
+
+
+def uniform_exact(n: int, config: CompileConfig) -> int:
+    """Tokens kept exact per (layer, head) beyond the sinks when spread evenly: `exact_share` of the budget's."""
+    return int(config.exact_share * config.budget * n)
+
+
+def allocate(difficulty: list[float], per_module: int, low: float = 0.25, high: float = 3.0) -> list[int]:
+    """Split a uniform budget across layers in proportion to difficulty, each within [low, high] x uniform.
+
+    The total never exceeds the uniform one, so both allocations compare at the same bytes.
+    """
+    share = torch.tensor(difficulty, dtype=torch.float64).clamp_min(1e-9)
+    share = share / share.mean()
+    for _ in range(50):  # clamping moves mass: rescale the unclamped layers until the mean is 1 again
+        share = share.clamp(low, high)
+        free = (share > low) & (share < high)
+        excess = share.sum() - len(share)
+        if abs(excess) < 1e-6 or not free.any():
+            break
+        share = torch.where(free, share - excess * share / share[free].sum(), share)
+    share = share.clamp(low, high)
+    share = share / max(1.0, share.mean().item())
+    return [int(per_module * s) for s in share.tolist()]
