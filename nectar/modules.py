@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from .graphs import forget
 
+GROUPS = 3  # width groups a stack of unequal modules runs in: one matmul per group and layer
 
 def gelu(x: Tensor) -> Tensor:
     # The tanh form: the same smooth curve to ~1e-3, and 3x cheaper than erf on small CPU tensors.
@@ -44,14 +45,34 @@ class MLPStack(nn.Module):
             self.weights[-1].mul_(0.1)  # start near the mean prediction
 
     def forward(self, x: Tensor, rows: slice) -> Tensor:
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b[rows], x, w[rows])
-            if i < last:
-                x = gelu(x) if self.uniform else gelu(x) * self.mask[rows]
-        return x
+        if self.uniform:
+            return self.masked(x, rows)
+        widths = self.widths[rows]
+        if len(set(widths)) == 1:  # one layer's modules: at their own width, nothing to mask
+            return _mlp(x, *self.trimmed(rows, widths[0]))
+        if len(widths) < len(self.widths):
+            return self.masked(x, rows)
+        # Widths vary by layer (up to 12x under the gap allocation): run each group of similar widths at
+        # its own largest one, not every module at the widest's, which costs up to its square per module.
+        out = x.new_zeros(x.shape[0], x.shape[1], self.weights[-1].shape[-1])
+        for index, width in self.groups():
+            mask = self.mask[index][..., :width]
+            out = out.index_copy(0, index, _mlp(x[index], *self.trimmed(index, width), mask))
+        return out
 
-    def trimmed(self, rows: slice, width: int) -> tuple[list[Tensor], list[Tensor]]:
+    def masked(self, x: Tensor, rows: slice, mask: Tensor | None = None) -> Tensor:
+        """Every module at the stack's full width, units past its own masked: the reference path."""
+        return _mlp(x, [w[rows] for w in self.weights], [b[rows] for b in self.biases],
+                    None if self.uniform else self.mask[rows])
+
+    def groups(self) -> list[tuple[Tensor, int]]:
+        """Modules split into at most GROUPS sets of similar width: (their indices, the set's largest width)."""
+        if not hasattr(self, "_groups") or self._groups[0][0].device != self.mask.device:
+            self._groups = [(torch.tensor(index, device=self.mask.device), width)
+                            for index, width in width_groups(self.widths, GROUPS)]
+        return self._groups
+
+    def trimmed(self, rows: slice | Tensor, width: int) -> tuple[list[Tensor], list[Tensor]]:
         """The weights of modules `rows` (all of hidden width `width`) without their masked units."""
         last = len(self.weights) - 1
         weights = [w[rows][:, : width if i else None, : width if i < last else None] for i, w in enumerate(self.weights)]
@@ -66,6 +87,38 @@ class MLPStack(nn.Module):
     def num_params(d_in: int, width: int, d_out: int, depth: int) -> int:
         dims = [d_in] + [width] * depth + [d_out]
         return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | None = None) -> Tensor:
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = torch.baddbmm(b, x, w)
+        if i < last:
+            x = gelu(x) if mask is None else gelu(x) * mask
+    return x
+
+
+def width_groups(widths: list[int], groups: int) -> list[tuple[list[int], int]]:
+    """At most `groups` sets of module indices, by width, that minimise the hidden-layer cost (set size
+    x its largest width squared) of running each set at its largest width."""
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+    w = [widths[i] for i in order]
+    n = len(w)
+    # best[g][j]: least cost of the j narrowest modules in g sets; a set ending at j runs at width w[j-1].
+    best = [[0.0] + [math.inf] * n for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    for g in range(1, groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[g - 1][i] + (j - i) * w[j - 1] ** 2
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    sets, j, g = [], n, min(range(1, groups + 1), key=lambda k: best[k][n])
+    while j:
+        i = cut[g][j]
+        sets.append(([order[k] for k in range(i, j)], w[j - 1]))
+        j, g = i, g - 1
+    return sets[::-1]
 
 
 def width_for(params: int, d_in: int, d_out: int, depth: int) -> int:

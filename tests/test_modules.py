@@ -4,7 +4,7 @@ import torch
 
 from nectar.attention import reference_attention
 from nectar.budget import allocate
-from nectar.modules import FusedBank, MLPBank
+from nectar.modules import FusedBank, MLPBank, MLPStack, width_groups
 from nectar.quadrature import QuadratureBank
 
 
@@ -106,3 +106,29 @@ def test_fit_windows_cover_every_row_once_per_epoch():
     seen = torch.cat([_window(shuffled, step, 4).q.flatten() for step in range(5)])  # 20 rows: two epochs
     assert sorted(seen.tolist()) == sorted(2 * list(range(n)))
     assert shuffled.q.flatten().tolist() != list(range(n))
+
+
+def test_width_groups_cover_every_module_once_and_split_where_widths_jump():
+    widths = [8, 8, 9, 8, 40, 41, 8, 100]
+    sets = width_groups(widths, 3)
+    assert sorted(i for index, _ in sets for i in index) == list(range(8))
+    assert [width for _, width in sets] == [9, 41, 100]
+    assert all(widths[i] <= width for index, width in sets for i in index)
+    assert width_groups([5] * 4, 3) == [([0, 1, 2, 3], 5)]
+
+
+def test_grouped_stack_equals_the_masked_reference_in_value_and_gradient():
+    torch.manual_seed(0)
+    stack = MLPStack(6, 8, [3, 3, 12, 12, 30, 5], 4, depth=2)
+    x = torch.randn(6, 17, 8)
+    grads = []
+    for path in (lambda: stack(x, slice(None)), lambda: stack.masked(x, slice(None))):
+        stack.zero_grad()
+        out = path()
+        out.pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in stack.parameters()])
+        grads[-1].append(out.detach())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    one_layer = slice(2, 4)  # equal widths: run trimmed, still the same function
+    torch.testing.assert_close(stack(x[2:4], one_layer), stack.masked(x[2:4], one_layer), atol=1e-5, rtol=1e-5)
