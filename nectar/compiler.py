@@ -236,7 +236,8 @@ class Workbench:
                               for p in self.val_prompts]
         metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"),
                        onpolicy=fit_log.get("onpolicy"), train_tokens=sum(map(len, self.train_sequences)),
-                       prompts=self.kinds, exact_tokens=max(counts), exact_per_layer=list(counts))
+                       prompts=self.kinds, exact_tokens=max(counts), exact_per_layer=list(counts),
+                       layer_gaps=self._gaps.get(_gap_key(config)) if gap_times else None)
         timings["total"] = round(sum(timings.values()), 1)
         manifest = build_manifest(self.model, self.tokenizer, self.doc_ids, self.templates, bank, config, metrics,
                                   timings)

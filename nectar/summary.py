@@ -18,6 +18,7 @@ def summary(artifact, path: str | Path | None = None) -> str:
         lines.append(f"sliding-window layers: {len(sliding)} of {len(artifact.windows)} keep their last "
                      f"{artifact.sinks.keys[artifact.windows.index(sliding[0])].shape[-2]} tokens exact; modules "
                      "stand in for the global ones")
+    lines += hardest_layers(artifact)
     val = m["metrics"]["validation"]
     lines.append(f"validation: o_ctx rel err {val['o_rel']:.3f}, |lse err| {val['lse_abs']:.3f}, "
                  f"merged rel err {val['merged_rel']:.4f}")
@@ -31,6 +32,20 @@ def summary(artifact, path: str | Path | None = None) -> str:
                          f"({a['tokens']} tokens)")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in m["timings"].items()))
     return "\n".join(lines)
+
+
+def hardest_layers(artifact, top: int = 3) -> list[str]:
+    """The layers whose modules move the next token most (what the `gap` allocation measured), and the
+    exact tokens each keeps: where a user would look first if answers drift."""
+    metrics = artifact.manifest["metrics"]
+    if not metrics.get("layer_gaps"):
+        return []
+    layers = [layer for layer, w in enumerate(artifact.windows) if w is None]
+    exact = metrics.get("exact_per_layer") or [0] * len(artifact.windows)
+    worst = sorted(zip(metrics["layer_gaps"], layers), reverse=True)[:top]
+    return ["hardest layers (answer KL with only that layer on modules): " + ", ".join(
+        f"{layer} ({gap:.3f}" + (f"; {exact[layer]} exact tokens per head)" if exact[layer] else ")")
+        for gap, layer in worst)]
 
 
 def describe(modules: dict) -> str:

@@ -12,6 +12,7 @@ from nectar.baselines import attention_matching, matched_bytes
 from nectar.compiler import Workbench
 from nectar.prefill import prefill, split_exact
 from nectar.selection import most_attended
+from nectar.summary import summary
 from conftest import FAST, assert_same_logits, sample_document, tiny_llama
 
 
@@ -77,6 +78,8 @@ def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, 
     assert sum(counts) <= len(counts) * int(0.3 * FAST.budget * bench.n)
     assert [k.shape[1] for k in art.sinks.keys] == [FAST.sink_tokens + c for c in counts]
     assert art.memory_ratio() <= FAST.budget
+    top = gaps.index(max(gaps))
+    assert f"{top} ({max(gaps):.3f}; {counts[top]} exact tokens per head)" in summary(art)
     loaded = nectar.Artifact.load(art.save(tmp_path / "gap.nectar"))
     assert [k.shape[1] for k in loaded.sinks.keys] == [k.shape[1] for k in art.sinks.keys]
     assert_same_logits(bench.model, tokenizer, loaded, art)
