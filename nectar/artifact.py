@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .attention import ExactContext
+from .attention import ExactContext, WithExact
 from .errors import NectarError
 from .files import atomic_path
 from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
@@ -54,8 +54,19 @@ class Artifact:
             fused = self.bank.inference().to(device)
             sinks = replace(self.sinks, keys=[k.to(device, dtype) for k in self.sinks.keys],
                             values=[v.to(device, dtype) for v in self.sinks.values])
+            if len({k.shape[-2] for k, w in zip(sinks.keys, self.windows) if w is None}) > 1:
+                # Exact tokens allocated by layer: the sinks (the same in every layer) can go in a prefix
+                # cache; the rest join the modules' side, where their numbers may differ.
+                fused, sinks = self._exact_beside(fused, sinks)
             self._providers[dtype, device] = (fused, sinks)
         return self._providers[dtype, device]
+
+    def _exact_beside(self, provider, sinks: ExactContext) -> tuple[WithExact, ExactContext]:
+        """(the provider with each layer's exact tokens past the sinks beside it, the sinks alone)."""
+        s = self.manifest["sink_tokens"]
+        rest = ExactContext([k[:, s:] for k in sinks.keys], [v[:, s:] for v in sinks.values])
+        return WithExact(provider, rest), replace(sinks, keys=[k[:, :s] for k in sinks.keys],
+                                                  values=[v[:, :s] for v in sinks.values])
 
     @property
     def windows(self) -> list[int | None]:

@@ -219,6 +219,22 @@ class NoContext:
         return _empty(q)
 
 
+@dataclass
+class WithExact:
+    """A provider with exact document tokens beside it, merged by log-sum-exp: the tokens a compile keeps
+    exact where layers keep different numbers of them, which one prefix cache cannot hold as sinks."""
+
+    provider: ContextProvider
+    exact: ExactContext
+    graphable = False
+
+    def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+        o, lse = self.provider(layer, q, scaling)
+        if self.exact.keys[layer].shape[-2] == 0:
+            return o, lse
+        return merge(o, lse, *self.exact(layer, q, scaling))
+
+
 def _empty(q: Tensor) -> tuple[Tensor, Tensor]:
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     return out, torch.full(q.shape[:-1], float("-inf"), device=q.device)

@@ -36,7 +36,7 @@ from .templates import chat, encode, question_ids, templates_for
 
 TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
-GAP_PROMPTS = 16  # training questions (one batch) on which the "gap" allocation measures each layer's KL
+GAP_PROMPTS = 8  # training questions on which the "gap" allocation measures each layer's KL
 QUESTION_KINDS = ("self_study", "generic", "direct")  # answered in the model's words; recall quotes verbatim
 
 

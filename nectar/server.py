@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from . import api
 from .artifact import Artifact
-from .binding import cacheable
 from .engine import Delta, Engine, Request
 from .errors import NectarError
 from .templates import encode, question_ids
@@ -100,9 +99,6 @@ class Library:
             try:
                 artifact = Artifact.load(path)
                 artifact.check_compatible(self.model, self.tokenizer)
-                if not cacheable(self.model, artifact.sinks):
-                    raise NectarError("its layers keep different numbers of exact tokens, which `nectar serve` does "
-                                      "not batch yet: recompile it with --exact-share 0 or --allocation uniform")
             except NectarError as e:
                 skipped.append({"path": str(path), "reason": str(e)})
                 self.documents.pop(name, None)

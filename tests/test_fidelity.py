@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import nectar
-from nectar.attention import merge
-from nectar.binding import cacheable
+from nectar.attention import WithExact, merge
+from nectar.binding import bound, cacheable
 from nectar.decode import generate_ids
 from nectar.baselines import attention_matching, matched_bytes
 from nectar.compiler import Workbench
@@ -83,6 +83,15 @@ def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, 
     loaded = nectar.Artifact.load(art.save(tmp_path / "gap.nectar"))
     assert [k.shape[1] for k in loaded.sinks.keys] == [k.shape[1] for k in art.sinks.keys]
     assert_same_logits(bench.model, tokenizer, loaded, art)
+    provider, sinks = loaded.providers(bench.model)  # sinks alike in every layer: a prefix cache holds them
+    assert isinstance(provider, WithExact) and cacheable(bench.model, sinks)
+    ids = torch.randint(3, 300, (1, 6))
+    positions = loaded.n + torch.arange(6)[None]
+    with torch.no_grad(), bound(bench.model, provider, sinks=sinks):
+        beside = bench.model(input_ids=ids, position_ids=positions).logits
+    with torch.no_grad(), bound(bench.model, loaded.bank, sinks=loaded.sinks):  # every exact token a sink
+        prepended = bench.model(input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(beside, prepended, atol=1e-4, rtol=1e-4)
     questions = ["What is assert?", "When does the else clause run?"]
     assert nectar.ask(bench.model, tokenizer, loaded, questions, max_new_tokens=6) == \
         nectar.ask(bench.model, tokenizer, art, questions, max_new_tokens=6)

@@ -312,9 +312,20 @@ def test_a_taken_port_is_one_line_before_the_model_loads(saved, capsys):
         assert_one_line_error(run_cli(capsys, "serve", saved, "--port", busy.getsockname()[1]), "pick another --port")
 
 
-def test_an_artifact_with_uneven_exact_tokens_is_skipped_in_one_line(compiled, tokenizer, tmp_path):
+def test_uneven_exact_tokens_share_a_decode_batch_and_answer_as_ask(compiled, second, tokenizer):
+    """Exact tokens allocated by layer ride beside the modules (the sinks stay in the cache)."""
     model = compiled[0]
     config = replace(FAST, allocation="gap", exact_share=0.3, probe_steps=10)
-    nectar.compile(model, tokenizer, sample_document(1500), config).save(tmp_path / "uneven.nectar")
-    report = Library([tmp_path], model, tokenizer).reload()
-    assert report["documents"] == [] and "different numbers of exact tokens" in report["skipped"][0]["reason"]
+    uneven = nectar.compile(model, tokenizer, sample_document(1500), config)
+    assert len({k.shape[1] for k in uneven.sinks.keys}) > 1
+    engine = Engine(model, tokenizer)
+    texts = {0: [], 1: []}
+    for i, artifact in enumerate((uneven, second)):
+        prompt = question_ids(tokenizer, artifact.question_template, QUESTIONS[1])
+        engine.submit(Request(artifact, prompt, ANSWER, lambda d, i=i: texts[i].append(d.text)))
+    with bound(model, engine.banks), torch.no_grad():
+        while engine.step():
+            pass
+    assert engine.stats.largest == 2
+    assert "".join(texts[0]) == _ask(compiled, tokenizer, uneven, QUESTIONS[1])
+    assert "".join(texts[1]) == _ask(compiled, tokenizer, second, QUESTIONS[1])
