@@ -9,7 +9,7 @@ import os
 import sys
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
-from .config import CompileConfig
+from .config import EXACT_SHARE, CompileConfig
 from .errors import NectarError
 
 
@@ -147,9 +147,10 @@ def _compile_args(p) -> None:
     p.add_argument("--steps", type=_at_least_one, default=1000, help="fitting steps (default 1000)")
     p.add_argument("--prompts", type=_at_least_one, default=416,
                    help="training prompts: 4/13 recall, 3/13 each self-study, generic and direct (default 416)")
-    p.add_argument("--exact-share", type=float, default=CompileConfig.exact_share,
-                   help="share of the budget spent on document tokens kept exact in each head, those training "
-                   f"queries attend to most (default {CompileConfig.exact_share})")
+    p.add_argument("--exact-share", type=float, default=None,
+                   help="share of the budget spent on document tokens kept exact, those training queries attend "
+                   "to most; under --allocation gap they go to the layers in proportion to the answer KL each "
+                   f"causes (default {EXACT_SHARE}; 0 on models with sliding-window layers)")
     p.add_argument("--onpolicy-steps", type=int, default=CompileConfig.onpolicy_steps,
                    help="refit steps on queries captured with the fitted modules in place, as they will be at "
                    f"inference (default {CompileConfig.onpolicy_steps}; 0: off)")

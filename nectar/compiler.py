@@ -19,8 +19,7 @@ from .artifact import Artifact, Bank, build_manifest
 from .budget import allocate, params_per_module, uniform_exact
 from .attention import ExactContext, NoContext
 from .capture import Store, capture
-from .config import CompileConfig
-from .decode import generate_ids
+from .config import EXACT_SHARE, CompileConfig
 from .documents import document_ids
 from .errors import NectarError
 from .evaluate import layer_gaps, next_token_fidelity
@@ -32,7 +31,7 @@ from .prefill import prefill, split_exact, window_tails
 from .quadrature import QuadratureBank
 from .refine import refine, teacher
 from .selection import most_attended
-from .templates import chat, encode, question_ids, templates_for
+from .templates import templates_for
 
 TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
@@ -46,28 +45,6 @@ def _stage(timings: dict, name: str):
     print(f"[nectar] {name}...", flush=True)
     yield
     timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)  # rounds add up
-
-
-def build_prompts(model, tokenizer, doc_ids, full: ExactContext, templates, config: CompileConfig) -> list[P.Prompt]:
-    """Training prompts of every kind, each templated and with teacher-forcing answer ids."""
-    prompts, requests, chunks = P.plan(doc_ids, tokenizer, config.prompts, config.seed)
-    if requests:
-        written = generate_ids(model, tokenizer, [encode(tokenizer, chat(tokenizer, r, "\n")) for r in requests], 0,
-                               NoContext(), max_new_tokens=40, sample=True, batch_size=config.batch_size,
-                               desc="write questions")
-        for chunk, ids in zip(chunks, written):
-            question = P.clean_question(tokenizer.decode(ids, skip_special_tokens=True))
-            if question:
-                prompts.append(P.Prompt("self_study", question, chunk))
-    for p in prompts:
-        p.question_ids = question_ids(tokenizer, templates["question"], p.question)
-    open_ = [p for p in prompts if p.answer_ids is None]
-    answers = generate_ids(model, tokenizer, [p.question_ids for p in open_], len(doc_ids), full,
-                           max_new_tokens=config.prompts.answer_tokens, batch_size=config.batch_size,
-                           desc="answer with full cache")
-    for prompt, answer in zip(open_, answers):
-        prompt.answer_ids = answer
-    return [p for p in prompts if p.answer_ids]
 
 
 class Workbench:
@@ -87,8 +64,7 @@ class Workbench:
         if all(windows):
             raise NectarError(f"every layer of {model.config.model_type} slides over {windows[0]} tokens: its cache "
                               "is already bounded, and there is nothing for nectar to compile")
-        if any(windows) and self.config.exact_share:
-            raise NectarError("exact_share is not supported on models with sliding-window layers yet: set it to 0")
+        self.config = self._resolved(self.config)
         self.timings: dict[str, float] = {}
         self._splits: dict[int, tuple[ExactContext, ExactContext]] = {}
         self._stores: dict[int, tuple[Store, Store]] = {}
@@ -101,6 +77,20 @@ class Workbench:
     def full(self) -> ExactContext:
         with _stage(self.timings, "prefill"):
             return prefill(self.model, torch.tensor(self.doc_ids))
+
+    def _resolved(self, config: CompileConfig) -> CompileConfig:
+        """The config with its exact share decided: the default one, or none on sliding-window models."""
+        slides = any(layer_windows(self.model.config))
+        if config.exact_share is None:
+            chosen = replace(config, exact_share=0.0 if slides else EXACT_SHARE)
+            try:  # a short document's budget may hold modules but not these tokens too: then none
+                params_per_module(self.model, self.n, chosen, uniform_exact(self.n, chosen))
+            except NectarError:
+                return replace(config, exact_share=0.0)
+            return chosen
+        if slides and config.exact_share:
+            raise NectarError("exact_share is not supported on models with sliding-window layers yet: set it to 0")
+        return config
 
     def exact_counts(self, config: CompileConfig) -> tuple[int, ...]:
         """Tokens kept exact per (layer, head) beyond the sinks, per model layer: `exact_share` of the budget's
@@ -143,7 +133,7 @@ class Workbench:
         full = self.full
         with _stage(self.timings, "prompts"):
             torch.manual_seed(self.config.seed)
-            return build_prompts(self.model, self.tokenizer, self.doc_ids, full, self.templates, self.config)
+            return P.build_prompts(self.model, self.tokenizer, self.doc_ids, full, self.templates, self.config)
 
     @cached_property
     def val_chunks(self) -> set[int]:
@@ -199,7 +189,7 @@ class Workbench:
 
     def compile(self, **changes) -> Artifact:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
-        config = replace(self.config, **changes)
+        config = self._resolved(replace(self.config, **changes))
         params_per_module(self.model, self.n, config, uniform_exact(self.n, config))  # refused before any work
         gap_times = {}
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):

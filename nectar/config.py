@@ -7,6 +7,7 @@ from .errors import NectarError
 
 VARIANTS = ("mlp", "quadrature")
 ALLOCATIONS = ("uniform", "probe", "gap")
+EXACT_SHARE = 0.3  # the measured best share of the budget for exact tokens (docs/results.md)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -82,7 +83,9 @@ class CompileConfig:
     depth: int = 2  # hidden layers per network
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
     refine_steps: int = 0  # end-to-end distillation steps after the per-layer fit (0: off)
-    exact_share: float = 0.0  # budget share for tokens kept exact per (layer, head), the most attended ones
+    # Budget share for document tokens kept exact, the most attended ones (by layer under the gap allocation).
+    # None: EXACT_SHARE where every layer is global, 0 on models with sliding-window layers (not supported yet).
+    exact_share: float | None = None
     onpolicy_steps: int = 500  # refit steps on queries captured with the fitted modules driving the model (0: off)
     onpolicy_rounds: int = 2  # capture-and-refit rounds, each on queries shaped by the previous round's modules
     sink_tokens: int = 4  # first document tokens kept exact: attention sinks, which carry much of the mass
@@ -104,7 +107,7 @@ class CompileConfig:
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
-        _require(0.0 <= self.exact_share < 1.0, f"exact_share must be in [0, 1), got {self.exact_share}: the "
+        _require(self.exact_share is None or 0.0 <= self.exact_share < 1.0, f"exact_share must be in [0, 1), got {self.exact_share}: the "
                  "modules need some of the budget")
         _require(self.onpolicy_steps >= 0, "onpolicy_steps must be >= 0")
         _require(self.onpolicy_rounds >= 1, "onpolicy_rounds must be >= 1")

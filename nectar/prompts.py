@@ -17,8 +17,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PromptConfig
+from .attention import ExactContext, NoContext
+from .config import CompileConfig, PromptConfig
+from .decode import generate_ids
 from .errors import NectarError
+from .templates import chat, encode, question_ids
 
 RECALL = (
     'Continue the text that follows "{cue}" in the document.',
@@ -188,3 +191,25 @@ def _round_robin(count: int, rng: random.Random):
         order = list(range(count))
         rng.shuffle(order)
         yield from order
+
+
+def build_prompts(model, tokenizer, doc_ids, full: ExactContext, templates, config: CompileConfig) -> list[Prompt]:
+    """Training prompts of every kind, each templated and with teacher-forcing answer ids."""
+    prompts, requests, chunks = plan(doc_ids, tokenizer, config.prompts, config.seed)
+    if requests:
+        written = generate_ids(model, tokenizer, [encode(tokenizer, chat(tokenizer, r, "\n")) for r in requests], 0,
+                               NoContext(), max_new_tokens=40, sample=True, batch_size=config.batch_size,
+                               desc="write questions")
+        for chunk, ids in zip(chunks, written):
+            question = clean_question(tokenizer.decode(ids, skip_special_tokens=True))
+            if question:
+                prompts.append(Prompt("self_study", question, chunk))
+    for p in prompts:
+        p.question_ids = question_ids(tokenizer, templates["question"], p.question)
+    open_ = [p for p in prompts if p.answer_ids is None]
+    answers = generate_ids(model, tokenizer, [p.question_ids for p in open_], len(doc_ids), full,
+                           max_new_tokens=config.prompts.answer_tokens, batch_size=config.batch_size,
+                           desc="answer with full cache")
+    for prompt, answer in zip(open_, answers):
+        prompt.answer_ids = answer
+    return [p for p in prompts if p.answer_ids]

@@ -11,7 +11,8 @@ FAST = nectar.CompileConfig(
     fit=nectar.FitConfig(steps=60, eval_every=20),
     onpolicy_steps=20,
     onpolicy_rounds=1,
-    allocation="uniform",  # the per-layer allocations have tests of their own
+    allocation="uniform",  # the per-layer allocations and exact tokens have tests of their own
+    exact_share=0.0,
 )
 
 

@@ -7,6 +7,7 @@ import torch
 
 import nectar
 from nectar.compiler import Workbench, _warn_if_useless
+from nectar.config import EXACT_SHARE
 from nectar.documents import document_ids
 from nectar.models import attention_layers
 from nectar.prefill import prefill, split_sinks
@@ -191,3 +192,11 @@ def test_workbench_counts_prompt_kinds_without_side_effects(tokenizer):
 
 def test_attention_layers_found_in_order(compiled):
     assert [m.layer_idx for m in attention_layers(compiled[0])] == [0, 1, 2]
+
+
+def test_the_default_exact_share_is_decided_per_model_and_document(tokenizer):
+    """The manifest holds the share used: the default where it fits, none where the budget cannot hold it."""
+    default = replace(FAST, exact_share=None)
+    long = Workbench(tiny_llama(), tokenizer, sample_document(3000), default)
+    short = Workbench(tiny_llama(), tokenizer, sample_document(400), replace(default, budget=0.012))
+    assert long.config.exact_share == EXACT_SHARE and short.config.exact_share == 0.0

@@ -58,7 +58,7 @@ def test_eval_compares_every_method_and_caches(tiny, doc, tmp_path, capsys, monk
     import nectar.compiler as compiler
 
     monkeypatch.setattr(compiler, "fit", lambda *a, **k: pytest.fail("refitted"))
-    monkeypatch.setattr(compiler, "build_prompts", lambda *a, **k: pytest.fail("prompts made again"))
+    monkeypatch.setattr(compiler.P, "build_prompts", lambda *a, **k: pytest.fail("prompts made again"))
     monkeypatch.setattr(compare.Comparison, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
     assert main(["eval", str(doc), "--out", str(out), *SMALL, "--sweep", "0.1"]) == 0
 

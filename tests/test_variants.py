@@ -52,5 +52,5 @@ def test_workbench_captures_once_for_every_fit(bench, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(compiler, "capture", capture)
-    monkeypatch.setattr(compiler, "build_prompts", lambda *a, **k: pytest.fail("prompted again"))
+    monkeypatch.setattr(compiler.P, "build_prompts", lambda *a, **k: pytest.fail("prompted again"))
     bench.compile(budget=0.05)
