@@ -107,8 +107,8 @@ class CompileConfig:
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
-        _require(self.exact_share is None or 0.0 <= self.exact_share < 1.0, f"exact_share must be in [0, 1), got {self.exact_share}: the "
-                 "modules need some of the budget")
+        _require(self.exact_share is None or 0.0 <= self.exact_share < 1.0,
+                 f"exact_share must be in [0, 1), got {self.exact_share}: the modules need some of the budget")
         _require(self.onpolicy_steps >= 0, "onpolicy_steps must be >= 0")
         _require(self.onpolicy_rounds >= 1, "onpolicy_rounds must be >= 1")
         _require(self.batch_size >= 1, "batch_size must be >= 1")
