@@ -48,7 +48,8 @@ def nectar_changes(name: str) -> dict | None:
         key, _, value = part.partition("=")
         if key not in TUNABLE or not value:
             raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of {', '.join(TUNABLE)}")
-        kind = type(getattr(CompileConfig(), key))
+        default = getattr(CompileConfig(), key)
+        kind = float if default is None else type(default)  # None: a float field resolved at compile time
         try:
             changes[key] = kind(value)
         except ValueError:

@@ -33,7 +33,7 @@ from .refine import refine, teacher
 from .selection import most_attended
 from .templates import templates_for
 
-TEACHER_TOPK = 32  # next-token candidates kept from the full-cache model for refinement
+TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
 GAP_PROMPTS = 8  # training questions on which the "gap" allocation measures each layer's KL
 QUESTION_KINDS = ("self_study", "generic", "direct")  # answered in the model's words; recall quotes verbatim

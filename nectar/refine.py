@@ -19,7 +19,8 @@ Teacher = list[tuple[Tensor, Tensor]]  # per sequence: top-k ids [len, k], log-p
 @torch.no_grad()
 def teacher(model, seqs: list[list[int]], n: int, context, sinks: ExactContext | None, topk: int,
             batch_size: int = 16) -> Teacher:
-    """Each sequence's top-k next-token (ids, log-probs) under `context`, the full document for refinement."""
+    """Each sequence's top-k next-token (ids, log-probs) under `context`, the full document for refinement.
+    Log-probs are kept unnormalised over the top-k, so the tail's mass is known."""
     out: Teacher = []
     with bound(model, context, sinks):
         for start in range(0, len(seqs), batch_size):
@@ -28,13 +29,15 @@ def teacher(model, seqs: list[list[int]], n: int, context, sinks: ExactContext |
             ids = ids.to(model.device)
             logits = model(input_ids=ids, position_ids=right_padded_positions(n, ids)).logits
             top = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)
-            out.extend((top.indices[row, :len(s)].cpu(), top.values[row, :len(s)].half().cpu())
+            out.extend((top.indices[row, :len(s)].cpu(), top.values[row, :len(s)].cpu())
                        for row, s in enumerate(batch))
     return out
 
 
 def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int) -> Tensor:
-    """Cross-entropy of the model's next-token distribution against the teacher's renormalised top-k."""
+    """KL(teacher || model) over the teacher's top-k tokens plus one bucket for all the others: the answer KL
+    that `eval` reports, short of the tail's shape (a renormalised top-k target would ignore the tail's mass
+    and reward over-confidence)."""
     ids, valid = right_pad(seqs)
     ids = ids.to(model.device)
     with bound(model, bank, sinks):
@@ -43,17 +46,26 @@ def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int) -> Tensor:
     width = ids.shape[1]
     top_ids = torch.stack([torch.nn.functional.pad(t[0], (0, 0, 0, width - len(t[0]))) for t in teacher])
     top_lp = torch.stack([torch.nn.functional.pad(t[1].float(), (0, 0, 0, width - len(t[1])), value=-1e4)
-                          for t in teacher])
-    target = torch.softmax(top_lp.to(logp.device), -1)
-    ce = -(target * logp.gather(-1, top_ids.to(logp.device))).sum(-1)
-    return ce[valid.to(ce.device)].mean()
+                          for t in teacher]).to(logp.device)
+    student = logp.gather(-1, top_ids.to(logp.device))
+    return _kl_with_tail(top_lp, student)[valid.to(logp.device)].mean()
+
+
+def _kl_with_tail(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
+    """KL between two distributions coarsened to k named tokens and the rest; log-probs [..., k]."""
+    p = teacher_lp.exp()
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    # log(1 - sum q) computed from the log-sum-exp to stay finite when the top-k hold nearly all the mass
+    q_tail = torch.log(-torch.expm1(student_lp.logsumexp(-1).clamp_max(-1e-6)))
+    head = (p * (teacher_lp - student_lp)).sum(-1)
+    return head + p_tail * (torch.log(p_tail.clamp_min(1e-12)) - q_tail)
 
 
 @torch.enable_grad()
 def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[int]], teacher: Teacher,
            val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
            batch_size: int = 8, eval_every: int = 20, seed: int = 0, progress: bool = True) -> dict:
-    """Adam on the bank's parameters only; keeps the state best on validation distillation loss."""
+    """Adam on the bank's parameters only; keeps the state best on validation KL."""
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     bank.train().requires_grad_(True)

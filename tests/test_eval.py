@@ -9,6 +9,7 @@ import torch
 import nectar.commands as commands
 from nectar.cli import main
 from nectar.compare_report import spearman
+from nectar.errors import NectarError
 from conftest import FAST, assert_one_line_error, run_cli, sample_document, tiny_llama
 
 SMALL = ["--budget", "0.05", "--gap-prompts", "4", "--steps", "60", "--prompts", "24", "--onpolicy-steps", "20"]
@@ -113,6 +114,16 @@ def test_sweep_outside_zero_one(tiny, doc, capsys, sweep):
 
 def test_unknown_method(tiny, doc, capsys):
     assert_one_line_error(run_cli(capsys, "eval", str(doc), "--methods", "nectar,h2o"), "unknown method")
+
+
+def test_ablation_names_parse_every_tunable_field():
+    """exact_share defaults to None (resolved per model): its ablation still reads as a float."""
+    from nectar.compare import nectar_changes
+
+    assert nectar_changes("nectar+exact_share=0.3+refine_steps=150+variant=quadrature") == {
+        "exact_share": 0.3, "refine_steps": 150, "variant": "quadrature"}
+    with pytest.raises(NectarError, match="not a valid refine_steps"):
+        nectar_changes("nectar+refine_steps=many")
 
 
 def test_spearman():
