@@ -33,7 +33,8 @@ class Store:
         return self.q.shape[1]
 
     def rows(self, index: Tensor) -> "Store":
-        return Store(*(t[:, index] for t in (self.q, self.o_ctx, self.lse_ctx, self.o_loc, self.lse_loc)))
+        return Store(*(None if t is None else t[:, index]
+                       for t in (self.q, self.o_ctx, self.lse_ctx, self.o_loc, self.lse_loc)))
 
     def to(self, device) -> "Store":
         return Store(*(None if t is None else t.to(device) for t in (self.q, self.o_ctx, self.lse_ctx, self.o_loc,

@@ -42,7 +42,7 @@ def _compile_config(args) -> CompileConfig:
     return CompileConfig(budget=args.budget, variant=getattr(args, "variant", "mlp"),
                          allocation=getattr(args, "allocation", CompileConfig.allocation), seed=args.seed, truncate=args.truncate,
                          exact_share=args.exact_share, onpolicy_steps=args.onpolicy_steps,
-                         onpolicy_rounds=args.onpolicy_rounds,
+                         onpolicy_rounds=args.onpolicy_rounds, refine_steps=args.refine_steps,
                          fit=FitConfig(steps=args.steps), prompts=PromptConfig.with_total(args.prompts))
 
 

@@ -219,7 +219,8 @@ class Workbench:
             with _stage(timings, "refine"):
                 val_seqs = [p.ids for p in self.val_prompts]
                 fit_log["refine"] = refine(self.model, bank, sinks, self.train_sequences, train_teacher, val_seqs,
-                                           val_teacher, self.n, config.refine_steps, seed=config.seed)
+                                           val_teacher, self.n, config.refine_steps, seed=config.seed,
+                                           anchor=train_store, anchor_weight=config.refine_anchor)
         with _stage(timings, "evaluate"):
             metrics = self._metrics(bank, sinks, val_store, config)
         metrics["val_set"] = [{"kind": p.kind, "question": p.question, "answer_ids": p.answer_ids}

@@ -83,6 +83,7 @@ class CompileConfig:
     depth: int = 2  # hidden layers per network
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
     refine_steps: int = 0  # end-to-end distillation steps after the per-layer fit (0: off)
+    refine_anchor: float = 1.0  # weight of the per-layer regression loss beside refinement's KL
     # Budget share for document tokens kept exact, the most attended ones (by layer under the gap allocation).
     # None: EXACT_SHARE where every layer is global, 0 on models with sliding-window layers (not supported yet).
     exact_share: float | None = None
@@ -107,6 +108,7 @@ class CompileConfig:
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
+        _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")
         _require(self.exact_share is None or 0.0 <= self.exact_share < 1.0,
                  f"exact_share must be in [0, 1), got {self.exact_share}: the modules need some of the budget")
         _require(self.onpolicy_steps >= 0, "onpolicy_steps must be >= 0")

@@ -8,11 +8,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .binding import bound
+from .capture import Store
+from .fit import loss_terms
 from .attention import ExactContext
 from .modules import MLPBank
 from .padding import right_pad, right_padded_positions
 from .schedule import KeepBest, warmup_cosine
 
+ANCHOR_ROWS = 1024  # captured queries per step for the per-layer regression term
 Teacher = list[tuple[Tensor, Tensor]]  # per sequence: top-k ids [len, k], log-probs [len, k]
 
 
@@ -64,8 +67,13 @@ def _kl_with_tail(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
 @torch.enable_grad()
 def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[int]], teacher: Teacher,
            val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
-           batch_size: int = 8, eval_every: int = 20, seed: int = 0, progress: bool = True) -> dict:
-    """Adam on the bank's parameters only; keeps the state best on validation KL."""
+           batch_size: int = 8, eval_every: int = 20, seed: int = 0, progress: bool = True,
+           anchor: Store | None = None, anchor_weight: float = 0.0) -> dict:
+    """Adam on the bank's parameters only; keeps the state best on validation KL.
+
+    With `anchor` (captured queries and their exact attention), the per-layer regression loss joins the KL,
+    weighted by `anchor_weight`: the few hundred prompts of the KL alone let modules drift from the
+    attention they stand in for, which helps the prompts and hurts questions worded otherwise."""
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     bank.train().requires_grad_(True)
@@ -86,6 +94,10 @@ def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[in
                 group["lr"] = warmup_cosine(step, steps, lr)
             pick = torch.randint(len(train), (batch_size,), generator=rng).tolist()
             loss = _distill_loss(model, bank, sinks, [train[i] for i in pick], [teacher[i] for i in pick], n)
+            if anchor is not None and anchor_weight > 0:
+                rows = torch.randint(anchor.size, (ANCHOR_ROWS,), generator=rng)
+                target, score = loss_terms(bank, anchor.rows(rows))
+                loss = loss + anchor_weight * (target + score).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

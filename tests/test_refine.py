@@ -44,3 +44,39 @@ def test_refine_lowers_validation_distillation_loss():
                  batch_size=4, eval_every=10, progress=False)
     assert log["val_best"] < log["val_start"]
     assert not any(p.requires_grad for p in bank.parameters())
+
+
+def test_kl_with_tail_is_the_kl_of_the_coarsened_distributions():
+    """All tokens named: the full KL; fewer: a lower bound (coarsening never adds divergence), never below 0."""
+    from nectar.refine import _kl_with_tail
+
+    torch.manual_seed(0)
+    p, q = torch.log_softmax(torch.randn(5, 50), -1), torch.log_softmax(torch.randn(5, 50), -1)
+    full = (p.exp() * (p - q)).sum(-1)
+    order = p.argsort(-1, descending=True)
+    torch.testing.assert_close(_kl_with_tail(p.gather(-1, order), q.gather(-1, order)), full, atol=1e-4, rtol=1e-4)
+    top = order[:, :8]
+    coarse = _kl_with_tail(p.gather(-1, top), q.gather(-1, top))
+    assert (coarse <= full + 1e-6).all() and (coarse >= 0).all() and (coarse < full).any()
+
+
+def test_anchor_keeps_refined_modules_near_the_attention_they_replace():
+    """The per-layer regression term, weighted heavily, holds the modules' own error where the fit left it."""
+    from nectar.fit import bank_errors
+
+    model = tiny_llama()
+    torch.manual_seed(0)
+    doc = torch.randint(3, 300, (200,))
+    seqs = [torch.randint(3, 300, (20,)).tolist() for _ in range(24)]
+    sinks, rest = split_sinks(prefill(model, doc), 2)
+    store = capture(model, seqs[:16], 200, rest, sinks, desc=None)
+    val_store = capture(model, seqs[16:], 200, rest, sinks, desc=None)
+    train_teacher, val_teacher = (teacher(model, s, 200, rest, sinks, 8) for s in (seqs[:16], seqs[16:]))
+    errors = {}
+    for weight in (0.0, 100.0):
+        bank = MLPBank(3, 2, 16, 8, 8, 1)
+        fit(bank, store, val_store, FitConfig(steps=30, eval_every=10), progress=False)
+        refine(model, bank, sinks, seqs[:16], train_teacher, seqs[16:], val_teacher, 200, steps=30, lr=3e-2,
+               batch_size=4, eval_every=30, progress=False, anchor=store, anchor_weight=weight)
+        errors[weight] = bank_errors(bank, val_store)["merged_rel"].mean().item()
+    assert errors[100.0] < errors[0.0]
