@@ -29,7 +29,9 @@ def test_gradient_path_matches_fused_path():
     torch.testing.assert_close(o.detach(), grouped[0].reshape(2, 6, 5, 8), atol=1e-5, rtol=1e-5)
 
 
-def test_refine_lowers_validation_distillation_loss():
+def _tiny_task():
+    """A tiny model, a 200-token document with 2 sinks, 16 training and 8 validation sequences, captured and
+    with their teachers' top-8."""
     model = tiny_llama()
     torch.manual_seed(0)
     doc = torch.randint(3, 300, (200,))
@@ -38,6 +40,11 @@ def test_refine_lowers_validation_distillation_loss():
     store = capture(model, seqs[:16], 200, rest, sinks, desc=None)
     val_store = capture(model, seqs[16:], 200, rest, sinks, desc=None)
     train_teacher, val_teacher = (teacher(model, s, 200, rest, sinks, 8) for s in (seqs[:16], seqs[16:]))
+    return model, seqs, sinks, store, val_store, train_teacher, val_teacher
+
+
+def test_refine_lowers_validation_distillation_loss():
+    model, seqs, sinks, store, val_store, train_teacher, val_teacher = _tiny_task()
     bank = MLPBank(3, 2, 16, 8, 8, 1)
     fit(bank, store, val_store, FitConfig(steps=30, eval_every=10), progress=False)
     log = refine(model, bank, sinks, seqs[:16], train_teacher, seqs[16:], val_teacher, 200, steps=30, lr=3e-3,
@@ -64,14 +71,7 @@ def test_anchor_keeps_refined_modules_near_the_attention_they_replace():
     """The per-layer regression term, weighted heavily, holds the modules' own error where the fit left it."""
     from nectar.fit import bank_errors
 
-    model = tiny_llama()
-    torch.manual_seed(0)
-    doc = torch.randint(3, 300, (200,))
-    seqs = [torch.randint(3, 300, (20,)).tolist() for _ in range(24)]
-    sinks, rest = split_sinks(prefill(model, doc), 2)
-    store = capture(model, seqs[:16], 200, rest, sinks, desc=None)
-    val_store = capture(model, seqs[16:], 200, rest, sinks, desc=None)
-    train_teacher, val_teacher = (teacher(model, s, 200, rest, sinks, 8) for s in (seqs[:16], seqs[16:]))
+    model, seqs, sinks, store, val_store, train_teacher, val_teacher = _tiny_task()
     errors = {}
     for weight in (0.0, 100.0):
         bank = MLPBank(3, 2, 16, 8, 8, 1)
