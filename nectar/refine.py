@@ -38,8 +38,8 @@ def teacher(model, seqs: list[list[int]], n: int, context, sinks: ExactContext |
 
 
 def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int) -> Tensor:
-    """KL(teacher || model) over the teacher's top-k tokens plus one bucket for all the others: the answer KL
-    that `eval` reports, short of the tail's shape (a renormalised top-k target would ignore the tail's mass
+    """KL(teacher || model) over the teacher's top-k tokens plus one bucket for all the others, at every
+    position: the KL that `eval` reports on answers, short of the tail's shape (a renormalised top-k target would ignore the tail's mass
     and reward over-confidence)."""
     ids, valid = right_pad(seqs)
     ids = ids.to(model.device)

@@ -68,7 +68,7 @@ def test_kl_with_tail_is_the_kl_of_the_coarsened_distributions():
 
 
 def test_anchor_keeps_refined_modules_near_the_attention_they_replace():
-    """The per-layer regression term, weighted heavily, holds the modules' own error where the fit left it."""
+    """The per-layer regression term, weighted heavily, leaves the modules' own error lower than the KL alone."""
     from nectar.fit import bank_errors
 
     model, seqs, sinks, store, val_store, train_teacher, val_teacher = _tiny_task()
