@@ -7,6 +7,7 @@ preallocated fp16 tensors, so memory is known up front: ~30k tokens of the defau
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -71,11 +72,13 @@ def capture(
     batch_size: int = 16,
     desc: str | None = "capture",
     drive: ContextProvider | None = None,
+    on_logits: Callable[[list[int], Tensor], None] | None = None,
 ) -> Store:
     """Every post-document query of `sequences`, teacher-forced, with exact targets from `context` (+ `sinks`).
 
     With `drive` (a fitted bank), the model runs on it instead: each layer's queries are those the modules
-    below it actually produce at inference, while the targets stay those of `context`.
+    below it actually produce at inference, while the targets stay those of `context`. `on_logits` receives
+    each batch's (sequence indices, next-token logits at every position).
     """
     cfg = model.config
     layers, kv_heads = len(modeled_layers(cfg)), cfg.num_key_value_heads
@@ -95,6 +98,9 @@ def capture(
             ids, valid = right_pad([sequences[i] for i in index])
             ids = ids.to(model.device)
             recorder.valid = valid
-            model(input_ids=ids, position_ids=right_padded_positions(n, ids), logits_to_keep=1)
+            out = model(input_ids=ids, position_ids=right_padded_positions(n, ids),
+                        logits_to_keep=0 if on_logits else 1)
+            if on_logits:
+                on_logits(index, out.logits)
             recorder.offset += groups * int(valid.sum())
     return store

@@ -13,30 +13,29 @@ from dataclasses import replace
 from functools import cached_property
 
 import torch
+from torch import Tensor
 
 from . import prompts as P
 from .artifact import Artifact, Bank, build_manifest
 from .budget import allocate, params_per_module, uniform_exact
-from .attention import ExactContext, NoContext
+from .attention import ExactContext
 from .capture import Store, capture
 from .config import EXACT_SHARE, CompileConfig
 from .documents import document_ids
 from .errors import NectarError
-from .evaluate import layer_gaps, next_token_fidelity
+from .evaluate import QUESTION_KINDS, layer_gaps, validation_metrics
 from .fit import bank_errors, fit
-from .metrics import pooled_kinds
 from .models import attention_scaling, check_supported, head_dim, layer_windows, modeled_layers
 from .modules import MLPBank
 from .prefill import prefill, split_exact, window_tails
 from .quadrature import QuadratureBank
-from .refine import refine, teacher
+from .refine import TopK, refine, teacher
 from .selection import most_attended
 from .templates import templates_for
 
 TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
 GAP_PROMPTS = 8  # training questions on which the "gap" allocation measures each layer's KL
-QUESTION_KINDS = ("self_study", "generic", "direct")  # answered in the model's words; recall quotes verbatim
 
 
 @contextmanager
@@ -72,6 +71,7 @@ class Workbench:
         self._gaps: dict[tuple, list[float]] = {}  # per probe setting: each modeled layer's KL (`gap` allocation)
         self._gap_times: dict[tuple, dict[str, float]] = {}
         self._teacher_time: dict[str, float] = {}  # only compiles that refine pay for the teacher
+        self._riders: tuple | None = None  # the teacher, collected during a capture
 
     @cached_property
     def full(self) -> ExactContext:
@@ -113,12 +113,20 @@ class Workbench:
             chosen = None
             if any(counts):
                 with _stage(self._stage_times.setdefault(counts, {}), "choose exact tokens"):
-                    queries = capture(self.model, self.pilot_sequences, self.n, self.full, None,
-                                      self.config.batch_size, "choose exact tokens").q
-                    chosen = most_attended(queries, self.full, attention_scaling(self.model),
+                    chosen = most_attended(self._pilot_queries(), self.full, attention_scaling(self.model),
                                            self.config.sink_tokens, counts)
             self._splits[counts] = split_exact(self.full, self.config.sink_tokens, chosen)
         return self._splits[counts]
+
+    def _pilot_queries(self) -> Tensor:
+        """Queries that choose the exact tokens. Queries do not depend on which tokens are exact, so the
+        probe's capture serves when there is one (rows evenly spread over it); else a few sequences'."""
+        pilot = self.pilot_sequences
+        if self._counts(0) not in self._stores:
+            return capture(self.model, pilot, self.n, self.full, None, self.config.batch_size, "choose exact tokens").q
+        q = self._stores[self._counts(0)][0].q
+        rows = self.model.config.num_attention_heads // self.model.config.num_key_value_heads * sum(map(len, pilot))
+        return q[:, torch.linspace(0, q.shape[1] - 1, min(rows, q.shape[1])).long()]
 
     def _counts(self, counts: int | tuple[int, ...]) -> tuple[int, ...]:
         return (counts,) * self.model.config.num_hidden_layers if isinstance(counts, int) else tuple(counts)
@@ -172,16 +180,28 @@ class Workbench:
         sinks, rest = self.split(counts)
         size, device = self.config.batch_size, self.model.device
         times = self._stage_times.setdefault(counts, {}) if drive is None else timings
+        collectors = self._teacher_riders(train, val) if drive is None else (None, None)
         with _stage(times, "capture" if drive is None else "capture on-policy"):
-            stores = tuple(capture(self.model, seqs, self.n, rest, sinks, size, f"capture {name}", drive).to(device)
-                           for seqs, name in ((train, "train"), (val, "val")))
+            stores = tuple(capture(self.model, seqs, self.n, rest, sinks, size, f"capture {name}", drive,
+                                   on_logits=collect).to(device)
+                           for (seqs, name), collect in zip(((train, "train"), (val, "val")), collectors))
         if drive is None:
             self._stores[counts] = stores
         return stores
 
+    def _teacher_riders(self, train: list[list[int]], val: list[list[int]]) -> tuple:
+        """Collectors of the full-cache teacher for a capture to feed, when the compile will refine: a capture
+        without modules driving it is the full-cache model, so its logits are the teacher's."""
+        if not self.config.refine_steps or self._riders is not None:
+            return None, None
+        self._riders = TopK(train, TEACHER_TOPK), TopK(val, TEACHER_TOPK)
+        return self._riders
+
     @cached_property
     def teachers(self) -> tuple[list, list]:
         """The full-cache model's top-k next tokens on (train, validation) sequences, for refinement only."""
+        if self._riders is not None:
+            return self._riders[0].out, self._riders[1].out
         full, size = self.full, self.config.batch_size
         with _stage(self._teacher_time, "teacher"):
             return (teacher(self.model, self.train_sequences, self.n, full, None, TEACHER_TOPK, size),
@@ -222,7 +242,8 @@ class Workbench:
                                            val_teacher, self.n, config.refine_steps, seed=config.seed,
                                            anchor=train_store, anchor_weight=config.refine_anchor)
         with _stage(timings, "evaluate"):
-            metrics = self._metrics(bank, sinks, val_store, config)
+            metrics = validation_metrics(self.model, bank, sinks, self.full, self.n, self.val_prompts,
+                                         val_store, config.batch_size)
         metrics["val_set"] = [{"kind": p.kind, "question": p.question, "answer_ids": p.answer_ids}
                               for p in self.val_prompts]
         metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"),
@@ -237,19 +258,6 @@ class Workbench:
         artifact.manifest["memory_ratio"] = artifact.memory_ratio()
         _warn_if_useless(metrics["questions"])
         return artifact
-
-    def _metrics(self, bank, sinks: ExactContext, val_store: Store, config: CompileConfig) -> dict:
-        kv = self.model.config.num_key_value_heads
-        per_layer = {k: v.view(-1, kv).mean(1).tolist() for k, v in bank_errors(bank, val_store).items()}
-        methods = {"nectar": (bank, sinks), "no_document": (NoContext(), None)}
-        fidelity = {}
-        for kind in sorted({p.kind for p in self.val_prompts}):
-            pairs = [(p.question_ids, p.answer_ids) for p in self.val_prompts if p.kind == kind]
-            fidelity[kind] = next_token_fidelity(self.model, pairs, self.n, (self.full, None), methods,
-                                                 config.batch_size)
-        questions = {m: pooled_kinds({k: f[m] for k, f in fidelity.items()}, QUESTION_KINDS) for m in methods}
-        return {"validation": {k: sum(v) / len(v) for k, v in per_layer.items()}, "per_layer": per_layer,
-                "fidelity": fidelity, "questions": questions, "val_prompts": len(self.val_prompts)}
 
     def _bank(self, config: CompileConfig, counts: tuple[int, ...], train_store: Store, val_store: Store) -> Bank:
         cfg, d = self.model.config, head_dim(self.model.config)

@@ -12,11 +12,13 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .binding import bound
-from .attention import ContextProvider, ExactContext, merge
-from .metrics import module_errors
+from .attention import ContextProvider, ExactContext, NoContext, merge
+from .fit import bank_errors
+from .metrics import module_errors, pooled_kinds
 from .padding import right_pad, right_padded_positions
 
 Method = tuple[ContextProvider, "ExactContext | None"]
+QUESTION_KINDS = ("self_study", "generic", "direct")  # answered in the model's words; recall quotes verbatim
 LOGIT_NUMBERS = 2**27  # log-probabilities held per forward pass: 512 MB of fp32, whatever the vocabulary
 
 
@@ -132,3 +134,19 @@ def generation_match(answers: list[str], references: list[str]) -> dict[str, flo
     exact = [a.strip() == r.strip() for a, r in zip(answers, references)]
     return {"exact_match": sum(exact) / max(1, len(exact)),
             "cosine": sum(cosine(a, r) for a, r in zip(answers, references)) / max(1, len(answers))}
+
+
+def validation_metrics(model, bank, sinks: ExactContext, full: ExactContext, n: int, val_prompts: list,
+                       val_store, batch_size: int) -> dict:
+    """A compile's report card on its held-out prompts: per-layer module errors, and next-token fidelity
+    per prompt kind beside no document at all."""
+    kv = model.config.num_key_value_heads
+    per_layer = {k: v.view(-1, kv).mean(1).tolist() for k, v in bank_errors(bank, val_store).items()}
+    methods = {"nectar": (bank, sinks), "no_document": (NoContext(), None)}
+    fidelity = {}
+    for kind in sorted({p.kind for p in val_prompts}):
+        pairs = [(p.question_ids, p.answer_ids) for p in val_prompts if p.kind == kind]
+        fidelity[kind] = next_token_fidelity(model, pairs, n, (full, None), methods, batch_size)
+    questions = {m: pooled_kinds({k: f[m] for k, f in fidelity.items()}, QUESTION_KINDS) for m in methods}
+    return {"validation": {k: sum(v) / len(v) for k, v in per_layer.items()}, "per_layer": per_layer,
+            "fidelity": fidelity, "questions": questions, "val_prompts": len(val_prompts)}

@@ -19,22 +19,33 @@ ANCHOR_ROWS = 1024  # captured queries per step for the per-layer regression ter
 Teacher = list[tuple[Tensor, Tensor]]  # per sequence: top-k ids [len, k], log-probs [len, k]
 
 
+class TopK:
+    """Collects each sequence's top-k next-token (ids, log-probs) from a pass's logits, in sequence order.
+    Log-probs are kept unnormalised over the top-k, so the tail's mass is known. A capture pass can feed
+    it: the full-cache model's logits come with the queries at the cost of the output layer alone."""
+
+    def __init__(self, sequences: list[list[int]], topk: int):
+        self.lengths, self.topk = [len(s) for s in sequences], topk
+        self.out: Teacher = [None] * len(sequences)
+
+    def __call__(self, index: list[int], logits: Tensor) -> None:
+        top = torch.log_softmax(logits.float(), -1).topk(self.topk, dim=-1)
+        for row, i in enumerate(index):
+            self.out[i] = (top.indices[row, :self.lengths[i]].cpu(), top.values[row, :self.lengths[i]].cpu())
+
+
 @torch.no_grad()
 def teacher(model, seqs: list[list[int]], n: int, context, sinks: ExactContext | None, topk: int,
             batch_size: int = 16) -> Teacher:
-    """Each sequence's top-k next-token (ids, log-probs) under `context`, the full document for refinement.
-    Log-probs are kept unnormalised over the top-k, so the tail's mass is known."""
-    out: Teacher = []
+    """Each sequence's top-k next tokens under `context`, the full document for refinement."""
+    collect = TopK(seqs, topk)
     with bound(model, context, sinks):
         for start in range(0, len(seqs), batch_size):
-            batch = seqs[start: start + batch_size]
-            ids, _ = right_pad(batch)
+            index = list(range(start, min(start + batch_size, len(seqs))))
+            ids, _ = right_pad([seqs[i] for i in index])
             ids = ids.to(model.device)
-            logits = model(input_ids=ids, position_ids=right_padded_positions(n, ids)).logits
-            top = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)
-            out.extend((top.indices[row, :len(s)].cpu(), top.values[row, :len(s)].cpu())
-                       for row, s in enumerate(batch))
-    return out
+            collect(index, model(input_ids=ids, position_ids=right_padded_positions(n, ids)).logits)
+    return collect.out
 
 
 def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int) -> Tensor:

@@ -153,3 +153,23 @@ def test_attention_matching_beats_a_window_of_the_same_bytes():
         errors["matched"] += (matched(layer, x, 0.25)[0] - want).norm().item()
         errors["window"] += (window(layer, x, 0.25)[0] - want).norm().item()
     assert errors["matched"] < errors["window"]
+
+
+def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
+    """The exact tokens are chosen with the probe's queries, and the teacher comes from a capture: neither
+    needs a pass of its own."""
+    import nectar.compiler as compiler
+
+    real = compiler.capture
+    descs = []
+
+    def capture(*args, **kwargs):
+        descs.append(args[6] if len(args) > 6 else kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compiler, "capture", capture)
+    monkeypatch.setattr(compiler, "teacher", lambda *a, **k: pytest.fail("a separate teacher pass"))
+    config = replace(FAST, allocation="gap", exact_share=0.3, probe_steps=20, refine_steps=4)
+    art = Workbench(tiny_llama(), tokenizer, sample_document(1500), config).compile()
+    assert "choose exact tokens" not in descs and "teacher" not in art.manifest["timings"]
+    assert len(set(art.manifest["metrics"]["exact_per_layer"])) > 1 and art.manifest["metrics"]["refine"]

@@ -7,7 +7,7 @@ from nectar.config import FitConfig
 from nectar.fit import fit
 from nectar.modules import MLPBank
 from nectar.prefill import prefill, split_sinks
-from nectar.refine import refine, teacher
+from nectar.refine import TopK, refine, teacher
 from conftest import tiny_llama
 
 
@@ -80,3 +80,18 @@ def test_anchor_keeps_refined_modules_near_the_attention_they_replace():
                batch_size=4, eval_every=30, progress=False, anchor=store, anchor_weight=weight)
         errors[weight] = bank_errors(bank, val_store)["merged_rel"].mean().item()
     assert errors[100.0] < errors[0.0]
+
+
+def test_a_capture_collects_the_teacher_of_a_separate_pass():
+    """The capture without modules is the full-cache model: its logits give the same top-k as a pass of
+    their own, so a compile that refines gets its teacher for the cost of the output layer."""
+    model, seqs, sinks, _, _, _, _ = _tiny_task()
+    torch.manual_seed(0)
+    _, rest = split_sinks(prefill(model, torch.randint(3, 300, (200,))), 2)  # _tiny_task's document
+    seqs = [s[: 8 + 3 * (i % 5)] for i, s in enumerate(seqs[:16])]  # unequal: capture reorders by length
+    collect = TopK(seqs, 8)
+    capture(model, seqs, 200, rest, sinks, batch_size=5, desc=None, on_logits=collect)
+    for (ids, lp), (want_ids, want_lp) in zip(collect.out, teacher(model, seqs, 200, rest, sinks, 8, batch_size=3)):
+        assert ids.shape == want_ids.shape
+        torch.testing.assert_close(lp, want_lp, atol=1e-4, rtol=1e-4)
+        assert (ids[:, 0] == want_ids[:, 0]).all()
