@@ -72,6 +72,7 @@ class Workbench:
         self._gap_times: dict[tuple, dict[str, float]] = {}
         self._teacher_time: dict[str, float] = {}  # only compiles that refine pay for the teacher
         self._riders: tuple | None = None  # the teacher, collected during a capture
+        self._refining = bool(self.config.refine_steps)  # whether the compile under way will need the teacher
 
     @cached_property
     def full(self) -> ExactContext:
@@ -192,7 +193,7 @@ class Workbench:
     def _teacher_riders(self, train: list[list[int]], val: list[list[int]]) -> tuple:
         """Collectors of the full-cache teacher for a capture to feed, when the compile will refine: a capture
         without modules driving it is the full-cache model, so its logits are the teacher's."""
-        if not self.config.refine_steps or self._riders is not None:
+        if not self._refining or self._riders is not None:
             return None, None
         self._riders = TopK(train, TEACHER_TOPK), TopK(val, TEACHER_TOPK)
         return self._riders
@@ -211,6 +212,7 @@ class Workbench:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
         config = self._resolved(replace(self.config, **changes))
         params_per_module(self.model, self.n, config, uniform_exact(self.n, config))  # refused before any work
+        self._refining = bool(config.refine_steps)
         gap_times = {}
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
             self.gaps(config)
