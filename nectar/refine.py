@@ -78,7 +78,7 @@ def _kl_with_tail(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
 @torch.enable_grad()
 def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[int]], teacher: Teacher,
            val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
-           batch_size: int = 8, eval_every: int = 20, seed: int = 0, progress: bool = True,
+           batch_size: int = 8, eval_every: int = 30, seed: int = 0, progress: bool = True,
            anchor: Store | None = None, anchor_weight: float = 0.0) -> dict:
     """Adam on the bank's parameters only; keeps the state best on validation KL.
 
