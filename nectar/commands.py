@@ -137,7 +137,7 @@ def cmd_demo(args) -> None:
     check_writable(args.output, "--output")
     # A smaller compile than the default, so that the demo ends in a few minutes.
     demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps), onpolicy_steps=args.steps // 2,
-                         onpolicy_rounds=1, allocation="uniform", prompts=PromptConfig(recall=64, self_study=48, generic=48, direct=48))
+                         onpolicy_rounds=1, refine_steps=0, allocation="uniform", prompts=PromptConfig(recall=64, self_study=48, generic=48, direct=48))
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "bfloat16")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)

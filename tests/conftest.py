@@ -11,6 +11,7 @@ FAST = nectar.CompileConfig(
     fit=nectar.FitConfig(steps=60, eval_every=20),
     onpolicy_steps=20,
     onpolicy_rounds=1,
+    refine_steps=0,  # refinement has tests of its own
     allocation="uniform",  # the per-layer allocations and exact tokens have tests of their own
     exact_share=0.0,
 )

@@ -110,7 +110,8 @@ def test_unsupported_family_is_refused_in_one_line(name):
     assert "\n" not in str(error.value) and model.config.model_type in str(error.value)
 
 
-TINY = replace(FAST, budget=0.1, fit=replace(FAST.fit, steps=20, eval_every=10), onpolicy_steps=10)
+TINY = replace(FAST, budget=0.1, fit=replace(FAST.fit, steps=20, eval_every=10), onpolicy_steps=10,
+               refine_steps=4)  # every family refines end to end, sliding-window layers included
 COMPILED = [name for name in SUPPORTED if name != "mistral-sliding"]
 
 
@@ -130,6 +131,7 @@ def test_compile_attach_ask_end_to_end(name, tokenizer, document, tmp_path):
     model = tiny(*SUPPORTED[name])
     artifact = Artifact.load(nectar.compile(model, tokenizer, document, TINY).save(tmp_path / "doc.nectar"))
     assert len(nectar.ask(model, tokenizer, artifact, ["What does assert do?"], max_new_tokens=4)) == 1
+    assert artifact.manifest["metrics"]["refine"]["val_best"] <= artifact.manifest["metrics"]["refine"]["val_start"]
     n, cfg = len(document), model.config
     tokens = sum(n if w is None else min(n, w) for w in layer_windows(cfg))
     assert artifact.kv_bytes() == 2 * tokens * cfg.num_key_value_heads * 16 * 2
