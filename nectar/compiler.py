@@ -201,7 +201,7 @@ class Workbench:
     @cached_property
     def teachers(self) -> tuple[list, list]:
         """The full-cache model's top-k next tokens on (train, validation) sequences, for refinement only."""
-        if self._riders is not None:
+        if self._riders is not None and all(t is not None for c in self._riders for t in c.out):  # not cut short
             return self._riders[0].out, self._riders[1].out
         full, size = self.full, self.config.batch_size
         with _stage(self._teacher_time, "teacher"):
