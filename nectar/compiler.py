@@ -72,7 +72,7 @@ class Workbench:
         self._gap_times: dict[tuple, dict[str, float]] = {}
         self._teacher_time: dict[str, float] = {}  # only compiles that refine pay for the teacher
         self._riders: tuple | None = None  # the teacher, collected during a capture
-        self._refining = bool(self.config.refine_steps)  # whether the compile under way will need the teacher
+        self._refining = False  # whether the compile under way will need the teacher (set by each compile)
 
     @cached_property
     def full(self) -> ExactContext:
