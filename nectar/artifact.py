@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from .attention import ExactContext, WithExact
 from .errors import NectarError
 from .files import atomic_path
+from .fused import FusedBank
 from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
@@ -51,7 +52,7 @@ class Artifact:
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
         if (dtype, device) not in self._providers:
             # Modules stay fp32: they are tiny, and bf16 would cost the lse its precision.
-            fused = self.bank.inference().to(device)
+            fused = (FusedBank(self.bank) if isinstance(self.bank, MLPBank) else self.bank).to(device)
             sinks = replace(self.sinks, keys=[k.to(device, dtype) for k in self.sinks.keys],
                             values=[v.to(device, dtype) for v in self.sinks.values])
             if len({k.shape[-2] for k, w in zip(sinks.keys, self.windows) if w is None}) > 1:
@@ -87,7 +88,8 @@ class Artifact:
         return self.nbytes() / self.kv_bytes()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"bank.{k}": v.detach().to(STORE_DTYPE).contiguous() for k, v in self.bank.export().items()}
+        out = {f"bank.{k}": (v.to(STORE_DTYPE) if v.is_floating_point() else v).detach().contiguous()
+               for k, v in self.bank.export().items()}  # 8-bit weight codes stay integers
         # Sinks of the global layers and tails of the sliding ones: each part stacks when its layers keep as
         # many tokens; exact tokens allocated by layer do not, and go end to end with their lengths.
         for name, slides in (("sinks", False), ("tails", True)):

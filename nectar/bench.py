@@ -19,7 +19,7 @@ from .binding import bound, cacheable, generation_inputs
 from .attention import IMPLEMENTATION, ExactContext
 from .errors import NectarError
 from .models import attn_implementation, cache_tokens
-from .modules import FusedBank
+from .fused import FusedBank
 from .prefill import as_cache, prefill, prefix
 
 

@@ -243,6 +243,7 @@ class Workbench:
                 fit_log["refine"] = refine(self.model, bank, sinks, self.train_sequences, train_teacher, val_seqs,
                                            val_teacher, self.n, config.refine_steps, seed=config.seed,
                                            anchor=train_store, anchor_weight=config.refine_anchor)
+        bank.round_weights()  # evaluate what the artifact will hold
         with _stage(timings, "evaluate"):
             metrics = validation_metrics(self.model, bank, sinks, self.full, self.n, self.val_prompts,
                                          val_store, config.batch_size)
@@ -292,9 +293,9 @@ class Workbench:
         return uniform
 
     def _mlp_bank(self, config: CompileConfig, params: int | list[int]) -> MLPBank:
-        cfg = self.model.config
+        cfg, shape = self.model.config, (config.depth, config.score_share, config.weight_bits)
         return self._on_modeled(MLPBank.for_budget(len(modeled_layers(cfg)), cfg.num_key_value_heads,
-                                                   head_dim(cfg), params, config.depth, config.score_share))
+                                                   head_dim(cfg), params, *shape))
 
     def _fit_probe(self, probe: MLPBank, config: CompileConfig, train_store: Store, val_store: Store) -> MLPBank:
         """A short fit at uniform width: its per-layer errors show where capacity is short."""
@@ -332,7 +333,7 @@ class Workbench:
 
 def _gap_key(config: CompileConfig) -> tuple:
     """What a probe depends on beyond the document: two compiles that agree on it share their gaps."""
-    return config.budget, config.probe_steps, config.depth, config.score_share, config.seed, repr(config.fit)
+    return config.budget, config.probe_steps, config.depth, config.score_share, config.weight_bits, config.seed, repr(config.fit)
 
 
 def _warn_if_useless(questions: dict) -> None:

@@ -84,6 +84,9 @@ class CompileConfig:
     seed: int = 0
     depth: int = 2  # hidden layers per network
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
+    # How module weights are stored: 8 (int8, a 16-bit scale per column: ~1.6x the width in the same bytes;
+    # the modules are capacity-bound and rounding costs them ~nothing) or 16 (docs/results.md).
+    weight_bits: int = 8
     # End-to-end distillation steps on the answer KL after the per-layer fits (0: off). 60 hold most of its
     # gain (validation KL flattens after ~40) in a 15-minute compile of a 4k document on 2 cores.
     refine_steps: int = 60
@@ -112,6 +115,7 @@ class CompileConfig:
         _require(self.probe_steps >= 1, "probe_steps must be >= 1")
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
+        _require(self.weight_bits in (8, 16), f"weight_bits must be 8 or 16, got {self.weight_bits}")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
         _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .graphs import forget
+from .quant import round_to_grid_, dequantize, quantize, weight_numbers
+
 
 GROUPS = 3  # width groups a stack of unequal modules runs in: one matmul per group and layer
 
@@ -29,8 +30,9 @@ class MLPStack(nn.Module):
     a module's width are masked to zero, so they neither compute nor learn anything.
     """
 
-    def __init__(self, M: int, d_in: int, widths: list[int], d_out: int, depth: int):
+    def __init__(self, M: int, d_in: int, widths: list[int], d_out: int, depth: int, bits: int = 16):
         super().__init__()
+        self.bits = bits  # how the weights are stored: 16-bit, or 8-bit with a scale per column (nectar.quant)
         width = max(widths)
         dims = [d_in] + [width] * depth + [d_out]
         self.weights = nn.ParameterList(
@@ -81,12 +83,13 @@ class MLPStack(nn.Module):
 
     def active_params(self) -> int:
         d_in, d_out = self.weights[0].shape[1], self.weights[-1].shape[2]
-        return sum(self.num_params(d_in, w, d_out, len(self.weights) - 1) for w in self.widths)
+        return math.ceil(sum(self.num_params(d_in, w, d_out, len(self.weights) - 1, self.bits) for w in self.widths))
 
     @staticmethod
-    def num_params(d_in: int, width: int, d_out: int, depth: int) -> int:
+    def num_params(d_in: int, width: int, d_out: int, depth: int, bits: int = 16) -> float:
+        """16-bit numbers one MLP takes in storage: weights (as `bits` stores them) and biases."""
         dims = [d_in] + [width] * depth + [d_out]
-        return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+        return sum(weight_numbers(a, b, bits) + b for a, b in zip(dims[:-1], dims[1:]))
 
 
 def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | None = None) -> Tensor:
@@ -121,10 +124,10 @@ def width_groups(widths: list[int], groups: int) -> list[tuple[list[int], int]]:
     return sets[::-1]
 
 
-def width_for(params: int, d_in: int, d_out: int, depth: int) -> int:
-    """The largest width whose MLP fits in `params` (at least 1)."""
+def width_for(params: float, d_in: int, d_out: int, depth: int, bits: int = 16) -> int:
+    """The largest width whose MLP fits in `params` 16-bit numbers (at least 1)."""
     width = 1
-    while MLPStack.num_params(d_in, width + 1, d_out, depth) <= params:
+    while MLPStack.num_params(d_in, width + 1, d_out, depth, bits) <= params:
         width += 1
     return width
 
@@ -140,14 +143,15 @@ class MLPBank(nn.Module):
     model_layers: list[int] | None = None
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, target_widths: int | list[int],
-                 score_widths: int | list[int], depth: int):
+                 score_widths: int | list[int], depth: int, weight_bits: int = 16):
         super().__init__()
         self.layers, self.kv_heads, self.head_dim, self.depth = layers, kv_heads, head_dim, depth
+        self.weight_bits = weight_bits
         self.target_widths = _per_layer(target_widths, layers)
         self.score_widths = _per_layer(score_widths, layers)
         M, d = layers * kv_heads, head_dim
-        self.target = MLPStack(M, d, [w for w in self.target_widths for _ in range(kv_heads)], d, depth)
-        self.score = MLPStack(M, d, [w for w in self.score_widths for _ in range(kv_heads)], 1, depth)
+        self.target = MLPStack(M, d, [w for w in self.target_widths for _ in range(kv_heads)], d, depth, weight_bits)
+        self.score = MLPStack(M, d, [w for w in self.score_widths for _ in range(kv_heads)], 1, depth, weight_bits)
         self.score_skip = nn.Parameter(torch.zeros(M, d, 1))
         for name, shape in (("in_mean", (M, 1, d)), ("in_std", (M, 1, d)), ("o_mean", (M, 1, d)),
                             ("o_scale", (M, 1, 1)), ("lse_mean", (M, 1)), ("lse_scale", (M, 1))):
@@ -155,19 +159,20 @@ class MLPBank(nn.Module):
 
     @classmethod
     def for_budget(cls, layers: int, kv_heads: int, head_dim: int, params_per_module: int | list[int], depth: int,
-                   score_share: float) -> "MLPBank":
-        """The widest bank whose modules fit `params_per_module` (one number, or one per layer) each."""
-        d = head_dim
+                   score_share: float, weight_bits: int = 16) -> "MLPBank":
+        """The widest bank whose modules fit `params_per_module` 16-bit numbers (one count, or one per layer) each."""
+        d, bits = head_dim, weight_bits
         fixed = 4 * d + 3 + d  # normalisation stats and the score skip
         target, score = [], []
         for params in _per_layer(params_per_module, layers):
             free = max(0, params - fixed)
-            score.append(width_for(int(free * score_share), d, 1, depth))
-            target.append(width_for(free - MLPStack.num_params(d, score[-1], 1, depth), d, d, depth))
-        return cls(layers, kv_heads, head_dim, target, score, depth)
+            score.append(width_for(int(free * score_share), d, 1, depth, bits))
+            target.append(width_for(free - MLPStack.num_params(d, score[-1], 1, depth, bits), d, d, depth, bits))
+        return cls(layers, kv_heads, head_dim, target, score, depth, weight_bits)
 
     def sizes(self) -> dict:
-        return {"depth": self.depth, "target_widths": self.target_widths, "score_widths": self.score_widths}
+        return {"depth": self.depth, "target_widths": self.target_widths, "score_widths": self.score_widths,
+                "weight_bits": self.weight_bits}
 
     def num_params(self) -> int:
         """Numbers the module needs (masked units excluded): what the byte budget counts."""
@@ -185,9 +190,6 @@ class MLPBank(nn.Module):
         """Context-provider interface: q [b, kv_heads, m, d] -> (out [b, kv_heads, m, d], lse [b, kv_heads, m])."""
         return per_layer_call(self.predict, slot(self, layer), q)
 
-    def inference(self) -> "FusedBank":
-        return FusedBank(self)
-
     def rows(self, layer: int) -> slice:
         return slice(layer * self.kv_heads, (layer + 1) * self.kv_heads)
 
@@ -202,7 +204,11 @@ class MLPBank(nn.Module):
         for layer in range(self.layers):
             rows = self.rows(layer)
             for net, (weights, biases) in zip(("target", "score"), self.layer_weights(layer)):
-                out.update({f"{layer}.{net}.w{i}": w for i, w in enumerate(weights)})
+                for i, w in enumerate(weights):
+                    if self.weight_bits == 16:
+                        out[f"{layer}.{net}.w{i}"] = w
+                    else:
+                        out[f"{layer}.{net}.w{i}"], out[f"{layer}.{net}.w{i}.scale"] = quantize(w, self.weight_bits)
                 out.update({f"{layer}.{net}.b{i}": b for i, b in enumerate(biases)})
             out[f"{layer}.score_skip"] = self.score_skip[rows]
             out.update({f"{layer}.{name}": buf[rows] for name, buf in self.named_buffers(recurse=False)})
@@ -211,19 +217,32 @@ class MLPBank(nn.Module):
     @classmethod
     def from_export(cls, model: dict, sizes: dict, tensors: dict[str, Tensor]) -> "MLPBank":
         bank = cls(model["layers"], model["kv_heads"], model["head_dim"], sizes["target_widths"],
-                   sizes["score_widths"], sizes["depth"])
+                   sizes["score_widths"], sizes["depth"], sizes.get("weight_bits", 16))
         with torch.no_grad():
             for layer in range(bank.layers):
                 for net in (bank.target, bank.score):
                     name = "target" if net is bank.target else "score"
                     for i, (w, b) in enumerate(zip(*net.trimmed(bank.rows(layer), max(net.widths)))):
                         stored_w, stored_b = tensors[f"{layer}.{name}.w{i}"], tensors[f"{layer}.{name}.b{i}"]
+                        if f"{layer}.{name}.w{i}.scale" in tensors:
+                            stored_w = dequantize(stored_w, tensors[f"{layer}.{name}.w{i}.scale"])
                         w[:, : stored_w.shape[1], : stored_w.shape[2]] = stored_w
                         b[..., : stored_b.shape[-1]] = stored_b
                 bank.score_skip[bank.rows(layer)] = tensors[f"{layer}.score_skip"]
                 for name, buf in bank.named_buffers(recurse=False):
                     buf[bank.rows(layer)] = tensors[f"{layer}.{name}"]
         return bank
+
+    @torch.no_grad()
+    def round_weights(self) -> None:
+        """Round every weight, in place, to what its stored form reads back as: what a compile evaluates and
+        saves is then the function the artifact holds."""
+        if self.weight_bits == 16:
+            return
+        for layer in range(self.layers):
+            for weights, _ in self.layer_weights(layer):  # views: the units past a module's width stay out
+                for w in weights:
+                    round_to_grid_(w, self.weight_bits)
 
     @torch.no_grad()
     def standardise(self, q: Tensor, o_ctx: Tensor, lse_ctx: Tensor, ridge: float = 1e-2) -> None:
@@ -253,92 +272,3 @@ def per_layer_call(predict, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
     b, h, m, d = q.shape
     o, lse = predict(q.transpose(0, 1).reshape(h, b * m, d), slice(layer * h, (layer + 1) * h))
     return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
-
-
-class FusedBank:
-    """The inference form of an MLPBank, numerically the same function with fewer, larger ops.
-
-    Input standardisation and output scaling are folded into the first and last weights, the target
-    and score networks of a module run as one block-diagonal MLP (the score skip rides along as one
-    extra output of the first layer), and each layer's weights are split off once, up front, so a
-    decode step costs depth + 1 batched matmuls and depth GELUs per layer.
-    """
-
-    graphable = True  # on a GPU its decode step runs as a CUDA graph (nectar.graphs)
-
-    def __init__(self, bank: MLPBank, dtype: torch.dtype = torch.float32):
-        self.head_dim, self.kv_heads, self.model_layers = bank.head_dim, bank.kv_heads, bank.model_layers
-        self.weights: list[list[Tensor]] = []
-        self.biases: list[list[Tensor]] = []
-        with torch.no_grad():
-            for layer in range(bank.layers):
-                w, b = _fuse_layer(bank, layer)
-                # GELU runs over the whole first output, skip column included (a strided slice costs
-                # ~40% more); a zero input row in the next weight drops that column again.
-                w[1] = torch.cat([w[1], w[1].new_zeros(w[1].shape[0], 1, w[1].shape[2])], 1)
-                self.weights.append([t.to(dtype).contiguous() for t in w])
-                self.biases.append([t.to(dtype).contiguous() for t in b])
-
-    def to(self, device: torch.device | str) -> "FusedBank":
-        """Move the weights (in place); any CUDA graphs captured with the old ones are dropped."""
-        forget(self)
-        self.weights = [[t.to(device) for t in layer] for layer in self.weights]
-        self.biases = [[t.to(device) for t in layer] for layer in self.biases]
-        return self
-
-    def __call__(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
-        b, h, m, d = q.shape
-        # Batch 1 (the common decode) needs no transposes: each view or cast here costs a microsecond.
-        x = q[0] if b == 1 else q.transpose(0, 1).reshape(h, b * m, d)
-        index = slot(self, layer)
-        o, lse = fused_mlp(self.weights[index], self.biases[index], x)
-        if b == 1:
-            return o[None], lse[None]
-        return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
-
-
-def fused_mlp(weights: list[Tensor], biases: list[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-    """A FusedBank layer's computation on x [modules, N, d] -> (o [modules, N, d], lse [modules, N]), fp32."""
-    d = x.shape[-1]
-    z = torch.baddbmm(biases[0], x.to(weights[0].dtype), weights[0])
-    skip, x = z[..., -1], gelu(z)
-    for w, bias in zip(weights[1:-1], biases[1:-1]):
-        x = gelu(torch.baddbmm(bias, x, w))
-    out = torch.baddbmm(biases[-1], x, weights[-1])
-    if out.dtype != torch.float32:
-        out, skip = out.float(), skip.float()
-    return out[..., :d], out[..., d] + skip
-
-
-def _block_diag(a: Tensor, b: Tensor) -> Tensor:
-    """Per-module block-diagonal [M, a_in + b_in, a_out + b_out] from [M, a_in, a_out] and [M, b_in, b_out]."""
-    out = a.new_zeros(a.shape[0], a.shape[1] + b.shape[1], a.shape[2] + b.shape[2])
-    out[:, : a.shape[1], : a.shape[2]] = a
-    out[:, a.shape[1]:, a.shape[2]:] = b
-    return out
-
-
-def _fuse_layer(bank: MLPBank, layer: int) -> tuple[list[Tensor], list[Tensor]]:
-    rows = bank.rows(layer)
-    (target_w, target_b), (score_w, score_b) = bank.layer_weights(layer)
-    mean, std = bank.in_mean[rows], bank.in_std[rows]  # [kv, 1, d]
-    lse_scale = bank.lse_scale[rows].unsqueeze(-1)  # [kv, 1, 1]
-
-    def standardised_input(w: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-        # ((q - mean) / std) @ w + bias == q @ (w / std^T) + (bias - (mean / std) @ w)
-        return w / std.transpose(1, 2), bias - (mean / std) @ w
-
-    wt, bt = standardised_input(target_w[0], target_b[0])
-    ws, bs = standardised_input(score_w[0], score_b[0])
-    wk, bk = standardised_input(bank.score_skip[rows] * lse_scale, torch.zeros_like(lse_scale))
-    weights, biases = [torch.cat([wt, ws, wk], -1)], [torch.cat([bt, bs, bk], -1)]
-    for i in range(1, len(target_w) - 1):
-        weights.append(_block_diag(target_w[i], score_w[i]))
-        biases.append(torch.cat([target_b[i], score_b[i]], -1))
-    o_scale = bank.o_scale[rows]
-    weights.append(_block_diag(target_w[-1] * o_scale, score_w[-1] * lse_scale))
-    biases.append(torch.cat([target_b[-1] * o_scale + bank.o_mean[rows],
-                             score_b[-1] * lse_scale + bank.lse_mean[rows].unsqueeze(-1)], -1))
-    return weights, biases
-
-

@@ -48,8 +48,8 @@ class QuadratureBank(nn.Module):
     def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
         return per_layer_call(self.predict, slot(self, layer), q)
 
-    def inference(self) -> "QuadratureBank":
-        return self
+    def round_weights(self) -> None:
+        """Nodes are stored 16-bit: nothing to round."""
 
     def export(self) -> dict[str, Tensor]:
         return {"keys": self.keys, "values": self.values, "log_weights": self.log_weights}

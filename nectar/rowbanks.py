@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .modules import FusedBank, fused_mlp, slot
+from .fused import FusedBank, fused_mlp
+from .modules import slot
 
 
 class RowBanks:

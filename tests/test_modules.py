@@ -4,14 +4,15 @@ import torch
 
 from nectar.attention import reference_attention
 from nectar.budget import allocate
-from nectar.modules import FusedBank, MLPBank, MLPStack, width_groups
+from nectar.fused import FusedBank
+from nectar.modules import MLPBank, MLPStack, width_groups
 from nectar.quadrature import QuadratureBank
 
 
-def _trained_looking_bank(depth: int, target_widths, score_widths) -> MLPBank:
+def _trained_looking_bank(depth: int, target_widths, score_widths, weight_bits: int = 16) -> MLPBank:
     torch.manual_seed(0)
     bank = MLPBank(layers=3, kv_heads=2, head_dim=16, target_widths=target_widths, score_widths=score_widths,
-                   depth=depth)
+                   depth=depth, weight_bits=weight_bits)
     q, o = torch.randn(6, 50, 16) * 3 + 1, torch.randn(6, 50, 16)
     bank.standardise(q, o, torch.randn(6, 50) * 2 + 5)
     with torch.no_grad():
@@ -58,6 +59,45 @@ def test_export_stores_each_layer_at_its_own_width_and_round_trips():
     x = torch.randn(2, 2, 5, 16)
     for layer in range(3):
         torch.testing.assert_close(back(layer, x), bank(layer, x))
+
+
+def test_8_bit_weights_store_in_half_the_bytes_and_load_as_the_rounded_bank():
+    bank = _trained_looking_bank(2, [3, 9, 6], [2, 5, 4], weight_bits=8)
+    x = torch.randn(2, 2, 5, 16)
+    unrounded = [bank(layer, x) for layer in range(3)]
+    bank.round_weights()
+    tensors = bank.export()
+    assert tensors["1.target.w1"].dtype == torch.int8 and tensors["1.target.w1.scale"].shape == (2, 1, 9)
+    stored = sum(t.numel() * (1 if t.dtype == torch.int8 else 2) for t in tensors.values())
+    assert bank.num_params() * 2 == pytest.approx(stored, abs=2)  # the budget counts what the file holds
+    back = MLPBank.from_export({"layers": 3, "kv_heads": 2, "head_dim": 16}, bank.sizes(), tensors)
+    for layer in range(3):
+        torch.testing.assert_close(back(layer, x), bank(layer, x))
+        # Rounding moves the function, but by less than a percent of its output.
+        o, lse = unrounded[layer]
+        assert (back(layer, x)[0] - o).norm() < 0.01 * o.norm()
+        assert (back(layer, x)[1] - lse).abs().max() < 0.01 * lse.abs().max()
+
+
+def test_8_bit_weights_buy_width_at_the_same_budget():
+    wide = MLPBank.for_budget(3, 2, 64, 6000, depth=2, score_share=0.4, weight_bits=8)
+    narrow = MLPBank.for_budget(3, 2, 64, 6000, depth=2, score_share=0.4)
+    assert wide.num_params() <= 3 * 2 * 6000 and narrow.num_params() <= 3 * 2 * 6000
+    assert wide.target_widths[0] >= 1.5 * narrow.target_widths[0]
+
+
+def test_rounding_to_the_8_bit_grid_is_idempotent_and_bounded():
+    from nectar.quant import dequantize, quantize, round_to_grid_
+
+    w = torch.randn(4, 10, 7) * torch.logspace(-3, 1, 7)  # columns of very different scales
+    codes, scale = quantize(w)
+    assert codes.dtype == torch.int8 and codes.abs().max() <= 127
+    assert ((dequantize(codes, scale) - w).abs() <= scale.float() / 2 + 1e-7).all()
+    once = w.clone()
+    round_to_grid_(once)
+    twice = once.clone()
+    round_to_grid_(twice)
+    torch.testing.assert_close(twice, once, rtol=0, atol=0)
 
 
 def test_quadrature_with_a_node_per_key_is_exact_attention():

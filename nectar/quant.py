@@ -1,0 +1,39 @@
+"""Module weights stored as 8-bit integers, one 16-bit scale per output column: twice the numbers per byte.
+
+A fitted module's error is capacity-bound (its training and held-out errors agree, and 4x the numbers
+cut the output error 27% on the default model) while rounding its weights to 8 bits barely moves it
+(merged error 0.0864 -> 0.0868), so at a fixed byte budget 8-bit weights buy about 1.6x the width.
+Biases, normalisation and exact tokens stay 16-bit (docs/results.md).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+WEIGHT_BITS = (8, 16)
+
+
+def weight_numbers(fan_in: int, fan_out: int, bits: int) -> float:
+    """16-bit numbers a [fan_in, fan_out] weight takes in storage, its scales included."""
+    if bits == 16:
+        return fan_in * fan_out
+    return fan_in * fan_out * bits / 16 + fan_out
+
+
+def quantize(w: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """w [..., fan_in, fan_out] -> (int8 codes, fp16 scales [..., 1, fan_out]), each column by its largest |w|."""
+    levels = 2 ** (bits - 1) - 1
+    # The scale is rounded to fp16 before dividing, so that codes x stored scale is exactly the dequantised weight.
+    scale = (w.detach().abs().amax(-2, keepdim=True).float() / levels).clamp_min(1e-7).half()
+    codes = (w.detach().float() / scale.float()).round().clamp(-levels, levels).to(torch.int8)
+    return codes, scale
+
+
+def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
+    return codes.float() * scale.float()
+
+
+@torch.no_grad()
+def round_to_grid_(w: Tensor, bits: int = 8) -> None:
+    """Replace w, in place, by what its stored 8-bit form reads back as."""
+    w.copy_(dequantize(*quantize(w, bits)).to(w.dtype))
