@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .quant import round_to_grid_, dequantize, quantize, weight_numbers
-
+from .quant import dequantize, quantize, round_to_grid_, weight_numbers
 
 GROUPS = 3  # width groups a stack of unequal modules runs in: one matmul per group and layer
 
@@ -175,7 +174,7 @@ class MLPBank(nn.Module):
                 "weight_bits": self.weight_bits}
 
     def num_params(self) -> int:
-        """Numbers the module needs (masked units excluded): what the byte budget counts."""
+        """16-bit numbers the modules take in storage (masked units excluded): what the byte budget counts."""
         fixed = self.score_skip.numel() + sum(b.numel() for b in self.buffers(recurse=False))
         return self.target.active_params() + self.score.active_params() + fixed
 
