@@ -143,6 +143,7 @@ def test_info_prints_summary(saved, compiled, capsys):
     assert code == 0
     assert f"document: {art.n} tokens" in out and f"{art.memory_ratio():.4f} x the KV cache" in out
     assert "questions,      nectar: agreement" in out and "timings (s): prefill" in out
+    assert f"{art.manifest['modules']['weight_bits']}-bit weights" in out
 
 
 def test_info_json_into_a_closed_pipe_is_quiet(saved):
