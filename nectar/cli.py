@@ -9,7 +9,7 @@ import os
 import sys
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
-from .config import EXACT_SHARE, CompileConfig
+from .config import EXACT_SHARE, WEIGHT_BITS, CompileConfig
 from .errors import NectarError
 
 
@@ -160,7 +160,7 @@ def _compile_args(p) -> None:
     p.add_argument("--refine-steps", type=int, default=CompileConfig.refine_steps,
                    help="end-to-end steps on the answer KL against the full cache, after the per-layer fits: "
                    f"~2 min on a 4k document (default {CompileConfig.refine_steps}; 0: off)")
-    p.add_argument("--weight-bits", type=int, choices=(8, 16), default=CompileConfig.weight_bits,
+    p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=CompileConfig.weight_bits,
                    help="module weights stored as int8 with a scale per column (8: ~1.6x the width in the same "
                    f"bytes) or 16-bit (default {CompileConfig.weight_bits})")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, splits and fitting (default 0)")

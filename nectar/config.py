@@ -7,6 +7,7 @@ from .errors import NectarError
 
 VARIANTS = ("mlp", "quadrature")
 ALLOCATIONS = ("uniform", "probe", "gap")
+WEIGHT_BITS = (8, 16)  # module weight storage: int8 with a 16-bit scale per column, or 16-bit (nectar.quant)
 EXACT_SHARE = 0.3  # the measured best share of the budget for exact tokens (docs/results.md)
 
 
@@ -116,7 +117,7 @@ class CompileConfig:
         _require(self.probe_steps >= 1, "probe_steps must be >= 1")
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
-        _require(self.weight_bits in (8, 16), f"weight_bits must be 8 or 16, got {self.weight_bits}")
+        _require(self.weight_bits in WEIGHT_BITS, f"weight_bits must be 8 or 16, got {self.weight_bits}")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
         _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")

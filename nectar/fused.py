@@ -93,5 +93,3 @@ def _fuse_layer(bank: MLPBank, layer: int) -> tuple[list[Tensor], list[Tensor]]:
     biases.append(torch.cat([target_b[-1] * o_scale + bank.o_mean[rows],
                              score_b[-1] * lse_scale + bank.lse_mean[rows].unsqueeze(-1)], -1))
     return weights, biases
-
-

@@ -145,7 +145,6 @@ class MLPBank(nn.Module):
                  score_widths: int | list[int], depth: int, weight_bits: int = 16):
         super().__init__()
         self.layers, self.kv_heads, self.head_dim, self.depth = layers, kv_heads, head_dim, depth
-        self.weight_bits = weight_bits
         self.target_widths = _per_layer(target_widths, layers)
         self.score_widths = _per_layer(score_widths, layers)
         M, d = layers * kv_heads, head_dim
@@ -168,6 +167,10 @@ class MLPBank(nn.Module):
             score.append(width_for(int(free * score_share), d, 1, depth, bits))
             target.append(width_for(free - MLPStack.num_params(d, score[-1], 1, depth, bits), d, d, depth, bits))
         return cls(layers, kv_heads, head_dim, target, score, depth, weight_bits)
+
+    @property
+    def weight_bits(self) -> int:
+        return self.target.bits
 
     def sizes(self) -> dict:
         return {"depth": self.depth, "target_widths": self.target_widths, "score_widths": self.score_widths,

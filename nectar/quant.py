@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-WEIGHT_BITS = (8, 16)
-
 
 def weight_numbers(fan_in: int, fan_out: int, bits: int) -> float:
     """16-bit numbers a [fan_in, fan_out] weight takes in storage, its scales included."""
