@@ -23,6 +23,7 @@ from .fused import FusedBank
 from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
+from .quant import dequantize, quantize, weight_numbers
 
 FORMAT_VERSION = 3  # 3: the checksum covers the manifest too
 STORE_DTYPE = torch.float16
@@ -79,10 +80,28 @@ class Artifact:
         m = self.manifest["model"]
         return 2 * window_tokens(self.windows, self.n) * m["kv_heads"] * m["head_dim"] * dtype_bytes
 
+    @property
+    def exact_bits(self) -> int:
+        """How the exact tokens past the sinks of global layers are stored (nectar.quant); 16 when there are none."""
+        s = self.manifest["sink_tokens"]
+        if not any(k.shape[-2] > s for k, w in zip(self.sinks.keys, self.windows) if w is None):
+            return 16
+        return self.manifest["config"].get("exact_bits", 16)
+
     def nbytes(self, dtype_bytes: int = 2) -> int:
-        """Bytes kept for the document (modules + exact tokens: sinks, sliding tails) at `dtype_bytes` per number."""
-        sinks = sum(k.numel() + v.numel() for k, v in zip(self.sinks.keys, self.sinks.values))
-        return (self.bank.num_params() + sinks) * dtype_bytes
+        """Bytes kept for the document (modules + exact tokens: sinks, sliding tails) at `dtype_bytes` per
+        16-bit number; 8-bit exact tokens count as half a number each, their scales as whole ones."""
+        return round((self.bank.num_params() + self._exact_numbers()) * dtype_bytes)
+
+    def _exact_numbers(self) -> float:
+        s, total = self.manifest["sink_tokens"], 0.0
+        for x, window in zip((*self.sinks.keys, *self.sinks.values), self.windows * 2):
+            if window is not None or self.exact_bits == 16:
+                total += x.numel()
+            else:
+                heads, tokens, d = x.shape
+                total += heads * (s * d + weight_numbers(tokens - s, d, self.exact_bits))
+        return total
 
     def memory_ratio(self) -> float:
         return self.nbytes() / self.kv_bytes()
@@ -97,13 +116,11 @@ class Artifact:
             if not layers:
                 continue
             keys, values = [self.sinks.keys[i] for i in layers], [self.sinks.values[i] for i in layers]
-            if len({k.shape[1] for k in keys}) == 1:
-                out[f"{name}.keys"], out[f"{name}.values"] = torch.stack(keys), torch.stack(values)
-            else:
-                out[f"{name}.keys"], out[f"{name}.values"] = torch.cat(keys, 1), torch.cat(values, 1)
-                out[f"{name}.lengths"] = torch.tensor([k.shape[1] for k in keys], dtype=torch.int32)
-            for part in ("keys", "values"):
-                out[f"{name}.{part}"] = out[f"{name}.{part}"].to(STORE_DTYPE).contiguous()
+            if not slides and self.exact_bits < 16:  # the sinks 16-bit, the exact tokens past them quantised
+                s = self.manifest["sink_tokens"]
+                out.update(_quantized("exact", [k[:, s:] for k in keys], [v[:, s:] for v in values], self.exact_bits))
+                keys, values = [k[:, :s] for k in keys], [v[:, :s] for v in values]
+            out.update(_stored(name, keys, values))
         if self.document_ids is not None:
             out["document.ids"] = torch.tensor(self.document_ids, dtype=torch.int32)
         return out
@@ -173,10 +190,34 @@ def _bank_from(manifest: dict, tensors: dict) -> Bank:
     return bank.eval().requires_grad_(False)
 
 
+def _stored(name: str, keys: list, values: list) -> dict[str, torch.Tensor]:
+    """One part's 16-bit keys and values: stacked when every layer keeps as many tokens, else end to end."""
+    if len({k.shape[1] for k in keys}) == 1:
+        out = {f"{name}.keys": torch.stack(keys), f"{name}.values": torch.stack(values)}
+    else:
+        out = {f"{name}.keys": torch.cat(keys, 1), f"{name}.values": torch.cat(values, 1),
+               f"{name}.lengths": torch.tensor([k.shape[1] for k in keys], dtype=torch.int32)}
+    return {k: (v.to(STORE_DTYPE) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
+
+
+def _quantized(name: str, keys: list, values: list, bits: int) -> dict[str, torch.Tensor]:
+    """One part's keys and values as integer codes end to end, with each layer's [kv_heads, 1, d] scales."""
+    out = {f"{name}.lengths": torch.tensor([k.shape[1] for k in keys], dtype=torch.int32)}
+    for part, tensors in (("keys", keys), ("values", values)):
+        codes, scales = zip(*(quantize(x.float(), bits) for x in tensors))
+        out[f"{name}.{part}"], out[f"{name}.{part}.scale"] = torch.cat(codes, 1), torch.stack(scales)
+    return out
+
+
 def _sinks_from(manifest: dict, tensors: dict) -> ExactContext:
     windows = manifest["model"].get("windows")
     if not windows:
         keys, values = _per_layer(tensors, "sinks")
+        if "exact.keys" in tensors:  # each layer's quantised exact tokens after its sinks
+            lengths = tensors["exact.lengths"].tolist()
+            keys, values = ([torch.cat([x, dequantize(c, scale)], 1) for x, c, scale in
+                             zip(head, tensors[f"exact.{part}"].split(lengths, 1), tensors[f"exact.{part}.scale"])]
+                            for head, part in ((keys, "keys"), (values, "values")))
         return ExactContext(keys, values)
     parts = {name: iter(zip(*_per_layer(tensors, name))) for name in ("sinks", "tails") if f"{name}.keys" in tensors}
     keys, values = zip(*(next(parts["sinks" if w is None else "tails"]) for w in windows))

@@ -11,12 +11,15 @@ import torch
 from .config import CompileConfig
 from .errors import NectarError
 from .models import head_dim
+from .quant import weight_numbers
 
 
 def params_per_module(model, n: int, config: CompileConfig, exact: int = 0) -> int:
     """Numbers per (layer, KV head) module so that modules + exact K/V = budget x the document's KV."""
     d = head_dim(model.config)
-    per_module = config.budget * 2 * n * d - (config.sink_tokens + exact) * 2 * d
+    # Keys and values of the exact tokens quantise like a [tokens, d] weight: a scale per channel.
+    exact_numbers = 2 * weight_numbers(exact, d, config.exact_bits) if exact else 0
+    per_module = config.budget * 2 * n * d - config.sink_tokens * 2 * d - exact_numbers
     if per_module < 4 * d:
         raise NectarError(f"budget {config.budget} leaves no room for modules beside {config.sink_tokens + exact} "
                           "exact tokens per head: raise --budget, or lower exact_share or sink_tokens")
@@ -24,8 +27,12 @@ def params_per_module(model, n: int, config: CompileConfig, exact: int = 0) -> i
 
 
 def uniform_exact(n: int, config: CompileConfig) -> int:
-    """Tokens kept exact per (layer, head) beyond the sinks when spread evenly: `exact_share` of the budget's."""
-    return int(config.exact_share * config.budget * n)
+    """Tokens kept exact per (layer, head) beyond the sinks when spread evenly: `exact_share` of the budget's
+    bytes, at `exact_bits` per number (8-bit tokens pay one token's worth of 16-bit numbers in scales)."""
+    tokens = config.exact_share * config.budget * n
+    if config.exact_bits == 16 or tokens < 1:
+        return int(tokens)
+    return int((tokens - 1) * 16 / config.exact_bits)
 
 
 def allocate(difficulty: list[float], per_module: int, low: float = 0.25, high: float = 3.0) -> list[int]:

@@ -163,6 +163,9 @@ def _compile_args(p) -> None:
     p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=CompileConfig.weight_bits,
                    help="module weights stored as int8 with a scale per column (8: ~1.6x the width in the same "
                    f"bytes) or 16-bit (default {CompileConfig.weight_bits})")
+    p.add_argument("--exact-bits", type=int, choices=WEIGHT_BITS, default=CompileConfig.exact_bits,
+                   help="exact tokens past the sinks stored as int8 with a scale per channel (8: ~2x the tokens in "
+                   f"the same bytes) or 16-bit (default {CompileConfig.exact_bits})")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, splits and fitting (default 0)")
     p.add_argument("--truncate", action="store_true", help="cut a document too long for the model (says how much)")
 

@@ -29,6 +29,7 @@ from .models import attention_scaling, check_supported, head_dim, layer_windows,
 from .modules import MLPBank
 from .prefill import prefill, split_exact, window_tails
 from .quadrature import QuadratureBank
+from .quant import as_stored
 from .refine import TopK, refine, teacher
 from .selection import most_attended
 from .templates import templates_for
@@ -212,14 +213,13 @@ class Workbench:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
         config = self._resolved(replace(self.config, **changes))
         params_per_module(self.model, self.n, config, uniform_exact(self.n, config))  # refused before any work
-        self._refining = bool(config.refine_steps)
-        gap_times = {}
+        self._refining, gap_times = bool(config.refine_steps), {}
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
             self.gaps(config)
             gap_times = dict(self._gap_times[_gap_key(config)])
         counts = self.exact_counts(config)
         train_store, val_store = self.stores(counts)
-        sinks, rest = self.split(counts)
+        sinks = as_stored(self.split(counts)[0], config.sink_tokens, config.exact_bits if any(counts) else 16)
         timings = {**self.timings, **self._stage_times[counts], **gap_times}
         if gap_times and any(counts):  # the probe's own capture, of the document without exact tokens
             timings["capture (probe)"] = self._stage_times[self._counts(0)]["capture"]

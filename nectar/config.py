@@ -88,6 +88,9 @@ class CompileConfig:
     # How module weights are stored: 8 (int8, a 16-bit scale per column: ~1.6x the width in the same bytes;
     # the modules are capacity-bound and rounding costs them ~nothing) or 16 (docs/results.md).
     weight_bits: int = 8
+    # How the exact tokens past the sinks are stored: 8 (int8 keys and values, a 16-bit scale per channel of
+    # each (layer, head): about twice the tokens in the same bytes) or 16.
+    exact_bits: int = 8
     # End-to-end distillation steps on the answer KL after the per-layer fits (0: off). 30 hold nearly all
     # of its gain (MPL: validation KL 0.255 -> 0.240 at 30 steps, 0.239 at 60) in a 15-minute compile of a
     # 4k document on 2 cores, beside the 8-bit weights' wider fits.
@@ -118,6 +121,7 @@ class CompileConfig:
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
         _require(self.weight_bits in WEIGHT_BITS, f"weight_bits must be 8 or 16, got {self.weight_bits}")
+        _require(self.exact_bits in WEIGHT_BITS, f"exact_bits must be 8 or 16, got {self.exact_bits}")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
         _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")

@@ -3,12 +3,18 @@
 A fitted module's error is capacity-bound (its training and held-out errors agree, and 4x the numbers
 cut the output error 27% on the default model) while rounding its weights to 8 bits barely moves it
 (merged error 0.0864 -> 0.0868), so at a fixed byte budget 8-bit weights buy about 1.6x the width.
-Biases, normalisation and exact tokens stay 16-bit (docs/results.md).
+Biases and normalisation stay 16-bit. The exact tokens past the sinks quantise the same way, a scale per
+channel of each (layer, head) as KV-cache quantisers do for keys: about twice the tokens per byte
+(docs/results.md). The sinks, few and with the largest keys, stay 16-bit.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
+
+from .attention import ExactContext
 
 
 def weight_numbers(fan_in: int, fan_out: int, bits: int) -> float:
@@ -21,6 +27,8 @@ def weight_numbers(fan_in: int, fan_out: int, bits: int) -> float:
 def quantize(w: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """w [..., fan_in, fan_out] -> (int8 codes, fp16 scales [..., 1, fan_out]), each column by its largest |w|."""
     levels = 2 ** (bits - 1) - 1
+    if w.shape[-2] == 0:  # nothing to scale (a layer with no exact tokens): unit scales keep the layout
+        return w.to(torch.int8), torch.ones(*w.shape[:-2], 1, w.shape[-1], dtype=torch.float16)
     # The scale is rounded to fp16 before dividing, so that codes x stored scale is exactly the dequantised weight.
     scale = (w.detach().abs().amax(-2, keepdim=True).float() / levels).clamp_min(1e-7).half()
     codes = (w.detach().float() / scale.float()).round().clamp(-levels, levels).to(torch.int8)
@@ -35,3 +43,16 @@ def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
 def round_to_grid_(w: Tensor, bits: int = 8) -> None:
     """Replace w, in place, by what its stored 8-bit form reads back as."""
     w.copy_(dequantize(*quantize(w, bits)).to(w.dtype))
+
+
+def round_tokens(x: Tensor, skip: int, bits: int = 8) -> Tensor:
+    """x [kv_heads, tokens, d] with the tokens past `skip` replaced by what their stored form reads back as."""
+    if bits == 16 or x.shape[-2] <= skip:
+        return x
+    return torch.cat([x[:, :skip], dequantize(*quantize(x[:, skip:], bits)).to(x.dtype)], 1)
+
+
+def as_stored(exact: ExactContext, skip: int, bits: int) -> ExactContext:
+    """Exact tokens as an artifact reads them back: the first `skip` (the sinks) 16-bit, the rest at `bits`."""
+    return replace(exact, keys=[round_tokens(k, skip, bits) for k in exact.keys],
+                   values=[round_tokens(v, skip, bits) for v in exact.values])

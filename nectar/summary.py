@@ -13,6 +13,9 @@ def summary(artifact, path: str | Path | None = None) -> str:
     lines = [f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)"] if path else []
     lines.append(f"document: {m['document']['tokens']} tokens; modules: {describe(m['modules'])}, "
                  f"{artifact.memory_ratio():.4f} x the KV cache's bytes")
+    if m["metrics"].get("exact_tokens"):
+        lines.append(f"exact tokens per head: {m['sink_tokens']} sinks (16-bit) and up to "
+                     f"{m['metrics']['exact_tokens']} most attended ({artifact.exact_bits}-bit)")
     sliding = [w for w in artifact.windows if w is not None]
     if sliding:
         lines.append(f"sliding-window layers: {len(sliding)} of {len(artifact.windows)} keep their last "

@@ -9,6 +9,8 @@ from nectar.attention import WithExact, merge
 from nectar.binding import bound, cacheable
 from nectar.decode import generate_ids
 from nectar.baselines import attention_matching, matched_bytes
+from nectar.budget import uniform_exact
+from nectar.quant import round_tokens
 from nectar.compiler import Workbench
 from nectar.prefill import prefill, split_exact
 from nectar.selection import most_attended
@@ -45,13 +47,40 @@ def test_chosen_tokens_are_the_most_attended():
 
 def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
     art = bench.compile(exact_share=0.3)
-    assert art.manifest["metrics"]["exact_tokens"] == int(0.3 * FAST.budget * bench.n) > 0
+    assert art.manifest["metrics"]["exact_tokens"] == uniform_exact(bench.n, replace(FAST, exact_share=0.3)) > 0
     assert art.sinks.keys[0].shape[1] == FAST.sink_tokens + art.manifest["metrics"]["exact_tokens"]
     assert art.memory_ratio() <= FAST.budget
     for fid in art.manifest["metrics"]["fidelity"].values():
         assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
     loaded = nectar.Artifact.load(art.save(tmp_path / "e.nectar"))
     torch.testing.assert_close(loaded.sinks.keys[1], art.sinks.keys[1].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_8_bit_exact_tokens_hold_twice_as_many_in_the_same_bytes(bench, tmp_path):
+    wide, narrow = (bench.compile(exact_share=0.3, exact_bits=bits) for bits in (8, 16))
+    tokens = [a.manifest["metrics"]["exact_tokens"] for a in (wide, narrow)]
+    assert tokens[0] >= 2 * tokens[1] - 2 and tokens[1] > 0
+    assert wide.exact_bits == 8 and narrow.exact_bits == 16
+    assert f"up to {tokens[0]} most attended (8-bit)" in summary(wide)
+    assert wide.memory_ratio() <= FAST.budget and narrow.memory_ratio() <= FAST.budget
+    tensors = wide.tensors()
+    assert tensors["exact.keys"].dtype == torch.int8 and tensors["sinks.keys"].shape[2] == FAST.sink_tokens
+    # What the compile evaluated is what the file reads back: the tokens already sit on their 8-bit grid.
+    loaded = nectar.Artifact.load(wide.save(tmp_path / "w.nectar"))
+    for a, b in zip(loaded.sinks.keys + loaded.sinks.values, wide.sinks.keys + wide.sinks.values):
+        torch.testing.assert_close(a, b.float(), atol=1e-3, rtol=1e-2)
+    assert loaded.nbytes() == wide.nbytes()
+
+
+def test_8_bit_tokens_keep_the_sinks_and_round_the_rest_per_channel():
+    torch.manual_seed(0)
+    x = torch.randn(2, 20, 16) * torch.logspace(-2, 1, 16)  # channels of very different scales, as keys have
+    y = round_tokens(x, skip=4)
+    assert torch.equal(y[:, :4], x[:, :4]) and not torch.equal(y, x)
+    # Per channel, the error is within half a step of that channel's own scale, not the largest channel's.
+    step = x[:, 4:].abs().amax(1, keepdim=True) / 127
+    assert ((y - x)[:, 4:].abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(round_tokens(x, skip=4, bits=16), x)
 
 
 @torch.no_grad()
@@ -75,7 +104,7 @@ def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, 
     counts = art.manifest["metrics"]["exact_per_layer"]
     gaps = bench.gaps(replace(bench.config, **config))
     assert len(set(counts)) > 1 and counts.index(max(counts)) == gaps.index(max(gaps))
-    assert sum(counts) <= len(counts) * int(0.3 * FAST.budget * bench.n)
+    assert sum(counts) <= len(counts) * uniform_exact(bench.n, replace(FAST, **config))
     assert [k.shape[1] for k in art.sinks.keys] == [FAST.sink_tokens + c for c in counts]
     assert art.memory_ratio() <= FAST.budget
     top = gaps.index(max(gaps))
