@@ -14,7 +14,7 @@ PIPELINE = [
     # document side, then decode side
     "prefill", "binding", "decode",
     # compile: prompts -> capture -> modules -> fit -> evaluate -> artifact
-    "prompts", "capture", "selection", "budget", "quant", "modules", "fused", "quadrature", "schedule", "fit", "refine", "evaluate", "artifact", "compiler",
+    "prompts", "capture", "selection", "quant", "budget", "modules", "fused", "quadrature", "schedule", "fit", "refine", "evaluate", "artifact", "compiler",
     # a whole corpus, one task per document
     "corpus",
     # what uses a compiled document
