@@ -94,13 +94,13 @@ class Artifact:
         return round((self.bank.num_params() + self._exact_numbers()) * dtype_bytes)
 
     def _exact_numbers(self) -> float:
-        s, total = self.manifest["sink_tokens"], 0.0
+        s, bits, total = self.manifest["sink_tokens"], self.exact_bits, 0.0
         for x, window in zip((*self.sinks.keys, *self.sinks.values), self.windows * 2):
-            if window is not None or self.exact_bits == 16:
+            if window is not None or bits == 16:
                 total += x.numel()
             else:
                 heads, tokens, d = x.shape
-                total += heads * (s * d + weight_numbers(tokens - s, d, self.exact_bits))
+                total += heads * (s * d + weight_numbers(tokens - s, d, bits))
         return total
 
     def memory_ratio(self) -> float:

@@ -219,7 +219,7 @@ class Workbench:
             gap_times = dict(self._gap_times[_gap_key(config)])
         counts = self.exact_counts(config)
         train_store, val_store = self.stores(counts)
-        sinks = as_stored(self.split(counts)[0], config.sink_tokens, config.exact_bits if any(counts) else 16)
+        sinks = as_stored(self.split(counts)[0], config.sink_tokens, config.exact_bits)
         timings = {**self.timings, **self._stage_times[counts], **gap_times}
         if gap_times and any(counts):  # the probe's own capture, of the document without exact tokens
             timings["capture (probe)"] = self._stage_times[self._counts(0)]["capture"]

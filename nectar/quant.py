@@ -39,20 +39,28 @@ def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
     return codes.float() * scale.float()
 
 
+def rounded(w: Tensor, bits: int = 8) -> Tensor:
+    """What w's stored form (codes and scales) reads back as, in w's dtype."""
+    return dequantize(*quantize(w, bits)).to(w.dtype)
+
+
 @torch.no_grad()
 def round_to_grid_(w: Tensor, bits: int = 8) -> None:
     """Replace w, in place, by what its stored 8-bit form reads back as."""
-    w.copy_(dequantize(*quantize(w, bits)).to(w.dtype))
+    w.copy_(rounded(w, bits))
 
 
 def round_tokens(x: Tensor, skip: int, bits: int = 8) -> Tensor:
     """x [kv_heads, tokens, d] with the tokens past `skip` replaced by what their stored form reads back as."""
     if bits == 16 or x.shape[-2] <= skip:
         return x
-    return torch.cat([x[:, :skip], dequantize(*quantize(x[:, skip:], bits)).to(x.dtype)], 1)
+    return torch.cat([x[:, :skip], rounded(x[:, skip:], bits)], 1)
 
 
 def as_stored(exact: ExactContext, skip: int, bits: int) -> ExactContext:
-    """Exact tokens as an artifact reads them back: the first `skip` (the sinks) 16-bit, the rest at `bits`."""
-    return replace(exact, keys=[round_tokens(k, skip, bits) for k in exact.keys],
-                   values=[round_tokens(v, skip, bits) for v in exact.values])
+    """Exact tokens as an artifact reads them back: in global layers the first `skip` (the sinks) 16-bit and
+    the rest at `bits`; sliding layers' tails 16-bit."""
+    def at(layer: int) -> int:
+        return 16 if exact.slides(layer) else bits
+    return replace(exact, keys=[round_tokens(k, skip, at(layer)) for layer, k in enumerate(exact.keys)],
+                   values=[round_tokens(v, skip, at(layer)) for layer, v in enumerate(exact.values)])
