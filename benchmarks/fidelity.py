@@ -1,6 +1,7 @@
 """`nectar eval` with any CompileConfig, for fidelity experiments the CLI has no flag for.
 
     python benchmarks/fidelity.py DOC [--questions FILE] --out OUT [--config JSON] [--methods a,b,...]
+        [--sweep 0.005,0.01,...] [--no-generate]
 
 DOC is a file or pydoc:TOKENS; --config holds CompileConfig fields as JSON, nested for the prompt mix and
 the fit, e.g. '{"exact_share": 0.25, "prompts": {"direct": 96}}'. Prints the eval table and writes the
@@ -36,10 +37,13 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="{}")
     p.add_argument("--methods", default="nectar,no_document")
+    p.add_argument("--sweep", default="", help="more budgets, comma-separated, for every method (no greedy answers)")
     p.add_argument("--no-generate", action="store_true")
     args = p.parse_args()
     config = config_from(json.loads(args.config))
-    evaluation = EvalConfig(methods=tuple(args.methods.split(",")), generate=not args.no_generate, gap_prompts=0)
+    budgets = tuple(float(b) for b in args.sweep.split(",") if b)
+    evaluation = EvalConfig(budgets=budgets, methods=tuple(args.methods.split(",")), generate=not args.no_generate,
+                            gap_prompts=0)
     questions = read_questions(args.questions) if args.questions else None
     model, tokenizer = load_model("smollm2-135m", dtype=torch.bfloat16)
     text = load_text(parse_source(args.document), tokenizer)

@@ -23,7 +23,7 @@ from .fused import FusedBank
 from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
-from .quant import dequantize, quantize, weight_numbers
+from .quant import dequantize, pack4, quantize, unpack4, weight_numbers
 
 FORMAT_VERSION = 3  # 3: the checksum covers the manifest too
 STORE_DTYPE = torch.float16
@@ -90,7 +90,7 @@ class Artifact:
 
     def nbytes(self, dtype_bytes: int = 2) -> int:
         """Bytes kept for the document (modules + exact tokens: sinks, sliding tails) at `dtype_bytes` per
-        16-bit number; 8-bit exact tokens count as half a number each, their scales as whole ones."""
+        16-bit number; b-bit exact tokens count as b/16 of a number each, their scales as whole ones."""
         return round((self.bank.num_params() + self._exact_numbers()) * dtype_bytes)
 
     def _exact_numbers(self) -> float:
@@ -105,6 +105,11 @@ class Artifact:
 
     def memory_ratio(self) -> float:
         return self.nbytes() / self.kv_bytes()
+
+    def resident_bytes(self, model) -> int:
+        """Bytes the attached form holds in memory on `model`: the fused modules (fp32, their 8-bit weights
+        read back) and the exact tokens at the model's dtype. More than `nbytes`, which counts the file."""
+        return sum(t.numel() * t.element_size() for t in _held(self.providers(model)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"bank.{k}": (v.to(STORE_DTYPE) if v.is_floating_point() else v).detach().contiguous()
@@ -179,6 +184,23 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return path
 
 
+def _held(obj) -> list[torch.Tensor]:
+    """Every tensor a provider (or a tuple of them) holds."""
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _held(item)]
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, torch.nn.Module):
+        return [*obj.parameters(), *obj.buffers()]
+    if isinstance(obj, FusedBank):
+        return _held(obj.weights + obj.biases)
+    if isinstance(obj, WithExact):
+        return _held([obj.provider, obj.exact])
+    if isinstance(obj, ExactContext):
+        return _held([obj.keys, obj.values])
+    return []
+
+
 def _bank_from(manifest: dict, tensors: dict) -> Bank:
     sizes = manifest["modules"]
     state = {k.removeprefix("bank."): v.float() for k, v in tensors.items() if k.startswith("bank.")}
@@ -205,8 +227,14 @@ def _quantized(name: str, keys: list, values: list, bits: int) -> dict[str, torc
     out = {f"{name}.lengths": torch.tensor([k.shape[1] for k in keys], dtype=torch.int32)}
     for part, tensors in (("keys", keys), ("values", values)):
         codes, scales = zip(*(quantize(x.float(), bits) for x in tensors))
-        out[f"{name}.{part}"], out[f"{name}.{part}.scale"] = torch.cat(codes, 1), torch.stack(scales)
+        codes = torch.cat(codes, 1)
+        out[f"{name}.{part}"], out[f"{name}.{part}.scale"] = pack4(codes) if bits == 4 else codes, torch.stack(scales)
     return out
+
+
+def _codes(stored: torch.Tensor) -> torch.Tensor:
+    """Integer codes as a file holds them: int8, or 4-bit ones two to a byte (uint8)."""
+    return unpack4(stored) if stored.dtype == torch.uint8 else stored
 
 
 def _sinks_from(manifest: dict, tensors: dict) -> ExactContext:
@@ -216,7 +244,7 @@ def _sinks_from(manifest: dict, tensors: dict) -> ExactContext:
         if "exact.keys" in tensors:  # each layer's quantised exact tokens after its sinks
             lengths = tensors["exact.lengths"].tolist()
             keys, values = ([torch.cat([x, dequantize(c, scale)], 1) for x, c, scale in
-                             zip(head, tensors[f"exact.{part}"].split(lengths, 1), tensors[f"exact.{part}.scale"])]
+                             zip(head, _codes(tensors[f"exact.{part}"]).split(lengths, 1), tensors[f"exact.{part}.scale"])]
                             for head, part in ((keys, "keys"), (values, "values")))
         return ExactContext(keys, values)
     parts = {name: iter(zip(*_per_layer(tensors, name))) for name in ("sinks", "tails") if f"{name}.keys" in tensors}

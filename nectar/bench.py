@@ -191,13 +191,14 @@ def _rate(times: list[float], batch: int, new_tokens: int) -> dict:
 
 
 def memory(model, artifact, sizes: list[int]) -> list[dict]:
-    """The model's own bf16 cache at each n (sliding layers hold their window only) against the artifact's."""
+    """The model's own bf16 cache at each n (sliding layers hold their window only) against the artifact's
+    file and against what its attached form holds in memory."""
     cfg = model.config
     per_token = 2 * cfg.num_key_value_heads * artifact.bank.head_dim * 2  # bf16 K and V, one layer
-    nectar_bytes = artifact.nbytes()
+    stored, resident = artifact.nbytes(), artifact.resident_bytes(model)
     full = {n: cache_tokens(cfg, n) * per_token for n in sizes}
-    return [{"n": n, "full_cache_bytes": full[n], "nectar_bytes": nectar_bytes, "ratio": nectar_bytes / full[n]}
-            for n in sizes]
+    return [{"n": n, "full_cache_bytes": full[n], "nectar_bytes": stored, "ratio": stored / full[n],
+             "resident_bytes": resident, "resident_ratio": resident / full[n]} for n in sizes]
 
 
 def peak_rss_mb() -> float:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
-from .config import EXACT_SHARE, WEIGHT_BITS, CompileConfig
+from .config import EXACT_BITS, EXACT_SHARE, WEIGHT_BITS, CompileConfig
 from .errors import NectarError
 
 
@@ -163,9 +163,9 @@ def _compile_args(p) -> None:
     p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=CompileConfig.weight_bits,
                    help="module weights stored as int8 with a scale per column (8: ~1.6x the width in the same "
                    f"bytes) or 16-bit (default {CompileConfig.weight_bits})")
-    p.add_argument("--exact-bits", type=int, choices=WEIGHT_BITS, default=CompileConfig.exact_bits,
-                   help="exact tokens past the sinks stored as int8 with a scale per channel (8: ~2x the tokens in "
-                   f"the same bytes) or 16-bit (default {CompileConfig.exact_bits})")
+    p.add_argument("--exact-bits", type=int, choices=EXACT_BITS, default=CompileConfig.exact_bits,
+                   help="exact tokens past the sinks stored as 4- or 8-bit codes with a scale per channel (~4x or "
+                   f"~2x the tokens in the same bytes) or 16-bit (default {CompileConfig.exact_bits})")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, splits and fitting (default 0)")
     p.add_argument("--truncate", action="store_true", help="cut a document too long for the model (says how much)")
 

@@ -48,6 +48,20 @@ def _window(store: Store, step: int, batch: int) -> Store:
     return Store(store.q[:, index], store.o_ctx[:, index], store.lse_ctx[:, index], None, store.lse_loc[:, index])
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively on `device` (a CPU without bf16 units emulates them, slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def _autocast(bank, bf16: bool | None):
+    device = next(bank.parameters()).device
+    enabled = has_fast_bf16(device) if bf16 is None else bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cpu", "cuda"))
+
+
 @torch.enable_grad()  # a caller inside `torch.no_grad()` still gets a fit
 def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progress: bool = True,
         warm: bool = False) -> dict:
@@ -69,7 +83,8 @@ def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progre
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, config.steps, config.lr, config.warmup)
-        target, score = loss_terms(bank, _window(shuffled, step, config.batch))
+        with _autocast(bank, config.bf16):
+            target, score = loss_terms(bank, _window(shuffled, step, config.batch))
         loss = (target + score).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

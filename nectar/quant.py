@@ -39,6 +39,18 @@ def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
     return codes.float() * scale.float()
 
 
+def pack4(codes: Tensor) -> Tensor:
+    """4-bit codes in [-7, 7] (int8, an even last dim) -> uint8, two to a byte: what a file stores."""
+    nibbles = (codes + 8).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack4(packed: Tensor) -> Tensor:
+    """pack4's inverse: uint8 [..., d / 2] -> int8 codes [..., d]."""
+    low, high = (packed & 15).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], -1).flatten(-2)
+
+
 def rounded(w: Tensor, bits: int = 8) -> Tensor:
     """What w's stored form (codes and scales) reads back as, in w's dtype."""
     return dequantize(*quantize(w, bits)).to(w.dtype)

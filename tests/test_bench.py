@@ -25,6 +25,11 @@ def test_bench_writes_report_and_plot(tmp_path, compiled):
     assert (tmp_path / "bench.png").stat().st_size > 0
     text = table(report)
     assert "x full" in text and f"{report['memory'][0]['ratio']:.4f}" in text
+    # The attached form holds fp32 modules (the file: 8-bit weights): the report says both, never one for the other.
+    assert "in memory" in text and all(r["resident_bytes"] > r["nectar_bytes"] for r in report["memory"])
+    fused = art.providers(model)[0]
+    weights = sum(t.numel() for layer in fused.weights + fused.biases for t in layer)
+    assert art.resident_bytes(model) >= 4 * weights
 
 
 def test_bench_caps_sizes_above_the_model_window_without_changing_its_config(compiled):

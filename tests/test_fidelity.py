@@ -10,7 +10,7 @@ from nectar.binding import bound, cacheable
 from nectar.decode import generate_ids
 from nectar.baselines import attention_matching, matched_bytes
 from nectar.budget import uniform_exact
-from nectar.quant import round_tokens
+from nectar.quant import pack4, round_tokens, unpack4
 from nectar.compiler import Workbench
 from nectar.prefill import prefill, split_exact
 from nectar.selection import most_attended
@@ -56,16 +56,19 @@ def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
     torch.testing.assert_close(loaded.sinks.keys[1], art.sinks.keys[1].float(), atol=1e-2, rtol=1e-2)
 
 
-def test_8_bit_exact_tokens_hold_twice_as_many_in_the_same_bytes(bench, tmp_path):
-    wide, narrow = (bench.compile(exact_share=0.3, exact_bits=bits) for bits in (8, 16))
+@pytest.mark.parametrize("bits, stored", [(8, torch.int8), (4, torch.uint8)])
+def test_quantised_exact_tokens_hold_more_in_the_same_bytes(bench, tmp_path, bits, stored):
+    wide, narrow = (bench.compile(exact_share=0.3, exact_bits=b) for b in (bits, 16))
     tokens = [a.manifest["metrics"]["exact_tokens"] for a in (wide, narrow)]
-    assert tokens[0] >= 2 * tokens[1] - 2 and tokens[1] > 0
-    assert wide.exact_bits == 8 and narrow.exact_bits == 16
-    assert f"up to {tokens[0]} most attended (8-bit)" in summary(wide)
+    assert tokens[0] >= 16 // bits * tokens[1] - 16 // bits and tokens[1] > 0
+    assert wide.exact_bits == bits and narrow.exact_bits == 16
+    assert f"up to {tokens[0]} most attended ({bits}-bit)" in summary(wide)
     assert wide.memory_ratio() <= FAST.budget and narrow.memory_ratio() <= FAST.budget
     tensors = wide.tensors()
-    assert tensors["exact.keys"].dtype == torch.int8 and tensors["sinks.keys"].shape[2] == FAST.sink_tokens
-    # What the compile evaluated is what the file reads back: the tokens already sit on their 8-bit grid.
+    assert tensors["exact.keys"].dtype == stored and tensors["sinks.keys"].shape[2] == FAST.sink_tokens
+    # 4-bit codes go two to a byte: the file holds the bytes the budget counts.
+    assert tensors["exact.keys"].shape[-1] == bench.model.config.head_dim * bits // 8
+    # What the compile evaluated is what the file reads back: the tokens already sit on their grid.
     loaded = nectar.Artifact.load(wide.save(tmp_path / "w.nectar"))
     for a, b in zip(loaded.sinks.keys + loaded.sinks.values, wide.sinks.keys + wide.sinks.values):
         torch.testing.assert_close(a, b.float(), atol=1e-3, rtol=1e-2)
@@ -81,6 +84,13 @@ def test_8_bit_tokens_keep_the_sinks_and_round_the_rest_per_channel():
     step = x[:, 4:].abs().amax(1, keepdim=True) / 127
     assert ((y - x)[:, 4:].abs() <= step / 2 + 1e-6).all()
     assert torch.equal(round_tokens(x, skip=4, bits=16), x)
+
+
+def test_4_bit_codes_pack_two_to_a_byte_and_unpack_exactly():
+    codes = torch.randint(-7, 8, (3, 5, 16), dtype=torch.int8)
+    packed = pack4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 8)
+    assert torch.equal(unpack4(packed), codes)
 
 
 @torch.no_grad()

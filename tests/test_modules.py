@@ -172,3 +172,32 @@ def test_grouped_stack_equals_the_masked_reference_in_value_and_gradient():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     one_layer = slice(2, 4)  # equal widths: run trimmed, still the same function
     torch.testing.assert_close(stack(x[2:4], one_layer), stack.masked(x[2:4], one_layer), atol=1e-5, rtol=1e-5)
+
+
+def _attention_store(M: int = 4, n: int = 2048, keys: int = 64, d: int = 16, queries_seed: int = 0):
+    """Queries with their exact attention (output, log-normalizer) over random keys: a module's real task."""
+    from nectar.capture import Store
+
+    g = torch.Generator().manual_seed(0)
+    K, V = torch.randn(M, keys, d, generator=g), torch.randn(M, keys, d, generator=g)
+    q = torch.randn(M, n, d, generator=torch.Generator().manual_seed(queries_seed))
+    scores = q @ K.transpose(1, 2) / d ** 0.5
+    o, lse = scores.softmax(-1) @ V, scores.logsumexp(-1)
+    return Store(q, o, lse, torch.zeros_like(o), lse - 1.0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_bf16_fit_learns_as_well_as_an_fp32_one(bf16):
+    from nectar.config import FitConfig
+    from nectar.fit import bank_errors, fit
+
+    train, val = _attention_store(), _attention_store(n=512, queries_seed=1)  # the same keys, new queries
+    errors = {}
+    for mode in (False, bf16):
+        torch.manual_seed(0)
+        bank = MLPBank(layers=2, kv_heads=2, head_dim=16, target_widths=32, score_widths=16, depth=2)
+        fit(bank, train, val, FitConfig(steps=300, batch=256, eval_every=50, bf16=mode), progress=False)
+        errors[mode] = bank_errors(bank, val)["merged_rel"].mean().item()
+    start = bank_errors(MLPBank(2, 2, 16, 32, 16, 2), val)["merged_rel"].mean().item()
+    assert errors[bf16] < 0.5 * start  # it learned
+    assert errors[bf16] < 1.1 * errors[False]  # and bf16 matmuls cost it nothing that matters
