@@ -52,7 +52,7 @@ class Artifact:
         """(modules, sink tokens) ready for `model`'s device and dtype, built once per (dtype, device)."""
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
         if (dtype, device) not in self._providers:
-            # Modules stay fp32: they are tiny, and bf16 would cost the lse its precision.
+            # Modules compute in fp32 (bf16 would cost the lse its precision); 8-bit weights stay 8-bit.
             fused = (FusedBank(self.bank) if isinstance(self.bank, MLPBank) else self.bank).to(device)
             sinks = replace(self.sinks, keys=[k.to(device, dtype) for k in self.sinks.keys],
                             values=[v.to(device, dtype) for v in self.sinks.values])
@@ -107,8 +107,8 @@ class Artifact:
         return self.nbytes() / self.kv_bytes()
 
     def resident_bytes(self, model) -> int:
-        """Bytes the attached form holds in memory on `model`: the fused modules (fp32, their 8-bit weights
-        read back) and the exact tokens at the model's dtype. More than `nbytes`, which counts the file."""
+        """Bytes the attached form holds in memory on `model`: the fused modules (8-bit weights as codes, the
+        rest fp32) and the exact tokens at the model's dtype. Near `nbytes`, which counts the file."""
         return sum(t.numel() * t.element_size() for t in _held(self.providers(model)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -193,7 +193,7 @@ def _held(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         return [*obj.parameters(), *obj.buffers()]
     if isinstance(obj, FusedBank):
-        return _held(obj.weights + obj.biases)
+        return [t for layer in obj.layers for t in layer.tensors()]
     if isinstance(obj, WithExact):
         return _held([obj.provider, obj.exact])
     if isinstance(obj, ExactContext):

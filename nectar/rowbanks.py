@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .fused import FusedBank, fused_mlp
+from .fused import FusedBank, FusedLayer
 from .modules import slot
 
 
@@ -23,7 +23,7 @@ class RowBanks:
 
     def __init__(self):
         self.providers: list = []
-        self._stacks: dict[int, list[tuple[Tensor, list[Tensor], list[Tensor]]]] = {}
+        self._stacks: dict[int, list[tuple[Tensor, FusedLayer]]] = {}
 
     def select(self, providers: Sequence) -> None:
         """The provider of each batch row, in row order."""
@@ -41,33 +41,29 @@ class RowBanks:
             return first(layer, q, scaling)  # one document: exactly its own call
         stacks = self._stacked(layer)
         if len(stacks) == 1 and len(stacks[0][0]) == b:  # one shape for all rows: no scatter
-            o, lse = fused_mlp(stacks[0][1], stacks[0][2], q.reshape(b * h, m, d))
+            o, lse = stacks[0][1](q.reshape(b * h, m, d))
             return o.view(b, h, m, d), lse.view(b, h, m)
         o = q.new_empty(b, h, m, d, dtype=torch.float32)
         lse = q.new_empty(b, h, m, dtype=torch.float32)
-        for rows, weights, biases in stacks:
-            x = q[rows].reshape(len(rows) * h, m, d)
-            o_g, lse_g = fused_mlp(weights, biases, x)
+        for rows, stack in stacks:
+            o_g, lse_g = stack(q[rows].reshape(len(rows) * h, m, d))
             o[rows], lse[rows] = o_g.view(len(rows), h, m, d), lse_g.view(len(rows), h, m)
         for row, provider in enumerate(self.providers):
             if not isinstance(provider, FusedBank):
                 o[row:row + 1], lse[row:row + 1] = provider(layer, q[row:row + 1], scaling)
         return o, lse
 
-    def _stacked(self, layer: int) -> list[tuple[Tensor, list[Tensor], list[Tensor]]]:
+    def _stacked(self, layer: int) -> list[tuple[Tensor, FusedLayer]]:
         """Rows grouped by their weights' shapes (documents of one length and config share them), each
         group's weights stacked in row order."""
         if layer not in self._stacks:
             groups: dict[tuple, list[int]] = {}
             for row, p in enumerate(self.providers):
                 if isinstance(p, FusedBank):
-                    groups.setdefault(tuple(w.shape for w in p.weights[slot(p, layer)]), []).append(row)
+                    groups.setdefault(p.layers[slot(p, layer)].shape(), []).append(row)
             stacks = []
             for rows in groups.values():
-                banks = [self.providers[r] for r in rows]
-                weights = [torch.cat(ws) for ws in zip(*(bank.weights[slot(bank, layer)] for bank in banks))]
-                biases = [torch.cat(bs) for bs in zip(*(bank.biases[slot(bank, layer)] for bank in banks))]
-                index = torch.tensor(rows, device=weights[0].device)
-                stacks.append((index, weights, biases))
+                stack = FusedLayer.cat([self.providers[r].layers[slot(self.providers[r], layer)] for r in rows])
+                stacks.append((torch.tensor(rows, device=stack.biases[0].device), stack))
             self._stacks[layer] = stacks
         return self._stacks[layer]

@@ -21,11 +21,15 @@ def _trained_looking_bank(depth: int, target_widths, score_widths, weight_bits: 
     return bank
 
 
+@pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("widths", [(7, 5), ([3, 9, 6], [2, 5, 4])], ids=["uniform", "per-layer"])
-def test_fused_bank_computes_the_same_function_as_the_training_bank(depth, widths):
-    bank = _trained_looking_bank(depth, *widths)
+def test_fused_bank_computes_the_same_function_as_the_training_bank(depth, widths, bits):
+    bank = _trained_looking_bank(depth, *widths, weight_bits=bits)
+    bank.round_weights()  # a compiled bank's weights sit on their 8-bit grid
     fused = FusedBank(bank)
+    # An 8-bit bank stays 8-bit in memory: int8 codes, read back inside the call.
+    assert all((w.dtype == torch.int8) == (bits == 8) for layer in fused.layers for w in layer.weights)
     x = torch.randn(4, 2, 9, 16) * 3
     for layer in range(3):
         want, got = bank(layer, x), fused(layer, x)
