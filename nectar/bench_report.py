@@ -26,9 +26,8 @@ def table(report: dict) -> str:
         add(f"{r['method']:>26} {r['n']:>6} {r['batch']:>6} {r['tok_s_median']:>10.1f} {r['tok_s_best']:>11.1f} {ratios}")
     add(f"\n{'n':>6} {'full cache MB':>14} {'nectar file MB':>15} {'ratio':>8} {'in memory MB':>13} {'ratio':>8}")
     for r in report["memory"]:
-        resident = (f" {r['resident_bytes'] / 1e6:>13.2f} {r['resident_ratio']:>8.4f}" if "resident_bytes" in r else "")
         add(f"{r['n']:>6} {r['full_cache_bytes'] / 1e6:>14.2f} {r['nectar_bytes'] / 1e6:>15.2f} {r['ratio']:>8.4f}"
-            + resident)
+            f" {r['resident_bytes'] / 1e6:>13.2f} {r['resident_ratio']:>8.4f}")
     gpu = f", peak GPU memory {report['peak_gpu_mb']:.0f} MB on {report['device']}" if "peak_gpu_mb" in report else ""
     add(f"\npeak RSS {report['peak_rss_mb']:.0f} MB{gpu}")
     return "\n".join(lines)

@@ -56,10 +56,11 @@ def has_fast_bf16(device: torch.device) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def _autocast(bank, bf16: bool | None):
+def _bf16(bank, bf16: bool | None) -> tuple[str, bool]:
+    """(device type, whether the fit's matmuls run in bf16 there): decided once per fit, not per step."""
     device = next(bank.parameters()).device
     enabled = has_fast_bf16(device) if bf16 is None else bf16
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cpu", "cuda"))
+    return device.type, enabled and device.type in ("cpu", "cuda")
 
 
 @torch.enable_grad()  # a caller inside `torch.no_grad()` still gets a fit
@@ -79,11 +80,12 @@ def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progre
     start = bank_errors(ema, val)["merged_rel"].mean().item() if warm else float("inf")
     best, history = KeepBest(ema, score=start, patience=config.patience, min_delta=1e-4), []
     shuffled = _shuffled(train, generator)
+    device_type, bf16 = _bf16(bank, config.bf16)
     bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, config.steps, config.lr, config.warmup)
-        with _autocast(bank, config.bf16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             target, score = loss_terms(bank, _window(shuffled, step, config.batch))
         loss = (target + score).sum()
         opt.zero_grad(set_to_none=True)
