@@ -23,7 +23,7 @@ from .fused import FusedBank
 from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
-from .quant import dequantize, pack4, quantize, unpack4, weight_numbers
+from .quant import CodedTokens, dequantize, pack4, quantize, unpack4, weight_numbers
 
 FORMAT_VERSION = 3  # 3: the checksum covers the manifest too
 STORE_DTYPE = torch.float16
@@ -54,19 +54,23 @@ class Artifact:
         if (dtype, device) not in self._providers:
             # Modules compute in fp32 (bf16 would cost the lse its precision); 8-bit weights stay 8-bit.
             fused = (FusedBank(self.bank) if isinstance(self.bank, MLPBank) else self.bank).to(device)
-            sinks = replace(self.sinks, keys=[k.to(device, dtype) for k in self.sinks.keys],
-                            values=[v.to(device, dtype) for v in self.sinks.values])
+            sinks = self.sinks
             if len({k.shape[-2] for k, w in zip(sinks.keys, self.windows) if w is None}) > 1:
                 # Exact tokens allocated by layer: the sinks (the same in every layer) can go in a prefix
                 # cache; the rest join the modules' side, where their numbers may differ.
-                fused, sinks = self._exact_beside(fused, sinks)
+                fused, sinks = self._exact_beside(fused, device, dtype)
+            sinks = replace(sinks, keys=[k.to(device, dtype) for k in sinks.keys],
+                            values=[v.to(device, dtype) for v in sinks.values])
             self._providers[dtype, device] = (fused, sinks)
         return self._providers[dtype, device]
 
-    def _exact_beside(self, provider, sinks: ExactContext) -> tuple[WithExact, ExactContext]:
-        """(the provider with each layer's exact tokens past the sinks beside it, the sinks alone)."""
-        s = self.manifest["sink_tokens"]
+    def _exact_beside(self, provider, device, dtype) -> tuple[WithExact, ExactContext]:
+        """(the provider with each layer's exact tokens past the sinks beside it, the sinks alone). Quantised
+        tokens stay coded in memory; 16-bit ones go to the model's dtype with the sinks."""
+        s, sinks = self.manifest["sink_tokens"], self.sinks
         rest = ExactContext([k[:, s:] for k in sinks.keys], [v[:, s:] for v in sinks.values])
+        rest = CodedTokens.of(rest, self.exact_bits).to(device) if self.exact_bits < 16 else replace(
+            rest, keys=[k.to(device, dtype) for k in rest.keys], values=[v.to(device, dtype) for v in rest.values])
         return WithExact(provider, rest), replace(sinks, keys=[k[:, :s] for k in sinks.keys],
                                                   values=[v[:, :s] for v in sinks.values])
 
@@ -108,7 +112,8 @@ class Artifact:
 
     def resident_bytes(self, model) -> int:
         """Bytes the attached form holds in memory on `model`: the fused modules (8-bit weights as codes, the
-        rest fp32) and the exact tokens at the model's dtype. Near `nbytes`, which counts the file."""
+        rest fp32), quantised exact tokens as codes, the sinks at the model's dtype. Near `nbytes`, which counts
+        the file."""
         return sum(t.numel() * t.element_size() for t in _held(self.providers(model)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -198,6 +203,8 @@ def _held(obj) -> list[torch.Tensor]:
         return _held([obj.provider, obj.exact])
     if isinstance(obj, ExactContext):
         return _held([obj.keys, obj.values])
+    if isinstance(obj, CodedTokens):
+        return obj.tensors()
     return []
 
 

@@ -147,6 +147,9 @@ class ExactContext:
         o, lse = exact_attention(rows, k.to(q.dtype)[None], v.to(q.dtype)[None], scaling, mask)
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
 
+    def count(self, layer: int) -> int:
+        return self.keys[layer].shape[-2]
+
     def slides(self, layer: int) -> bool:
         return self.windows is not None and self.windows[layer] is not None
 
@@ -225,12 +228,12 @@ class WithExact:
     exact where layers keep different numbers of them, which one prefix cache cannot hold as sinks."""
 
     provider: ContextProvider
-    exact: ExactContext
+    exact: ContextProvider  # an ExactContext, or nectar.quant.CodedTokens
     graphable = False
 
     def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         o, lse = self.provider(layer, q, scaling)
-        if self.exact.keys[layer].shape[-2] == 0:
+        if self.exact.count(layer) == 0:
             return o, lse
         return merge(o, lse, *self.exact(layer, q, scaling))
 

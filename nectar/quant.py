@@ -9,7 +9,7 @@ channel of each (layer, head) as KV-cache quantisers do for keys: about twice th
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -76,3 +76,38 @@ def as_stored(exact: ExactContext, skip: int, bits: int) -> ExactContext:
         return 16 if exact.slides(layer) else bits
     return replace(exact, keys=[round_tokens(k, skip, at(layer)) for layer, k in enumerate(exact.keys)],
                    values=[round_tokens(v, skip, at(layer)) for layer, v in enumerate(exact.values)])
+
+
+@dataclass
+class CodedTokens:
+    """Exact tokens held in memory as the file stores them, codes and per-channel scales, read back at each
+    call: an attached document holds about the bytes its file does. A few dozen tokens per head, so reading
+    them back costs little beside the module call they merge with."""
+
+    keys: list[tuple[Tensor, Tensor]]  # per layer (codes [kv_heads, t, d] int8, or 4-bit packed uint8; scales)
+    values: list[tuple[Tensor, Tensor]]
+
+    @classmethod
+    def of(cls, exact: ExactContext, bits: int) -> CodedTokens:
+        """Tokens already on their `bits` grid (as_stored) coded again: the same codes the file holds."""
+        def coded(x: Tensor) -> tuple[Tensor, Tensor]:
+            codes, scale = quantize(x.float(), bits)
+            return (pack4(codes) if bits == 4 else codes), scale.float()
+        return cls([coded(k) for k in exact.keys], [coded(v) for v in exact.values])
+
+    def to(self, device) -> CodedTokens:
+        return CodedTokens(*([(c.to(device), s.to(device)) for c, s in part] for part in (self.keys, self.values)))
+
+    def count(self, layer: int) -> int:
+        return self.keys[layer][0].shape[-2]
+
+    def tensors(self) -> list[Tensor]:
+        return [t for part in (self.keys, self.values) for pair in part for t in pair]
+
+    def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+        k, v = (_read(*part[layer]).to(q.dtype) for part in (self.keys, self.values))
+        return ExactContext([k], [v])(0, q, scaling)
+
+
+def _read(codes: Tensor, scale: Tensor) -> Tensor:
+    return dequantize(unpack4(codes) if codes.dtype == torch.uint8 else codes, scale)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import nectar
-from nectar.attention import WithExact, merge
+from nectar.attention import ExactContext, WithExact, merge
 from nectar.binding import bound, cacheable
 from nectar.decode import generate_ids
 from nectar.baselines import attention_matching, matched_bytes
 from nectar.budget import uniform_exact
-from nectar.quant import pack4, round_tokens, unpack4
+from nectar.quant import CodedTokens, pack4, round_tokens, unpack4
 from nectar.compiler import Workbench
 from nectar.prefill import prefill, split_exact
 from nectar.selection import most_attended
@@ -124,6 +124,8 @@ def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, 
     assert_same_logits(bench.model, tokenizer, loaded, art)
     provider, sinks = loaded.providers(bench.model)  # sinks alike in every layer: a prefix cache holds them
     assert isinstance(provider, WithExact) and cacheable(bench.model, sinks)
+    assert isinstance(provider.exact, CodedTokens)  # 8-bit tokens stay 8-bit in memory
+    assert loaded.resident_bytes(bench.model) < 2 * loaded.nbytes()
     ids = torch.randint(3, 300, (1, 6))
     positions = loaded.n + torch.arange(6)[None]
     with torch.no_grad(), bound(bench.model, provider, sinks=sinks):
@@ -212,3 +214,20 @@ def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
     art = Workbench(tiny_llama(), tokenizer, sample_document(1500), config).compile()
     assert "choose exact tokens" not in descs and "teacher" not in art.manifest["timings"]
     assert len(set(art.manifest["metrics"]["exact_per_layer"])) > 1 and art.manifest["metrics"]["refine"]
+
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_coded_tokens_answer_as_the_tokens_they_read_back_as(bits):
+    torch.manual_seed(0)
+    tokens = [torch.randn(3, t, 16) * torch.logspace(-1, 1, 16) for t in (0, 5, 9)]  # a layer may keep none
+    on_grid = ExactContext([round_tokens(x, 0, bits) for x in tokens], [round_tokens(x * 2, 0, bits) for x in tokens])
+    coded = CodedTokens.of(on_grid, bits)
+    q = torch.randn(2, 3, 4, 16, dtype=torch.bfloat16)
+    for layer in (1, 2):
+        read = ExactContext([on_grid.keys[layer].bfloat16()], [on_grid.values[layer].bfloat16()])
+        for got, want in zip(coded(layer, q, 0.25), read(0, q, 0.25)):
+            torch.testing.assert_close(got, want)
+    # Memory holds the codes: a byte per number at 8 bits, half a byte at 4, not the model dtype's two.
+    assert [coded.count(layer) for layer in range(3)] == [0, 5, 9]
+    assert sum(c.numel() for c, _ in coded.keys) == sum(x.numel() for x in tokens) * bits // 8
