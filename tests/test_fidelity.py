@@ -231,3 +231,17 @@ def test_coded_tokens_answer_as_the_tokens_they_read_back_as(bits):
     # Memory holds the codes: a byte per number at 8 bits, half a byte at 4, not the model dtype's two.
     assert [coded.count(layer) for layer in range(3)] == [0, 5, 9]
     assert sum(c.numel() for c, _ in coded.keys) == sum(x.numel() for x in tokens) * bits // 8
+
+
+def test_the_screening_nnls_finds_the_exact_solution():
+    from scipy.optimize import nnls
+
+    from nectar.baselines import _projected_nnls
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(300, 40, dtype=torch.float64) * 3, -1)
+    want = torch.from_numpy(nnls(probs.numpy(), torch.ones(300, dtype=torch.float64).numpy())[0])
+    got = _projected_nnls(probs, steps=3000)
+    ones = torch.ones(300, dtype=torch.float64)
+    assert (got >= 0).all()
+    assert (probs @ got - ones).norm() <= (probs @ want - ones).norm() * 1.01 + 1e-9
