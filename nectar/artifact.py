@@ -23,7 +23,7 @@ from .fused import FusedBank
 from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
-from .quant import CodedTokens, dequantize, pack4, quantize, unpack4, weight_numbers
+from .quant import CodedTokens, dequantize, pack4, quantize, unpacked, weight_numbers
 
 FORMAT_VERSION = 3  # 3: the checksum covers the manifest too
 STORE_DTYPE = torch.float16
@@ -239,11 +239,6 @@ def _quantized(name: str, keys: list, values: list, bits: int) -> dict[str, torc
     return out
 
 
-def _codes(stored: torch.Tensor) -> torch.Tensor:
-    """Integer codes as a file holds them: int8, or 4-bit ones two to a byte (uint8)."""
-    return unpack4(stored) if stored.dtype == torch.uint8 else stored
-
-
 def _sinks_from(manifest: dict, tensors: dict) -> ExactContext:
     windows = manifest["model"].get("windows")
     if not windows:
@@ -251,7 +246,7 @@ def _sinks_from(manifest: dict, tensors: dict) -> ExactContext:
         if "exact.keys" in tensors:  # each layer's quantised exact tokens after its sinks
             lengths = tensors["exact.lengths"].tolist()
             keys, values = ([torch.cat([x, dequantize(c, scale)], 1) for x, c, scale in
-                             zip(head, _codes(tensors[f"exact.{part}"]).split(lengths, 1), tensors[f"exact.{part}.scale"])]
+                             zip(head, unpacked(tensors[f"exact.{part}"]).split(lengths, 1), tensors[f"exact.{part}.scale"])]
                             for head, part in ((keys, "keys"), (values, "values")))
         return ExactContext(keys, values)
     parts = {name: iter(zip(*_per_layer(tensors, name))) for name in ("sinks", "tails") if f"{name}.keys" in tensors}

@@ -51,6 +51,11 @@ def unpack4(packed: Tensor) -> Tensor:
     return torch.stack([low, high], -1).flatten(-2)
 
 
+def unpacked(stored: Tensor) -> Tensor:
+    """Integer codes as they are stored: int8, or 4-bit ones two to a byte (uint8)."""
+    return unpack4(stored) if stored.dtype == torch.uint8 else stored
+
+
 def rounded(w: Tensor, bits: int = 8) -> Tensor:
     """What w's stored form (codes and scales) reads back as, in w's dtype."""
     return dequantize(*quantize(w, bits)).to(w.dtype)
@@ -110,4 +115,4 @@ class CodedTokens:
 
 
 def _read(codes: Tensor, scale: Tensor) -> Tensor:
-    return dequantize(unpack4(codes) if codes.dtype == torch.uint8 else codes, scale)
+    return dequantize(unpacked(codes), scale)

@@ -216,7 +216,6 @@ def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
     assert len(set(art.manifest["metrics"]["exact_per_layer"])) > 1 and art.manifest["metrics"]["refine"]
 
 
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_coded_tokens_answer_as_the_tokens_they_read_back_as(bits):
     torch.manual_seed(0)
