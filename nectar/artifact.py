@@ -55,9 +55,10 @@ class Artifact:
             # Modules compute in fp32 (bf16 would cost the lse its precision); 8-bit weights stay 8-bit.
             fused = (FusedBank(self.bank) if isinstance(self.bank, MLPBank) else self.bank).to(device)
             sinks = self.sinks
-            if len({k.shape[-2] for k, w in zip(sinks.keys, self.windows) if w is None}) > 1:
-                # Exact tokens allocated by layer: the sinks (the same in every layer) can go in a prefix
-                # cache; the rest join the modules' side, where their numbers may differ.
+            if self.exact_bits < 16 or len({k.shape[-2] for k, w in zip(sinks.keys, self.windows) if w is None}) > 1:
+                # Quantised exact tokens stay coded in memory, and tokens allocated by layer cannot share a
+                # prefix cache: either way only the sinks (alike in every layer, 16-bit) go in the cache,
+                # and the rest join the modules' side.
                 fused, sinks = self._exact_beside(fused, device, dtype)
             sinks = replace(sinks, keys=[k.to(device, dtype) for k in sinks.keys],
                             values=[v.to(device, dtype) for v in sinks.values])

@@ -54,6 +54,9 @@ def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
         assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
     loaded = nectar.Artifact.load(art.save(tmp_path / "e.nectar"))
     torch.testing.assert_close(loaded.sinks.keys[1], art.sinks.keys[1].float(), atol=1e-2, rtol=1e-2)
+    provider, sinks = loaded.providers(bench.model)  # 8-bit tokens stay coded, even when every layer keeps as many
+    assert isinstance(provider, WithExact) and isinstance(provider.exact, CodedTokens)
+    assert [k.shape[1] for k in sinks.keys] == [FAST.sink_tokens] * len(sinks.keys)
 
 
 @pytest.mark.parametrize("bits, stored", [(8, torch.int8), (4, torch.uint8)])
