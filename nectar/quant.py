@@ -3,6 +3,8 @@
 A fitted module's error is capacity-bound (its training and held-out errors agree, and 4x the numbers
 cut the output error 27% on the default model) while rounding its weights to 8 bits barely moves it
 (merged error 0.0864 -> 0.0868), so at a fixed byte budget 8-bit weights buy about 1.6x the width.
+4-bit weights would buy 1.5x more, but spend it on rounding: fitted through their rounding, with a scale
+per 16 input rows, they only draw level with 8-bit (docs/results.md), so modules stop at 8 bits.
 Biases and normalisation stay 16-bit. The exact tokens past the sinks quantise the same way, a scale per
 channel of each (layer, head) as KV-cache quantisers do for keys: about twice the tokens per byte
 (docs/results.md). The sinks, few and with the largest keys, stay 16-bit.
