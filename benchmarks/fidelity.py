@@ -1,7 +1,7 @@
 """`nectar eval` with any CompileConfig, for fidelity experiments the CLI has no flag for.
 
     python benchmarks/fidelity.py DOC [--questions FILE] --out OUT [--config JSON] [--methods a,b,...]
-        [--sweep 0.005,0.01,...] [--no-generate]
+        [--sweep 0.005,0.01,...] [--no-generate] [--eval-dtype float32|bfloat16]
 
 DOC is a file or pydoc:TOKENS; --config holds CompileConfig fields as JSON, nested for the prompt mix and
 the fit, e.g. '{"exact_share": 0.25, "prompts": {"direct": 96}}'. Prints the eval table and writes the
@@ -39,6 +39,8 @@ def main():
     p.add_argument("--methods", default="nectar,no_document")
     p.add_argument("--sweep", default="", help="more budgets, comma-separated, for every method (no greedy answers)")
     p.add_argument("--no-generate", action="store_true")
+    p.add_argument("--eval-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype the methods and the full cache answer in (the compile runs in bf16)")
     args = p.parse_args()
     config = config_from(json.loads(args.config))
     budgets = tuple(float(b) for b in args.sweep.split(",") if b)
@@ -48,7 +50,8 @@ def main():
     model, tokenizer = load_model("smollm2-135m", dtype=torch.bfloat16)
     text = load_text(parse_source(args.document), tokenizer)
     out = Path(args.out)
-    report = Comparison(Workbench(model, tokenizer, text, config), None, questions, out, evaluation).run()
+    judge = model if args.eval_dtype == "bfloat16" else load_model("smollm2-135m", dtype=torch.float32)[0]
+    report = Comparison(Workbench(model, tokenizer, text, config), None, questions, out, evaluation, judge).run()
     print(table(report))
     print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
 

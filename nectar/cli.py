@@ -114,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--gap-prompts", type=int, default=16, help="prompts for the per-layer gap probe (0: off)")
     _compile_args(e)
     _model_args(e, default=None, dtype="bfloat16")
+    e.add_argument("--eval-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype every method, the full cache included, answers in (default float32, as `nectar ask` "
+                   "and `serve` answer; --dtype is the compile's)")
     e.set_defaults(run=cmd_eval)
 
     s = sub.add_parser("serve", help="answer questions about compiled documents over an OpenAI-compatible HTTP API",

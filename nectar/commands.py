@@ -193,8 +193,9 @@ def cmd_eval(args) -> None:
     else:
         model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
         context = text or load_text(source, tokenizer)
+    judge = model if args.eval_dtype == args.dtype else _load(model.name_or_path, args.eval_dtype, args.device)[0]
     out = Path(args.out)
-    report = Comparison(Workbench(model, tokenizer, context, compiled), artifact, questions, out, config).run()
+    report = Comparison(Workbench(model, tokenizer, context, compiled), artifact, questions, out, config, judge).run()
     print(table(report))
     print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
 

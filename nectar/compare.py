@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from . import baselines
 from .artifact import Artifact
 from .attention import ExactContext, NoContext
@@ -26,14 +28,14 @@ from .evaluate import generation_match, layer_errors, layer_gaps, next_token_fid
 from .files import write_json
 from .metrics import pooled_kinds
 from .models import attention_scaling, cache_tokens, modeled_layers
-from .prefill import window_tails
+from .prefill import prefill, window_tails
 from .prompts import Prompt
 from .templates import question_ids
 
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
 TUNABLE = ("variant", "allocation", "exact_share", "onpolicy_steps", "onpolicy_rounds", "refine_steps", "refine_anchor",
-           "depth", "score_share", "weight_bits", "exact_bits")
+           "depth", "score_share", "weight_bits", "exact_bits", "output_metric")
 
 
 def nectar_changes(name: str) -> dict | None:
@@ -50,12 +52,20 @@ def nectar_changes(name: str) -> dict | None:
             raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of {', '.join(TUNABLE)}")
         default = getattr(CompileConfig(), key)
         kind = float if default is None else type(default)  # None: a float field resolved at compile time
+        if kind is bool:
+            kind = _boolean
         try:
             changes[key] = kind(value)
         except ValueError:
             raise NectarError(f"'{value}' is not a valid {key} in method {name}") from None
     CompileConfig(**changes)  # validates the values
     return changes
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() not in ("0", "1", "false", "true"):
+        raise ValueError(value)
+    return value.lower() in ("1", "true")
 
 
 @dataclass
@@ -78,27 +88,37 @@ class EvalConfig:
 
 
 class Comparison:
+    """`judge` is the model every method answers with, the full-cache reference included: the workbench's
+    weights at the dtype `nectar ask` and `serve` answer in (fp32), while the workbench compiles in its own
+    (bf16 is ~3x faster). None: the workbench's model judges too."""
+
     def __init__(self, workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, out: Path,
-                 config: EvalConfig):
+                 config: EvalConfig, judge=None):
         self.wb, self.artifact, self.questions, self.out, self.config = workbench, artifact, questions, out, config
-        self.model, self.tokenizer, self.n = workbench.model, workbench.tokenizer, workbench.n
+        self.model, self.tokenizer, self.n = judge or workbench.model, workbench.tokenizer, workbench.n
         cfg = self.model.config
         self.kv_heads, self.scaling = cfg.num_key_value_heads, attention_scaling(self.model)
         self.main_budget = artifact.manifest["budget"] if artifact else workbench.config.budget
         self.budgets = sorted(set(config.budgets) | {self.main_budget})
         identity = [workbench.doc_ids, workbench.config.to_dict()] + ([questions] if questions else [])
-        self.key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+        self.key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]  # compiled banks
+        rows_key = f"{self.key}-{str(self.model.dtype).removeprefix('torch.')}"  # rows: also who judged them
         self.rows_path = out / "rows.json"
         cached = json.loads(self.rows_path.read_text()) if self.rows_path.is_file() else {}
-        self.rows: dict = cached if cached.get("key") == self.key else {"key": self.key}
+        self.rows: dict = cached if cached.get("key") == rows_key else {"key": rows_key}
         self._references: list[str] | None = None
         self._fit_seconds: dict[tuple[str, float], float] = {}
+
+    @cached_property
+    def full(self) -> ExactContext:
+        """The document's exact K/V as the judge computes them."""
+        return self.wb.full if self.model is self.wb.model else prefill(self.model, torch.tensor(self.wb.doc_ids))
 
     @cached_property
     def prompts(self) -> list[Prompt]:
         """Made once per output folder (writing prompts and answers is slow), then read back."""
         if "prompts" not in self.rows:
-            prompts = held_out(self.wb, self.artifact, self.questions, self.config.batch_size)
+            prompts = held_out(self.wb, self.artifact, self.questions, self.config.batch_size, self.model, self.full)
             self.rows["prompts"] = [asdict(p) for p in prompts]
             write_json(self.rows_path, self.rows)
         return [Prompt(**p) for p in self.rows["prompts"]]
@@ -106,7 +126,7 @@ class Comparison:
     # -- methods ----------------------------------------------------------------------------------
     def method(self, name: str, budget: float):
         """(context, sinks) for method `name` at `budget`, plus the bytes it keeps / the full KV cache's."""
-        full = self.wb.full
+        full = self.full
         if nectar_changes(name) is not None:
             art = self._compiled(name, budget)
             self._fit_seconds[name, budget] = _fit_seconds(art.manifest["timings"])
@@ -152,11 +172,11 @@ class Comparison:
     def store(self):
         """Held-out queries with their exact attention over the whole document (no sinks split off)."""
         seqs = [p.question_ids + p.answer_ids for p in self.prompts]
-        return capture(self.model, seqs, self.n, self.wb.full, None, self.config.batch_size, "capture held-out")
+        return capture(self.model, seqs, self.n, self.full, None, self.config.batch_size, "capture held-out")
 
     def references(self) -> list[str]:
         if self._references is None:
-            self._references = self._answers((self.wb.full, None), "full cache")
+            self._references = self._answers((self.full, None), "full cache")
         return self._references
 
     @property
@@ -176,7 +196,7 @@ class Comparison:
         fidelity = {}
         for kind in kinds:
             pairs = [(p.question_ids, p.answer_ids) for p in self.prompts if p.kind == kind]
-            fidelity[kind] = next_token_fidelity(self.model, pairs, self.n, (self.wb.full, None), {name: method},
+            fidelity[kind] = next_token_fidelity(self.model, pairs, self.n, (self.full, None), {name: method},
                                                  self.config.batch_size)[name]
         row = {"method": name, "budget": budget, "bytes_ratio": ratio, "fidelity": fidelity,
                "questions": {part: pooled_kinds(fidelity, self.question_kinds, part) for part in ("question", "answer")},
@@ -196,7 +216,7 @@ class Comparison:
         """Answer-token KL when only layer l uses the method and every other layer the full cache."""
         pairs = [(p.question_ids, p.answer_ids) for p in self.prompts][: self.config.gap_prompts]
         layers = modeled_layers(self.model.config)  # a sliding layer is exact for every method
-        return layer_gaps(self.model, pairs, self.n, self.wb.full, method, layers, window_tails(self.wb.full),
+        return layer_gaps(self.model, pairs, self.n, self.full, method, layers, window_tails(self.full),
                           self.config.batch_size)
 
     def methods_at(self, budget: float) -> list[str]:
@@ -218,6 +238,7 @@ class Comparison:
                 write_json(self.rows_path, self.rows)
         rows = [self.rows[f"{m}@{b:g}"] for b in self.budgets for m in self.methods_at(b)]
         return {"document_tokens": self.n, "main_budget": self.main_budget, "budgets": self.budgets,
+                "judge_dtype": str(self.model.dtype).removeprefix("torch."),
                 "prompts": {k: sum(p.kind == k for p in self.prompts) for k in sorted({p.kind for p in self.prompts})},
                 "rows": rows, "correlation": correlations(rows, self.main_budget)}
 
@@ -228,13 +249,15 @@ def _fit_seconds(timings: dict) -> float:
     return round(sum(v for k, v in timings.items() if k not in shared), 1)
 
 
-def held_out(workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, batch_size: int):
-    """The prompts to judge on: the user's questions (answered by the full cache), or the held-out split."""
+def held_out(workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, batch_size: int,
+             judge, full: ExactContext):
+    """The prompts to judge on: the user's questions (answered by the judge with the full cache `full`), or
+    the held-out split."""
     tokenizer, template = workbench.tokenizer, workbench.templates["question"]
     if questions:
         prompts = [Prompt("user", q, question_ids=question_ids(tokenizer, template, q)) for q in questions]
-        answers = generate_ids(workbench.model, tokenizer, [p.question_ids for p in prompts], workbench.n,
-                               workbench.full, max_new_tokens=40, batch_size=batch_size, desc="answer with full cache")
+        answers = generate_ids(judge, tokenizer, [p.question_ids for p in prompts], workbench.n,
+                               full, max_new_tokens=40, batch_size=batch_size, desc="answer with full cache")
         for p, a in zip(prompts, answers):
             p.answer_ids = a
         return [p for p in prompts if p.answer_ids]

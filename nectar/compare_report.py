@@ -48,6 +48,7 @@ def table(report: dict) -> str:
     across = c["across_methods"]
     across = "needs 3 or more rows" if across is None or across != across else f"{across:.2f}"
     lines.append(f"error vs gap, Spearman: per layer {per_layer}, across methods and budgets {across}")
+    lines.append(f"every method and the full cache answered in {report.get('judge_dtype', 'the compile dtype')}")
     return "\n".join(lines)
 
 

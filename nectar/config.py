@@ -101,6 +101,9 @@ class CompileConfig:
     # 4k document on 2 cores, beside the 8-bit weights' wider fits.
     refine_steps: int = 30
     refine_anchor: float = 1.0  # weight of the per-layer regression loss beside refinement's KL
+    # Weigh a module's output error by how far it moves the residual stream (through the layer's o_proj)
+    # instead of equally in every channel of the head (models.output_metrics).
+    output_metric: bool = True
     # Budget share for document tokens kept exact, the most attended ones (by layer under the gap allocation).
     # None: EXACT_SHARE where every layer is global, 0 on models with sliding-window layers (not supported yet).
     exact_share: float | None = None

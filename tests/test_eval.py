@@ -127,6 +127,30 @@ def test_ablation_names_parse_every_tunable_field():
     assert nectar_changes("nectar+weight_bits=16") == {"weight_bits": 16}
     with pytest.raises(NectarError, match="weight_bits must be 8 or 16"):
         nectar_changes("nectar+weight_bits=4")
+    assert nectar_changes("nectar+output_metric=false") == {"output_metric": False}
+    assert nectar_changes("nectar+output_metric=1") == {"output_metric": True}
+    with pytest.raises(NectarError, match="not a valid output_metric"):
+        nectar_changes("nectar+output_metric=maybe")
+
+
+def test_the_judge_answers_for_every_method_while_the_workbench_compiles(tokenizer, tmp_path):
+    """`nectar eval` compiles in one dtype and judges in another (fp32, as `ask` answers): the reference
+    answers, the full cache and every method's numbers come from the judge."""
+    from nectar.compare import Comparison, EvalConfig
+    from nectar.compiler import Workbench
+    from nectar.prefill import prefill
+
+    model = tiny_llama()
+    judge = tiny_llama(seed=1)  # other weights, so that whose numbers they are shows
+    wb = Workbench(model, tokenizer, sample_document(1500), FAST)
+    config = EvalConfig(methods=("no_document",), generate=False, gap_prompts=0)
+    mine = Comparison(wb, None, ["What does assert do?"], tmp_path / "a", config, judge)
+    torch.testing.assert_close(mine.full.keys[0], prefill(judge, torch.tensor(wb.doc_ids)).keys[0])
+    theirs = Comparison(wb, None, ["What does assert do?"], tmp_path / "b", config)
+    assert mine.full is not wb.full and theirs.full is wb.full
+    assert mine.prompts[0].answer_ids != theirs.prompts[0].answer_ids  # the judge wrote the reference answer
+    rows = [c.run()["rows"][0]["questions"]["answer"]["kl"] for c in (mine, theirs)]
+    assert rows[0] != rows[1]
 
 
 def test_spearman():
