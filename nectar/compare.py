@@ -35,7 +35,7 @@ from .templates import question_ids
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
 TUNABLE = ("variant", "allocation", "exact_share", "onpolicy_steps", "onpolicy_rounds", "refine_steps", "refine_anchor",
-           "depth", "score_share", "weight_bits", "exact_bits", "output_metric")
+           "depth", "score_share", "weight_bits", "exact_bits")
 
 
 def nectar_changes(name: str) -> dict | None:
@@ -52,20 +52,12 @@ def nectar_changes(name: str) -> dict | None:
             raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of {', '.join(TUNABLE)}")
         default = getattr(CompileConfig(), key)
         kind = float if default is None else type(default)  # None: a float field resolved at compile time
-        if kind is bool:
-            kind = _boolean
         try:
             changes[key] = kind(value)
         except ValueError:
             raise NectarError(f"'{value}' is not a valid {key} in method {name}") from None
     CompileConfig(**changes)  # validates the values
     return changes
-
-
-def _boolean(value: str) -> bool:
-    if value.lower() not in ("0", "1", "false", "true"):
-        raise ValueError(value)
-    return value.lower() in ("1", "true")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from .documents import document_ids
 from .errors import NectarError
 from .evaluate import QUESTION_KINDS, layer_gaps, validation_metrics
 from .fit import bank_errors, fit
-from .models import attention_scaling, check_supported, head_dim, layer_windows, modeled_layers, output_metrics
+from .models import attention_scaling, check_supported, head_dim, layer_windows, modeled_layers
 from .modules import MLPBank
 from .prefill import prefill, split_exact, window_tails
 from .quadrature import QuadratureBank
@@ -268,7 +268,7 @@ class Workbench:
         if config.variant == "quadrature":
             modeled = modeled_layers(cfg)
             bank = self._on_modeled(QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,
-                                                              attention_scaling(self.model)), config)
+                                                              attention_scaling(self.model)))
             _, rest = self.split(counts)
             keys, values = ([part[layer] for layer in modeled] for part in (rest.keys, rest.values))
             bank.init_from(torch.cat(keys).float().cpu(), torch.cat(values).float().cpu(), seed=config.seed)
@@ -295,7 +295,7 @@ class Workbench:
     def _mlp_bank(self, config: CompileConfig, params: int | list[int]) -> MLPBank:
         cfg, shape = self.model.config, (config.depth, config.score_share, config.weight_bits)
         return self._on_modeled(MLPBank.for_budget(len(modeled_layers(cfg)), cfg.num_key_value_heads,
-                                                   head_dim(cfg), params, *shape), config)
+                                                   head_dim(cfg), params, *shape))
 
     def _fit_probe(self, probe: MLPBank, config: CompileConfig, train_store: Store, val_store: Store) -> MLPBank:
         """A short fit at uniform width: its per-layer errors show where capacity is short."""
@@ -304,17 +304,11 @@ class Workbench:
             replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10), seed=config.seed, progress=False)
         return probe.eval().requires_grad_(False)
 
-    def _on_modeled(self, bank: Bank, config: CompileConfig) -> Bank:
-        """A bank for the model's global layers only, called by model layer (None: every layer has modules),
-        fitted on output errors as the residual stream sees them when `config.output_metric` says so."""
+    def _on_modeled(self, bank: Bank) -> Bank:
+        """A bank for the model's global layers only, called by model layer (None: every layer has modules)."""
         modeled = modeled_layers(self.model.config)
         bank.model_layers = modeled if len(modeled) < self.model.config.num_hidden_layers else None
-        bank.loss_metric = self._output_metrics if config.output_metric else None
         return bank
-
-    @cached_property
-    def _output_metrics(self) -> Tensor | None:
-        return output_metrics(self.model)
 
     def gaps(self, config: CompileConfig) -> list[float]:
         """Per modeled layer, the answer-token KL on training questions when it alone uses a probe: modules

@@ -17,11 +17,7 @@ def loss_terms(bank, batch: Store) -> tuple[Tensor, Tensor]:
     """Per-module (share-weighted target error, score error), both in standardised units."""
     o, lse = bank.predict(batch.q)
     w = context_share(batch.lse_ctx, batch.lse_loc)
-    error = (o - batch.o_ctx.float()) / bank.o_scale
-    metric = getattr(bank, "loss_metric", None)
-    if metric is not None:  # error in the residual stream's terms: e -> e L, |e L|^2 = e G e^T (models.output_metrics)
-        error = torch.bmm(error, metric.to(error.device))
-    target = (w.unsqueeze(-1) * error.pow(2)).mean((1, 2))
+    target = (w.unsqueeze(-1) * ((o - batch.o_ctx.float()) / bank.o_scale).pow(2)).mean((1, 2))
     score = ((lse - batch.lse_ctx) / bank.lse_scale).pow(2).mean(1)
     return target, score
 

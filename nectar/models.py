@@ -211,28 +211,6 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-def output_metrics(model: nn.Module) -> torch.Tensor | None:
-    """Per (modeled layer, KV head), a factor L of G = mean over the query heads h that read it of W_h^T W_h,
-    W_h the slice of o_proj that maps head h's attention output into the residual stream: |e L|^2 is how far an
-    output error e moves the hidden state, which is what the next layers read. Scaled to trace d, so that a
-    loss weighted by it keeps the scale of the plain squared error. None for a model without o_proj."""
-    cfg, d = model.config, head_dim(model.config)
-    groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    attention = attention_layers(model)
-    factors = []
-    for layer in modeled_layers(cfg):
-        proj = getattr(attention[layer], "o_proj", None)
-        if proj is None:
-            return None
-        w = proj.weight.detach().float().cpu().view(proj.weight.shape[0], cfg.num_attention_heads, d)
-        for kv in range(cfg.num_key_value_heads):
-            heads = w[:, kv * groups: (kv + 1) * groups]  # [hidden, groups, d]
-            gram = torch.einsum("xgi,xgj->ij", heads, heads) / groups
-            gram = gram * d / gram.trace() + 1e-4 * torch.eye(d)
-            factors.append(torch.linalg.cholesky(gram))
-    return torch.stack(factors)
-
-
 def attention_scaling(model: nn.Module) -> float:
     """The factor on q.k in the model's attention (1/sqrt(head_dim) unless the model sets its own)."""
     layer = attention_layers(model)[0]

@@ -198,7 +198,7 @@ def build_prompts(model, tokenizer, doc_ids, full: ExactContext, templates, conf
     prompts, requests, chunks = plan(doc_ids, tokenizer, config.prompts, config.seed)
     if requests:
         written = generate_ids(model, tokenizer, [encode(tokenizer, chat(tokenizer, r, "\n")) for r in requests], 0,
-                               NoContext(), max_new_tokens=40, sample=True, batch_size=config.batch_size,
+                               NoContext(), max_new_tokens=40, sample=True, batch_size=config.generate_batch,
                                desc="write questions")
         for chunk, ids in zip(chunks, written):
             question = clean_question(tokenizer.decode(ids, skip_special_tokens=True))
@@ -208,7 +208,7 @@ def build_prompts(model, tokenizer, doc_ids, full: ExactContext, templates, conf
         p.question_ids = question_ids(tokenizer, templates["question"], p.question)
     open_ = [p for p in prompts if p.answer_ids is None]
     answers = generate_ids(model, tokenizer, [p.question_ids for p in open_], len(doc_ids), full,
-                           max_new_tokens=config.prompts.answer_tokens, batch_size=config.batch_size,
+                           max_new_tokens=config.prompts.answer_tokens, batch_size=config.generate_batch,
                            desc="answer with full cache")
     for prompt, answer in zip(open_, answers):
         prompt.answer_ids = answer

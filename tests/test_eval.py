@@ -127,10 +127,6 @@ def test_ablation_names_parse_every_tunable_field():
     assert nectar_changes("nectar+weight_bits=16") == {"weight_bits": 16}
     with pytest.raises(NectarError, match="weight_bits must be 8 or 16"):
         nectar_changes("nectar+weight_bits=4")
-    assert nectar_changes("nectar+output_metric=false") == {"output_metric": False}
-    assert nectar_changes("nectar+output_metric=1") == {"output_metric": True}
-    with pytest.raises(NectarError, match="not a valid output_metric"):
-        nectar_changes("nectar+output_metric=maybe")
 
 
 def test_the_judge_answers_for_every_method_while_the_workbench_compiles(tokenizer, tmp_path):

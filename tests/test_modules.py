@@ -204,32 +204,3 @@ def test_a_bf16_fit_learns_as_well_as_an_fp32_one():
     start = bank_errors(MLPBank(2, 2, 16, 32, 16, 2), val)["merged_rel"].mean().item()
     assert errors[True] < 0.5 * start  # it learned
     assert errors[True] < 1.1 * errors[False]  # and bf16 matmuls cost it nothing that matters
-
-
-def test_output_metric_weighs_an_error_by_how_far_o_proj_moves_the_residual_stream(model):
-    from nectar.capture import Store
-    from nectar.fit import loss_terms
-    from nectar.models import output_metrics
-
-    cfg = model.config
-    d, groups = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    metric = output_metrics(model)
-    M = cfg.num_hidden_layers * cfg.num_key_value_heads
-    assert metric.shape == (M, d, d)
-    torch.manual_seed(0)
-    bank = MLPBank(cfg.num_hidden_layers, cfg.num_key_value_heads, d, 5, 3, depth=1)
-    q, o = torch.randn(M, 40, d), torch.randn(M, 40, d)
-    lse = torch.full((M, 40), 30.0)  # the document carries all the mass: every row's share is 1
-    store = Store(q, o, lse, None, torch.full((M, 40), -30.0))
-    plain, _ = loss_terms(bank, store)
-    bank.loss_metric = metric
-    weighted, _ = loss_terms(bank, store)
-    error = (bank.predict(q)[0] - o) / bank.o_scale  # [M, N, d]
-    for m in range(M):  # module m = (layer, KV head): the query heads that read it, through their o_proj slices
-        layer, kv = divmod(m, cfg.num_key_value_heads)
-        w = model.model.layers[layer].self_attn.o_proj.weight.detach().view(cfg.hidden_size, -1, d)
-        heads = w[:, kv * groups: (kv + 1) * groups]
-        moved = torch.einsum("xgd,nd->ngx", heads, error[m]).pow(2).sum((1, 2)) / groups  # |W_h e|^2, averaged
-        scale = d / torch.einsum("xgi,xgi->", heads, heads) * groups  # the metric's trace is d
-        torch.testing.assert_close(weighted[m], (moved * scale).mean() / d, rtol=1e-3, atol=1e-5)
-    assert not torch.allclose(weighted, plain)  # random o_proj slices are not isotropic
