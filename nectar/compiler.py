@@ -37,6 +37,9 @@ from .templates import templates_for
 TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
 GAP_PROMPTS = 8  # training questions on which the "gap" allocation measures each layer's KL
+# The probe (150 steps) and an on-policy refit (150 steps) see 150k rows at batch 1024: every other training
+# sequence still gives each row a few visits, at half the capture (the model runs over the whole document).
+SHORT_FIT_EVERY = 2
 
 
 @contextmanager
@@ -124,9 +127,10 @@ class Workbench:
         """Queries that choose the exact tokens. Queries do not depend on which tokens are exact, so the
         probe's capture serves when there is one (rows evenly spread over it); else a few sequences'."""
         pilot = self.pilot_sequences
-        if self._counts(0) not in self._stores:
+        made = [key for key in self._stores if key[0] == self._counts(0)]
+        if not made:
             return capture(self.model, pilot, self.n, self.full, None, self.config.batch_size, "choose exact tokens").q
-        q = self._stores[self._counts(0)][0].q
+        q = self._stores[made[0]][0].q
         rows = self.model.config.num_attention_heads // self.model.config.num_key_value_heads * sum(map(len, pilot))
         return q[:, torch.linspace(0, q.shape[1] - 1, min(rows, q.shape[1])).long()]
 
@@ -171,24 +175,27 @@ class Workbench:
     def kinds(self) -> dict[str, int]:
         return {kind: sum(p.kind == kind for p in self.prompts) for kind in ("recall", "self_study", "generic", "direct")}
 
-    def stores(self, counts: int | tuple[int, ...] = 0, drive=None, timings: dict | None = None) -> tuple[Store, Store]:
+    def stores(self, counts: int | tuple[int, ...] = 0, drive=None, timings: dict | None = None,
+               every: int = 1) -> tuple[Store, Store]:
         """(train, validation) stores for the split with `counts` exact tokens, on the model's device (the fit
-        runs where the model does). With `drive`, queries come from the model running on that bank, are not
-        kept, and their capture is timed into `timings`."""
+        runs where the model does), of every `every`-th sequence. With `drive`, queries come from the model
+        running on that bank, are not kept, and their capture is timed into `timings`."""
         counts = self._counts(counts)
-        if drive is None and counts in self._stores:
-            return self._stores[counts]
-        train, val = self.train_sequences, [p.ids for p in self.val_prompts]
+        if drive is None and (counts, every) in self._stores:
+            return self._stores[counts, every]
+        train, val = self.train_sequences[::every], [p.ids for p in self.val_prompts][::every]
         sinks, rest = self.split(counts)
         size, device = self.config.batch_size, self.model.device
         times = self._stage_times.setdefault(counts, {}) if drive is None else timings
-        collectors = self._teacher_riders(train, val) if drive is None else (None, None)
-        with _stage(times, "capture" if drive is None else "capture on-policy"):
+        whole = drive is None and every == 1  # the teacher needs every sequence
+        collectors = self._teacher_riders(train, val) if whole else (None, None)
+        stage = "capture on-policy" if drive is not None else "capture" if every == 1 else "capture (probe)"
+        with _stage(times, stage):
             stores = tuple(capture(self.model, seqs, self.n, rest, sinks, size, f"capture {name}", drive,
                                    on_logits=collect).to(device)
                            for (seqs, name), collect in zip(((train, "train"), (val, "val")), collectors))
         if drive is None:
-            self._stores[counts] = stores
+            self._stores[counts, every] = stores
         return stores
 
     def _teacher_riders(self, train: list[list[int]], val: list[list[int]]) -> tuple:
@@ -222,14 +229,14 @@ class Workbench:
         sinks = as_stored(self.split(counts)[0], config.sink_tokens, config.exact_bits)
         timings = {**self.timings, **self._stage_times[counts], **gap_times}
         if gap_times and any(counts):  # the probe's own capture, of the document without exact tokens
-            timings["capture (probe)"] = self._stage_times[self._counts(0)]["capture"]
+            timings["capture (probe)"] = self._stage_times[self._counts(0)]["capture (probe)"]
         with _stage(timings, "fit"):
             bank = self._bank(config, counts, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
         for _ in range(config.onpolicy_rounds if config.onpolicy_steps else 0):
             # Queries as the modules below each layer will shape them at inference, targets still exact.
-            train_store, val_store = self.stores(counts, drive=bank, timings=timings)
+            train_store, val_store = self.stores(counts, drive=bank, timings=timings, every=SHORT_FIT_EVERY)
             with _stage(timings, "fit on-policy"):
                 steps = replace(config.fit, steps=config.onpolicy_steps, warmup=config.onpolicy_steps // 10)
                 fit_log["onpolicy"] = fit(bank.requires_grad_(True), train_store, val_store, steps, seed=config.seed,
@@ -317,7 +324,8 @@ class Workbench:
         key = _gap_key(config)
         if key not in self._gaps:
             times = self._gap_times.setdefault(key, {})
-            train_store, val_store = self.stores(0)
+            # With no exact tokens the main fit's capture serves; else the probe's own, of fewer sequences.
+            train_store, val_store = self.stores(0, every=SHORT_FIT_EVERY if config.exact_share else 1)
             with _stage(times, "probe"):
                 per_module = params_per_module(self.model, self.n, config)
                 probe = self._fit_probe(self._mlp_bank(config, per_module), config, train_store, val_store)

@@ -152,10 +152,10 @@ def test_each_onpolicy_round_captures_with_the_latest_modules(bench, monkeypatch
     drivers = []
     real = bench.stores
 
-    def stores(count=0, drive=None, timings=None):
+    def stores(count=0, drive=None, timings=None, every=1):
         if drive is not None:
             drivers.append(drive.target.weights[0].detach().clone())
-        return real(count, drive, timings)
+        return real(count, drive, timings, every)
 
     monkeypatch.setattr(bench, "stores", stores)
     bench.compile(onpolicy_steps=20, onpolicy_rounds=2)
@@ -205,18 +205,24 @@ def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
     import nectar.compiler as compiler
 
     real = compiler.capture
-    descs = []
+    descs, sizes = [], []
 
     def capture(*args, **kwargs):
         descs.append(args[6] if len(args) > 6 else kwargs.get("desc"))
+        sizes.append((descs[-1], len(args[1]), "drive" in kwargs or len(args) > 7 and args[7] is not None))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(compiler, "capture", capture)
     monkeypatch.setattr(compiler, "teacher", lambda *a, **k: pytest.fail("a separate teacher pass"))
     config = replace(FAST, allocation="gap", exact_share=0.3, probe_steps=20, refine_steps=4)
-    art = Workbench(tiny_llama(), tokenizer, sample_document(1500), config).compile()
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), config)
+    art = bench.compile()
     assert "choose exact tokens" not in descs and "teacher" not in art.manifest["timings"]
     assert len(set(art.manifest["metrics"]["exact_per_layer"])) > 1 and art.manifest["metrics"]["refine"]
+    # The short fits (probe, on-policy refit) capture every other training sequence; the main fit all.
+    train = len(bench.train_sequences)
+    assert [size for desc, size, _ in sizes if desc == "capture train"] == [(train + 1) // 2, train, (train + 1) // 2]
+    assert "capture (probe)" in art.manifest["timings"] and art.manifest["timings"]["capture"] > 0
 
 
 @pytest.mark.parametrize("bits", [4, 8])
