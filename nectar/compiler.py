@@ -6,7 +6,6 @@ bank fitted from it (a budget sweep, the quadrature variant, an allocation ablat
 from __future__ import annotations
 
 import random
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -23,7 +22,7 @@ from .capture import Store, capture
 from .config import EXACT_SHARE, CompileConfig
 from .documents import document_ids
 from .errors import NectarError
-from .evaluate import QUESTION_KINDS, layer_gaps, validation_metrics
+from .evaluate import QUESTION_KINDS, layer_gaps, validation_metrics, warn_if_useless
 from .fit import bank_errors, fit
 from .models import attention_scaling, check_supported, head_dim, layer_windows, modeled_layers
 from .modules import MLPBank
@@ -37,9 +36,7 @@ from .templates import templates_for
 TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
 GAP_PROMPTS = 8  # training questions on which the "gap" allocation measures each layer's KL
-# The probe (150 steps) and an on-policy refit (150 steps) see 150k rows at batch 1024: every other training
-# sequence still gives each row a few visits, at half the capture (the model runs over the whole document).
-SHORT_FIT_EVERY = 2
+SHORT_FIT_EVERY = 2  # the probe's and an on-policy refit's 150 steps visit every other sequence's rows often enough
 
 
 @contextmanager
@@ -187,8 +184,7 @@ class Workbench:
         sinks, rest = self.split(counts)
         size, device = self.config.batch_size, self.model.device
         times = self._stage_times.setdefault(counts, {}) if drive is None else timings
-        whole = drive is None and every == 1  # the teacher needs every sequence
-        collectors = self._teacher_riders(train, val) if whole else (None, None)
+        collectors = self._teacher_riders(train, val) if drive is None and every == 1 else (None, None)
         stage = "capture on-policy" if drive is not None else "capture" if every == 1 else "capture (probe)"
         with _stage(times, stage):
             stores = tuple(capture(self.model, seqs, self.n, rest, sinks, size, f"capture {name}", drive,
@@ -266,7 +262,7 @@ class Workbench:
         sinks = replace(sinks, keys=[k.cpu() for k in sinks.keys], values=[v.cpu() for v in sinks.values])
         artifact = Artifact(manifest, bank.cpu(), sinks, self.doc_ids if config.keep_document else None)
         artifact.manifest["memory_ratio"] = artifact.memory_ratio()
-        _warn_if_useless(metrics["questions"])
+        warn_if_useless(metrics["questions"])
         return artifact
 
     def _bank(self, config: CompileConfig, counts: tuple[int, ...], train_store: Store, val_store: Store) -> Bank:
@@ -342,15 +338,6 @@ class Workbench:
 def _gap_key(config: CompileConfig) -> tuple:
     """What a probe depends on beyond the document: two compiles that agree on it share their gaps."""
     return config.budget, config.probe_steps, config.depth, config.score_share, config.weight_bits, config.seed, repr(config.fit)
-
-
-def _warn_if_useless(questions: dict) -> None:
-    """A compile that does worse than no document at all is worth nothing: say so where the user looks."""
-    mine, none = questions["nectar"], questions["no_document"]
-    if mine["tokens"] and mine["agreement"] <= none["agreement"]:
-        print(f"[nectar] warning: on held-out questions this compile agrees with the full cache on "
-              f"{mine['agreement']:.3f} of answer tokens, no better than no document at all "
-              f"({none['agreement']:.3f}): raise --steps or --budget", file=sys.stderr)
 
 
 def compile(model, tokenizer, context, config: CompileConfig | None = None) -> Artifact:

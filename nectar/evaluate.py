@@ -6,6 +6,7 @@ split-attention path, batched identically, so their numbers are comparable.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch.nn import functional as F
@@ -150,3 +151,12 @@ def validation_metrics(model, bank, sinks: ExactContext, full: ExactContext, n: 
     questions = {m: pooled_kinds({k: f[m] for k, f in fidelity.items()}, QUESTION_KINDS) for m in methods}
     return {"validation": {k: sum(v) / len(v) for k, v in per_layer.items()}, "per_layer": per_layer,
             "fidelity": fidelity, "questions": questions, "val_prompts": len(val_prompts)}
+
+
+def warn_if_useless(questions: dict) -> None:
+    """A compile that does worse than no document at all is worth nothing: say so where the user looks."""
+    mine, none = questions["nectar"], questions["no_document"]
+    if mine["tokens"] and mine["agreement"] <= none["agreement"]:
+        print(f"[nectar] warning: on held-out questions this compile agrees with the full cache on "
+              f"{mine['agreement']:.3f} of answer tokens, no better than no document at all "
+              f"({none['agreement']:.3f}): raise --steps or --budget", file=sys.stderr)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import nectar
-from nectar.compiler import Workbench, _warn_if_useless
+from nectar.compiler import Workbench
+from nectar.evaluate import warn_if_useless
 from nectar.config import EXACT_SHARE
 from nectar.documents import document_ids
 from nectar.models import attention_layers
@@ -178,9 +179,9 @@ def test_manifest_survives_json_and_says_what_loading_checks(compiled):
 
 def test_a_useless_compile_says_so(capsys):
     fid = {"agreement": 0.6, "kl": 1.0, "tokens": 10}
-    _warn_if_useless({"nectar": fid, "no_document": dict(fid, agreement=0.7)})
+    warn_if_useless({"nectar": fid, "no_document": dict(fid, agreement=0.7)})
     assert "no better than no document" in capsys.readouterr().err
-    _warn_if_useless({"nectar": dict(fid, agreement=0.8), "no_document": fid})
+    warn_if_useless({"nectar": dict(fid, agreement=0.8), "no_document": fid})
     assert capsys.readouterr().err == ""
 
 
