@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .config import CompileConfig, FitConfig, PromptConfig
-from .documents import Pydoc, load_text, parse_source, read_text
+from .documents import early_text, load_text, parse_source
 from .errors import NectarError
 from .files import check_writable
 
@@ -57,12 +57,12 @@ def cmd_compile(args) -> int:
         raise NectarError("say where the artifact goes: -o NAME.nectar (or --out DIR to compile a corpus)")
     source = parse_source(args.document[0])
     check_writable(args.output, "--output")
-    text = None if isinstance(source, Pydoc) else read_text(source)  # a bad file is refused before the model loads
+    text = early_text(source)
     from .compiler import compile
     from .summary import summary
 
     model, tokenizer = _load(args.model, args.dtype, args.device)
-    artifact = compile(model, tokenizer, text or load_text(source, tokenizer), config)
+    artifact = compile(model, tokenizer, load_text(source, tokenizer, text), config)
     print(summary(artifact, artifact.save(args.output)))
     return 0
 
@@ -177,7 +177,7 @@ def cmd_eval(args) -> None:
     questions = read_questions(args.questions) if args.questions else None
     is_artifact = args.target.endswith(".nectar")
     source = None if is_artifact else parse_source(args.target)
-    text = read_text(source) if isinstance(source, Path) else None  # a bad file is refused before the model loads
+    text = early_text(source)
     compiled = None if is_artifact else _compile_config(args)
     check_writable(Path(args.out) / "eval.json", "--out")
     from .artifact import Artifact
@@ -192,7 +192,7 @@ def cmd_eval(args) -> None:
         context = _document_of(artifact, args.document, model, tokenizer, compiled)
     else:
         model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
-        context = text or load_text(source, tokenizer)
+        context = load_text(source, tokenizer, text)
     judge = model if args.eval_dtype == args.dtype else _load(model.name_or_path, args.eval_dtype, args.device)[0]
     out = Path(args.out)
     report = Comparison(Workbench(model, tokenizer, context, compiled), artifact, questions, out, config, judge).run()

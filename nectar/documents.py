@@ -59,8 +59,17 @@ def read_text(path: Path) -> str:
     return text
 
 
-def load_text(source: Pydoc | Path, tokenizer) -> str:
+def load_text(source: Pydoc | Path, tokenizer, text: str | None = None) -> str:
+    """The document's text; `text` is a file's, already read by `early_text`."""
+    if text is not None:
+        return text
     return pydoc_document(tokenizer, source.tokens) if isinstance(source, Pydoc) else read_text(source)
+
+
+def early_text(source: Pydoc | Path | None) -> str | None:
+    """A file's text, read (so a bad file is refused) before any model loads; None for pydoc, whose text
+    needs the tokenizer."""
+    return read_text(source) if isinstance(source, Path) else None
 
 
 def pydoc_text() -> str:

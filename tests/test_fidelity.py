@@ -222,7 +222,8 @@ def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
     # The short fits (probe, on-policy refit) capture every other training sequence; the main fit all.
     train = len(bench.train_sequences)
     assert [size for desc, size, _ in sizes if desc == "capture train"] == [(train + 1) // 2, train, (train + 1) // 2]
-    assert "capture (probe)" in art.manifest["timings"] and art.manifest["timings"]["capture"] > 0
+    # Each capture is timed under its own stage (values round to 0.1 s, so a tiny model's may read 0.0).
+    assert {"capture (probe)", "capture", "capture on-policy"} <= set(art.manifest["timings"])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
