@@ -49,6 +49,10 @@ def table(report: dict) -> str:
     across = "needs 3 or more rows" if across is None or across != across else f"{across:.2f}"
     lines.append(f"error vs gap, Spearman: per layer {per_layer}, across methods and budgets {across}")
     lines.append(f"every method and the full cache answered in {report.get('judge_dtype', 'the compile dtype')}")
+    if report.get("ceiling"):
+        c = report["ceiling"]
+        lines.append(f"the full cache itself in {c['dtype']}: EM {c['exact_match']:.2f}, cos {c['cosine']:.3f} against "
+                     "those answers (the most that greedy-answer similarity reads for an all-but-exact method)")
     return "\n".join(lines)
 
 

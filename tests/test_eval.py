@@ -8,7 +8,7 @@ import torch
 
 import nectar.commands as commands
 from nectar.cli import main
-from nectar.compare_report import spearman
+from nectar.compare_report import spearman, table
 from nectar.errors import NectarError
 from conftest import FAST, assert_one_line_error, run_cli, sample_document, tiny_llama
 
@@ -147,6 +147,21 @@ def test_the_judge_answers_for_every_method_while_the_workbench_compiles(tokeniz
     assert mine.prompts[0].answer_ids != theirs.prompts[0].answer_ids  # the judge wrote the reference answer
     rows = [c.run()["rows"][0]["questions"]["answer"]["kl"] for c in (mine, theirs)]
     assert rows[0] != rows[1]
+
+
+def test_the_ceiling_is_the_compile_models_full_cache_against_the_judge(tokenizer, tmp_path):
+    """With a judge of another dtype, eval also reports how the compile model's own full cache answers
+    against the judge's answers: the similarity an all-but-exact method can reach."""
+    from nectar.compare import Comparison, EvalConfig
+    from nectar.compiler import Workbench
+
+    wb = Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
+    config = EvalConfig(methods=("no_document",), gap_prompts=0, max_new_tokens=6)
+    same = Comparison(wb, None, ["What does assert do?"], tmp_path / "a", config, tiny_llama()).run()["ceiling"]
+    other = Comparison(wb, None, ["What does assert do?"], tmp_path / "b", config, tiny_llama(seed=1)).run()
+    assert same["exact_match"] == 1.0 and same["cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert other["ceiling"]["exact_match"] == 0.0 and "the full cache itself in float32" in table(other)
+    assert Comparison(wb, None, ["What does assert do?"], tmp_path / "c", config).run()["ceiling"] is None
 
 
 def test_spearman():
