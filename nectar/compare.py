@@ -228,6 +228,7 @@ class Comparison:
         return [m for m in self.config.methods if m != "nectar_probe" or budget == self.main_budget]
 
     def run(self) -> dict:
+        _ = self.prompts  # the references first: a question too long for the window fails before any compile
         # The main budget first: its full table is ready before the sweep's extra points.
         for budget in sorted(self.budgets, key=lambda b: b != self.main_budget):
             for name in self.methods_at(budget):

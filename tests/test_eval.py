@@ -107,6 +107,15 @@ def test_bad_question_file(tiny, doc, tmp_path, capsys, content, message):
     assert_one_line_error(run_cli(capsys, "eval", str(doc), "--questions", str(questions)), message)
 
 
+def test_a_question_too_long_for_the_window_fails_before_any_compile(tiny, doc, tmp_path, capsys):
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(["What is this?", "Why is this so? " * 400]))
+    out = tmp_path / "ev"
+    err = run_cli(capsys, "eval", str(doc), "--questions", str(questions), "--out", str(out), *SMALL)
+    assert_one_line_error(err, "question 2 is")
+    assert not (out / "cache").exists()
+
+
 @pytest.mark.parametrize("sweep", ["0,0.02", "0.02,1.5", "-0.1"])
 def test_sweep_outside_zero_one(tiny, doc, capsys, sweep):
     assert_one_line_error(run_cli(capsys, "eval", str(doc), "--sweep", sweep), "budgets must be in (0, 1)")
