@@ -34,8 +34,8 @@ from .templates import question_ids
 
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
-TUNABLE = ("variant", "allocation", "exact_share", "onpolicy_steps", "onpolicy_rounds", "refine_steps", "refine_anchor",
-           "depth", "score_share", "weight_bits", "exact_bits")
+TUNABLE = ("variant", "allocation", "probe_prompts", "exact_share", "onpolicy_steps", "onpolicy_rounds", "refine_steps",
+           "refine_anchor", "depth", "score_share", "weight_bits", "exact_bits")
 
 
 def nectar_changes(name: str) -> dict | None:

@@ -35,7 +35,6 @@ from .templates import templates_for
 
 TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
-GAP_PROMPTS = 8  # training questions on which the "gap" allocation measures each layer's KL
 SHORT_FIT_EVERY = 2  # the probe's and an on-policy refit's 150 steps visit every other sequence's rows often enough
 
 
@@ -328,7 +327,7 @@ class Workbench:
             with _stage(times, "layer gaps"):
                 train = [p for p in self.prompts if p.chunk not in self.val_chunks and p.kind in QUESTION_KINDS]
                 pairs = [(p.question_ids, p.answer_ids)
-                         for p in train[:: max(1, len(train) // GAP_PROMPTS)][:GAP_PROMPTS]]
+                         for p in train[:: max(1, len(train) // config.probe_prompts)][: config.probe_prompts]]
                 self._gaps[key] = layer_gaps(self.model, pairs, self.n, self.full, (probe, self.split(0)[0]),
                                              modeled_layers(self.model.config), window_tails(self.full),
                                              self.config.batch_size)
@@ -337,7 +336,8 @@ class Workbench:
 
 def _gap_key(config: CompileConfig) -> tuple:
     """What a probe depends on beyond the document: two compiles that agree on it share their gaps."""
-    return config.budget, config.probe_steps, config.depth, config.score_share, config.weight_bits, config.seed, repr(config.fit)
+    return (config.budget, config.probe_steps, config.probe_prompts, config.depth, config.score_share, config.weight_bits,
+            config.seed, repr(config.fit))
 
 
 def compile(model, tokenizer, context, config: CompileConfig | None = None) -> Artifact:

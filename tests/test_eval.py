@@ -133,7 +133,7 @@ def test_ablation_names_parse_every_tunable_field():
         "exact_share": 0.3, "refine_steps": 150, "variant": "quadrature"}
     with pytest.raises(NectarError, match="not a valid refine_steps"):
         nectar_changes("nectar+refine_steps=many")
-    assert nectar_changes("nectar+weight_bits=16") == {"weight_bits": 16}
+    assert nectar_changes("nectar+weight_bits=16+probe_prompts=16") == {"weight_bits": 16, "probe_prompts": 16}
     with pytest.raises(NectarError, match="weight_bits must be 8 or 16"):
         nectar_changes("nectar+weight_bits=4")
 

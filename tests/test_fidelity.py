@@ -8,6 +8,7 @@ import nectar
 from nectar.attention import ExactContext, WithExact, merge
 from nectar.binding import bound, cacheable
 from nectar.decode import generate_ids
+from nectar.errors import NectarError
 from nectar.baselines import attention_matching, matched_bytes
 from nectar.budget import uniform_exact
 from nectar.quant import CodedTokens, pack4, round_tokens, unpack4
@@ -224,6 +225,19 @@ def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
     assert [size for desc, size, _ in sizes if desc == "capture train"] == [(train + 1) // 2, train, (train + 1) // 2]
     # Each capture is timed under its own stage (values round to 0.1 s, so a tiny model's may read 0.0).
     assert {"capture (probe)", "capture", "capture on-policy"} <= set(art.manifest["timings"])
+
+
+def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monkeypatch):
+    import nectar.compiler as compiler
+
+    seen, real = [], compiler.layer_gaps
+    monkeypatch.setattr(compiler, "layer_gaps", lambda model, pairs, *a, **k: seen.append(len(pairs)) or real(model, pairs, *a, **k))
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), replace(FAST, allocation="gap", probe_prompts=3))
+    bench.gaps(bench.config)
+    bench.gaps(replace(bench.config, probe_prompts=2))  # another probe setting: measured anew
+    assert seen == [3, 2]
+    with pytest.raises(NectarError, match="probe_prompts must be >= 1"):
+        replace(FAST, probe_prompts=0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
