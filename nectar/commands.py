@@ -176,7 +176,8 @@ def cmd_eval(args) -> None:
                         generate=not args.no_generate, gap_prompts=args.gap_prompts)
     questions = read_questions(args.questions) if args.questions else None
     is_artifact = args.target.endswith(".nectar")
-    source = None if is_artifact else parse_source(args.target)
+    spec = args.document if is_artifact else args.target  # the document's text: read before any model loads
+    source = None if spec is None else parse_source(spec)
     text = early_text(source)
     compiled = None if is_artifact else _compile_config(args)
     check_writable(Path(args.out) / "eval.json", "--out")
@@ -189,7 +190,7 @@ def cmd_eval(args) -> None:
     if artifact is not None:
         model, tokenizer = _load_for(artifact, args)
         compiled = CompileConfig.from_dict(artifact.manifest["config"])
-        context = _document_of(artifact, args.document, model, tokenizer, compiled)
+        context = _document_of(artifact, args.document, model, tokenizer, compiled, text)
     else:
         model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
         context = load_text(source, tokenizer, text)
@@ -200,8 +201,9 @@ def cmd_eval(args) -> None:
     print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
 
 
-def _document_of(artifact, spec: str | None, model, tokenizer, config):
-    """The artifact's document ids (a tensor, used verbatim): stored in it, or from the text the user passes."""
+def _document_of(artifact, spec: str | None, model, tokenizer, config, text: str | None = None):
+    """The artifact's document ids (a tensor, used verbatim): stored in it, or from the text the user passes
+    (`text`: the file's, read by `early_text`)."""
     import torch
 
     from .artifact import document_hash
@@ -213,7 +215,7 @@ def _document_of(artifact, spec: str | None, model, tokenizer, config):
             raise NectarError("this artifact does not hold its document, which the baselines and the full-cache "
                               "reference need: pass --document FILE (the text it was compiled from)")
         return torch.tensor(artifact.document_ids)
-    text = load_text(parse_source(spec), tokenizer)
+    text = load_text(parse_source(spec), tokenizer, text)
     ids = document_ids(text, tokenizer, model, config.truncate, templates_for(tokenizer, config)["document"])
     if document_hash(ids) != artifact.manifest["document"]["sha256"]:
         raise NectarError(f"{spec} is not the document this artifact was compiled from: pass that one")

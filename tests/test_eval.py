@@ -83,7 +83,7 @@ def test_eval_of_an_artifact_with_user_questions(tiny, doc, tmp_path, capsys, to
     assert report["rows"][0]["bytes_ratio"] == pytest.approx(art.memory_ratio())
 
 
-def test_artifact_without_its_document_needs_one(tiny, doc, tmp_path, capsys, tokenizer):
+def test_artifact_without_its_document_needs_one(tiny, doc, tmp_path, capsys, tokenizer, monkeypatch):
     from dataclasses import replace
 
     from nectar.compiler import compile
@@ -95,6 +95,10 @@ def test_artifact_without_its_document_needs_one(tiny, doc, tmp_path, capsys, to
     other = tmp_path / "other.txt"
     other.write_text(sample_document(900))
     assert_one_line_error(run_cli(capsys, "eval", str(path), "--document", str(other)), "not the document")
+    binary = tmp_path / "doc.bin"
+    binary.write_bytes(b"\x00\x01garbage\x00")
+    monkeypatch.setattr(commands, "_load", lambda *a, **k: pytest.fail("the model loaded before the file was read"))
+    assert_one_line_error(run_cli(capsys, "eval", str(path), "--document", str(binary)), "binary")
 
 
 @pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"), ("[]", "no questions"),
