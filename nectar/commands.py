@@ -190,7 +190,8 @@ def cmd_eval(args) -> None:
     if artifact is not None:
         model, tokenizer = _load_for(artifact, args)
         compiled = CompileConfig.from_dict(artifact.manifest["config"])
-        context = _document_of(artifact, args.document, model, tokenizer, compiled, text)
+        given = None if source is None else load_text(source, tokenizer, text)
+        context = _document_of(artifact, args.document, given, model, tokenizer, compiled)
     else:
         model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
         context = load_text(source, tokenizer, text)
@@ -201,9 +202,9 @@ def cmd_eval(args) -> None:
     print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
 
 
-def _document_of(artifact, spec: str | None, model, tokenizer, config, text: str | None = None):
-    """The artifact's document ids (a tensor, used verbatim): stored in it, or from the text the user passes
-    (`text`: the file's, read by `early_text`)."""
+def _document_of(artifact, spec: str | None, text: str | None, model, tokenizer, config):
+    """The artifact's document ids (a tensor, used verbatim): stored in it, or from `text`, that of the
+    document the user names as `spec`."""
     import torch
 
     from .artifact import document_hash
@@ -215,7 +216,6 @@ def _document_of(artifact, spec: str | None, model, tokenizer, config, text: str
             raise NectarError("this artifact does not hold its document, which the baselines and the full-cache "
                               "reference need: pass --document FILE (the text it was compiled from)")
         return torch.tensor(artifact.document_ids)
-    text = load_text(parse_source(spec), tokenizer, text)
     ids = document_ids(text, tokenizer, model, config.truncate, templates_for(tokenizer, config)["document"])
     if document_hash(ids) != artifact.manifest["document"]["sha256"]:
         raise NectarError(f"{spec} is not the document this artifact was compiled from: pass that one")

@@ -231,7 +231,12 @@ def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monke
     import nectar.compiler as compiler
 
     seen, real = [], compiler.layer_gaps
-    monkeypatch.setattr(compiler, "layer_gaps", lambda model, pairs, *a, **k: seen.append(len(pairs)) or real(model, pairs, *a, **k))
+
+    def layer_gaps(model, pairs, *args, **kwargs):
+        seen.append(len(pairs))
+        return real(model, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(compiler, "layer_gaps", layer_gaps)
     bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), replace(FAST, allocation="gap", probe_prompts=3))
     bench.gaps(bench.config)
     bench.gaps(replace(bench.config, probe_prompts=2))  # another probe setting: measured anew
