@@ -35,7 +35,7 @@ from .templates import question_ids
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
 TUNABLE = ("variant", "allocation", "probe_prompts", "exact_share", "onpolicy_steps", "onpolicy_rounds", "refine_steps",
-           "refine_anchor", "depth", "score_share", "weight_bits", "exact_bits")
+           "refine_anchor", "depth", "score_share", "target_softmax", "weight_bits", "exact_bits")
 
 
 def nectar_changes(name: str) -> dict | None:
@@ -51,13 +51,19 @@ def nectar_changes(name: str) -> dict | None:
         if key not in TUNABLE or not value:
             raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of {', '.join(TUNABLE)}")
         default = getattr(CompileConfig(), key)
-        kind = float if default is None else type(default)  # None: a float field resolved at compile time
-        try:
+        kind = float if default is None else _boolean if isinstance(default, bool) else type(default)  # None: a float
+        try:  # field resolved at compile time
             changes[key] = kind(value)
         except ValueError:
             raise NectarError(f"'{value}' is not a valid {key} in method {name}") from None
     CompileConfig(**changes)  # validates the values
     return changes
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() not in ("0", "1", "true", "false"):
+        raise ValueError(value)
+    return value.lower() in ("1", "true")
 
 
 @dataclass

@@ -295,7 +295,7 @@ class Workbench:
         return uniform
 
     def _mlp_bank(self, config: CompileConfig, params: int | list[int]) -> MLPBank:
-        cfg, shape = self.model.config, (config.depth, config.score_share, config.weight_bits)
+        cfg, shape = self.model.config, (config.depth, config.score_share, config.weight_bits, config.target_softmax)
         return self._on_modeled(MLPBank.for_budget(len(modeled_layers(cfg)), cfg.num_key_value_heads,
                                                    head_dim(cfg), params, *shape))
 
@@ -337,7 +337,7 @@ class Workbench:
 def _gap_key(config: CompileConfig) -> tuple:
     """What a probe depends on beyond the document: two compiles that agree on it share their gaps."""
     return (config.budget, config.probe_steps, config.probe_prompts, config.depth, config.score_share, config.weight_bits,
-            config.seed, repr(config.fit))
+            config.target_softmax, config.seed, repr(config.fit))
 
 
 def compile(model, tokenizer, context, config: CompileConfig | None = None) -> Artifact:

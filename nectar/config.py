@@ -92,6 +92,9 @@ class CompileConfig:
     seed: int = 0
     depth: int = 2  # hidden layers per network
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
+    # The target network's first hidden layer as a softmax over its units, attention over learned pseudo-keys,
+    # instead of a GELU: the shape of the function it stands in for (docs/results.md).
+    target_softmax: bool = True
     # How module weights are stored: 8 (int8, a 16-bit scale per column: ~1.6x the width in the same bytes;
     # the modules are capacity-bound and rounding costs them ~nothing) or 16 (docs/results.md).
     weight_bits: int = 8
@@ -134,6 +137,7 @@ class CompileConfig:
         _require(self.probe_prompts >= 1, f"probe_prompts must be >= 1, got {self.probe_prompts}")
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
+        _require(isinstance(self.target_softmax, bool), f"target_softmax must be true or false, got {self.target_softmax!r}")
         _require(self.weight_bits in WEIGHT_BITS, f"weight_bits must be 8 or 16, got {self.weight_bits}")
         _require(self.exact_bits in EXACT_BITS, f"exact_bits must be 4, 8 or 16, got {self.exact_bits}")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .graphs import forget
-from .modules import MLPBank, gelu, slot
+from .modules import MLPBank, gelu, pseudo_attention, slot
 from .quant import quantize
 
 
@@ -32,6 +32,7 @@ class FusedLayer:
     in_scale: Tensor  # [modules, 1, d]
     in_shift: Tensor  # [modules, 1, d]
     skip: Tensor  # [modules, d, 1]
+    softmax_units: int = 0  # the first hidden units, the target network's, that `pseudo_attention` reads
 
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [modules, N, d] -> (o [modules, N, d], lse [modules, N]), fp32."""
@@ -41,7 +42,9 @@ class FusedLayer:
         last = len(self.weights) - 1
         for i, (w, scale, bias) in enumerate(zip(self.weights, self.scales, self.biases)):
             x = torch.baddbmm(bias, x, w if scale is None else w * scale)  # int8 x fp32 promotes to fp32
-            if i < last:
+            if i == 0 and self.softmax_units and last:
+                x = torch.cat([pseudo_attention(x[..., : self.softmax_units]), gelu(x[..., self.softmax_units:])], -1)
+            elif i < last:
                 x = gelu(x)
         return x[..., :d], x[..., d] + skip
 
@@ -52,8 +55,9 @@ class FusedLayer:
         return FusedLayer(**{f.name: _apply(fn, getattr(self, f.name)) for f in fields(self)})
 
     def shape(self) -> tuple:
-        """What rows must share to run stacked: every tensor's shape past the modules axis, and its dtype."""
-        return tuple((tuple(t.shape[1:]), t.dtype) for t in self.tensors())
+        """What rows must share to run stacked: every tensor's shape past the modules axis, its dtype, and
+        the activation."""
+        return (*((tuple(t.shape[1:]), t.dtype) for t in self.tensors()), self.softmax_units)
 
     @staticmethod
     def cat(layers: list["FusedLayer"]) -> "FusedLayer":
@@ -61,15 +65,21 @@ class FusedLayer:
         def join(parts):
             if isinstance(parts[0], list):
                 return [join([p[i] for p in parts]) for i in range(len(parts[0]))]
+            if isinstance(parts[0], int):  # equal in layers of one shape
+                return parts[0]
             return None if parts[0] is None else torch.cat(parts)
         return FusedLayer(**{f.name: join([getattr(layer, f.name) for layer in layers]) for f in fields(FusedLayer)})
 
 
 def _flat(value) -> list[Tensor]:
+    if isinstance(value, int):
+        return []
     return [t for t in value if t is not None] if isinstance(value, list) else [value]
 
 
 def _apply(fn, value):
+    if isinstance(value, int):
+        return value
     return [None if t is None else fn(t) for t in value] if isinstance(value, list) else fn(value)
 
 
@@ -131,4 +141,5 @@ def _fuse_layer(bank: MLPBank, layer: int) -> FusedLayer:
         scales = [s.float() for s in scales]
         scales[-1] = scales[-1] * out_scale
     return FusedLayer(weights, scales, [b.contiguous() for b in biases], (1 / std).contiguous(),
-                      (-mean / std).contiguous(), (bank.score_skip[rows] * lse_scale).contiguous())
+                      (-mean / std).contiguous(), (bank.score_skip[rows] * lse_scale).contiguous(),
+                      target_w[0].shape[-1] if bank.target_softmax else 0)

@@ -22,6 +22,15 @@ def gelu(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def pseudo_attention(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """A softmax over the hidden units: attention over learned pseudo-keys (the first weights' columns),
+    the shape of the function a target network stands in for. Masked units get no weight; the sqrt(width)
+    keeps the next layer's inputs O(1) whatever the width."""
+    if mask is None:
+        return x.softmax(-1) * math.sqrt(x.shape[-1])
+    return x.masked_fill(mask == 0, float("-inf")).softmax(-1) * mask.sum(-1, keepdim=True).sqrt()
+
+
 class MLPStack(nn.Module):
     """M independent MLPs: d_in -> width (x depth, GELU) -> d_out, as batched matmuls.
 
@@ -29,9 +38,11 @@ class MLPStack(nn.Module):
     a module's width are masked to zero, so they neither compute nor learn anything.
     """
 
-    def __init__(self, M: int, d_in: int, widths: list[int], d_out: int, depth: int, bits: int = 16):
+    def __init__(self, M: int, d_in: int, widths: list[int], d_out: int, depth: int, bits: int = 16,
+                 softmax_first: bool = False):
         super().__init__()
         self.bits = bits  # how the weights are stored: 16-bit, or 8-bit with a scale per column (nectar.quant)
+        self.softmax_first = softmax_first  # the first hidden layer is `pseudo_attention`, not a GELU
         width = max(widths)
         dims = [d_in] + [width] * depth + [d_out]
         self.weights = nn.ParameterList(
@@ -50,7 +61,7 @@ class MLPStack(nn.Module):
             return self.masked(x, rows)
         widths = self.widths[rows]
         if len(set(widths)) == 1:  # one layer's modules: at their own width, nothing to mask
-            return _mlp(x, *self.trimmed(rows, widths[0]))
+            return _mlp(x, *self.trimmed(rows, widths[0]), softmax_first=self.softmax_first)
         if len(widths) < len(self.widths):
             return self.masked(x, rows)
         # Widths vary by layer (up to 12x under the gap allocation): run each group of similar widths at
@@ -58,13 +69,13 @@ class MLPStack(nn.Module):
         out = x.new_zeros(x.shape[0], x.shape[1], self.weights[-1].shape[-1])
         for index, width in self.groups():
             mask = self.mask[index][..., :width]
-            out = out.index_copy(0, index, _mlp(x[index], *self.trimmed(index, width), mask))
+            out = out.index_copy(0, index, _mlp(x[index], *self.trimmed(index, width), mask, self.softmax_first))
         return out
 
     def masked(self, x: Tensor, rows: slice, mask: Tensor | None = None) -> Tensor:
         """Every module at the stack's full width, units past its own masked: the reference path."""
         return _mlp(x, [w[rows] for w in self.weights], [b[rows] for b in self.biases],
-                    None if self.uniform else self.mask[rows])
+                    None if self.uniform else self.mask[rows], self.softmax_first)
 
     def groups(self) -> list[tuple[Tensor, int]]:
         """Modules split into at most GROUPS sets of similar width: (their indices, the set's largest width)."""
@@ -91,11 +102,14 @@ class MLPStack(nn.Module):
         return sum(weight_numbers(a, b, bits) + b for a, b in zip(dims[:-1], dims[1:]))
 
 
-def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | None = None) -> Tensor:
+def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | None = None,
+         softmax_first: bool = False) -> Tensor:
     last = len(weights) - 1
     for i, (w, b) in enumerate(zip(weights, biases)):
         x = torch.baddbmm(b, x, w)
-        if i < last:
+        if i == 0 and softmax_first and last:
+            x = pseudo_attention(x, mask)
+        elif i < last:
             x = gelu(x) if mask is None else gelu(x) * mask
     return x
 
@@ -142,13 +156,14 @@ class MLPBank(nn.Module):
     model_layers: list[int] | None = None
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, target_widths: int | list[int],
-                 score_widths: int | list[int], depth: int, weight_bits: int = 16):
+                 score_widths: int | list[int], depth: int, weight_bits: int = 16, target_softmax: bool = False):
         super().__init__()
         self.layers, self.kv_heads, self.head_dim, self.depth = layers, kv_heads, head_dim, depth
         self.target_widths = _per_layer(target_widths, layers)
         self.score_widths = _per_layer(score_widths, layers)
         M, d = layers * kv_heads, head_dim
-        self.target = MLPStack(M, d, [w for w in self.target_widths for _ in range(kv_heads)], d, depth, weight_bits)
+        self.target = MLPStack(M, d, [w for w in self.target_widths for _ in range(kv_heads)], d, depth, weight_bits,
+                               softmax_first=target_softmax)
         self.score = MLPStack(M, d, [w for w in self.score_widths for _ in range(kv_heads)], 1, depth, weight_bits)
         self.score_skip = nn.Parameter(torch.zeros(M, d, 1))
         for name, shape in (("in_mean", (M, 1, d)), ("in_std", (M, 1, d)), ("o_mean", (M, 1, d)),
@@ -157,7 +172,7 @@ class MLPBank(nn.Module):
 
     @classmethod
     def for_budget(cls, layers: int, kv_heads: int, head_dim: int, params_per_module: int | list[int], depth: int,
-                   score_share: float, weight_bits: int = 16) -> "MLPBank":
+                   score_share: float, weight_bits: int = 16, target_softmax: bool = False) -> "MLPBank":
         """The widest bank whose modules fit `params_per_module` 16-bit numbers (one count, or one per layer) each."""
         d, bits = head_dim, weight_bits
         fixed = 4 * d + 3 + d  # normalisation stats and the score skip
@@ -166,7 +181,7 @@ class MLPBank(nn.Module):
             free = max(0, params - fixed)
             score.append(width_for(int(free * score_share), d, 1, depth, bits))
             target.append(width_for(free - MLPStack.num_params(d, score[-1], 1, depth, bits), d, d, depth, bits))
-        return cls(layers, kv_heads, head_dim, target, score, depth, weight_bits)
+        return cls(layers, kv_heads, head_dim, target, score, depth, weight_bits, target_softmax)
 
     @property
     def weight_bits(self) -> int:
@@ -174,7 +189,11 @@ class MLPBank(nn.Module):
 
     def sizes(self) -> dict:
         return {"depth": self.depth, "target_widths": self.target_widths, "score_widths": self.score_widths,
-                "weight_bits": self.weight_bits}
+                "weight_bits": self.weight_bits, "target_softmax": self.target_softmax}
+
+    @property
+    def target_softmax(self) -> bool:
+        return self.target.softmax_first
 
     def num_params(self) -> int:
         """16-bit numbers the modules take in storage (masked units excluded): what the byte budget counts."""
@@ -219,7 +238,8 @@ class MLPBank(nn.Module):
     @classmethod
     def from_export(cls, model: dict, sizes: dict, tensors: dict[str, Tensor]) -> "MLPBank":
         bank = cls(model["layers"], model["kv_heads"], model["head_dim"], sizes["target_widths"],
-                   sizes["score_widths"], sizes["depth"], sizes.get("weight_bits", 16))
+                   sizes["score_widths"], sizes["depth"], sizes.get("weight_bits", 16),
+                   sizes.get("target_softmax", False))  # artifacts from before it read as GELU banks
         with torch.no_grad():
             for layer in range(bank.layers):
                 for net in (bank.target, bank.score):

@@ -56,7 +56,9 @@ def describe(modules: dict) -> str:
         return f"quadrature, {modules['nodes']} nodes"
     t, s = modules["target_widths"], modules["score_widths"]
     widths = f"{t[0]}/{s[0]}" if len(set(t)) == 1 and len(set(s)) == 1 else f"{min(t)}-{max(t)}/{min(s)}-{max(s)}"
-    return f"mlp ({modules.get('allocation', 'uniform')}), widths {widths}, {modules.get('weight_bits', 16)}-bit weights"
+    first = ", pseudo-key first layer" if modules.get("target_softmax") else ""
+    return (f"mlp ({modules.get('allocation', 'uniform')}), widths {widths}, {modules.get('weight_bits', 16)}-bit "
+            f"weights{first}")
 
 
 def compare_answers(model, tokenizer, artifact, questions: list[str], max_new_tokens: int) -> str:

@@ -164,6 +164,12 @@ def test_token_id_context_is_used_verbatim(tokenizer):
         document_ids(ids.view(7, 100), tokenizer, model, False, "{document}")
 
 
+def test_target_softmax_must_be_a_boolean():
+    # A config read from JSON could carry "false", which would otherwise switch it on.
+    with pytest.raises(nectar.NectarError, match="target_softmax must be true or false"):
+        nectar.CompileConfig(target_softmax="false")
+
+
 def test_question_template_needs_its_slot():
     with pytest.raises(nectar.NectarError, match="question"):
         nectar.CompileConfig(question_template="no slot here")

@@ -140,6 +140,10 @@ def test_ablation_names_parse_every_tunable_field():
     assert nectar_changes("nectar+weight_bits=16+probe_prompts=16") == {"weight_bits": 16, "probe_prompts": 16}
     with pytest.raises(NectarError, match="weight_bits must be 8 or 16"):
         nectar_changes("nectar+weight_bits=4")
+    assert nectar_changes("nectar+target_softmax=0") == {"target_softmax": False}  # bool("0") would be True
+    assert nectar_changes("nectar+target_softmax=true") == {"target_softmax": True}
+    with pytest.raises(NectarError, match="not a valid target_softmax"):
+        nectar_changes("nectar+target_softmax=maybe")
 
 
 def test_the_judge_answers_for_every_method_while_the_workbench_compiles(tokenizer, tmp_path):

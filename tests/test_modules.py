@@ -9,10 +9,11 @@ from nectar.modules import MLPBank, MLPStack, width_groups
 from nectar.quadrature import QuadratureBank
 
 
-def _trained_looking_bank(depth: int, target_widths, score_widths, weight_bits: int = 16) -> MLPBank:
+def _trained_looking_bank(depth: int, target_widths, score_widths, weight_bits: int = 16,
+                          target_softmax: bool = False) -> MLPBank:
     torch.manual_seed(0)
     bank = MLPBank(layers=3, kv_heads=2, head_dim=16, target_widths=target_widths, score_widths=score_widths,
-                   depth=depth, weight_bits=weight_bits)
+                   depth=depth, weight_bits=weight_bits, target_softmax=target_softmax)
     q, o = torch.randn(6, 50, 16) * 3 + 1, torch.randn(6, 50, 16)
     bank.standardise(q, o, torch.randn(6, 50) * 2 + 5)
     with torch.no_grad():
@@ -21,11 +22,12 @@ def _trained_looking_bank(depth: int, target_widths, score_widths, weight_bits: 
     return bank
 
 
+@pytest.mark.parametrize("softmax", [False, True], ids=["gelu", "pseudo-keys"])
 @pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("widths", [(7, 5), ([3, 9, 6], [2, 5, 4])], ids=["uniform", "per-layer"])
-def test_fused_bank_computes_the_same_function_as_the_training_bank(depth, widths, bits):
-    bank = _trained_looking_bank(depth, *widths, weight_bits=bits)
+def test_fused_bank_computes_the_same_function_as_the_training_bank(depth, widths, bits, softmax):
+    bank = _trained_looking_bank(depth, *widths, weight_bits=bits, target_softmax=softmax)
     bank.round_weights()  # a compiled bank's weights sit on their 8-bit grid
     fused = FusedBank(bank)
     # An 8-bit bank stays 8-bit in memory: int8 codes, read back inside the call.
@@ -37,8 +39,9 @@ def test_fused_bank_computes_the_same_function_as_the_training_bank(depth, width
         torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
 
 
-def test_masked_units_neither_compute_nor_learn():
-    bank = _trained_looking_bank(2, [3, 9, 6], [2, 5, 4])
+@pytest.mark.parametrize("softmax", [False, True], ids=["gelu", "pseudo-keys"])
+def test_masked_units_neither_compute_nor_learn(softmax):
+    bank = _trained_looking_bank(2, [3, 9, 6], [2, 5, 4], target_softmax=softmax)
     x = torch.randn(4, 2, 9, 16)
     with torch.no_grad():
         before = bank(0, x)
@@ -52,8 +55,22 @@ def test_masked_units_neither_compute_nor_learn():
     assert bank.target.weights[0].grad[2:4, :, :9].abs().max() > 0
 
 
-def test_export_stores_each_layer_at_its_own_width_and_round_trips():
-    bank = _trained_looking_bank(2, [3, 9, 6], [2, 5, 4])
+@pytest.mark.parametrize("softmax", [False, True], ids=["gelu", "pseudo-keys"])
+def test_every_path_of_a_stack_of_unequal_widths_is_one_function(softmax):
+    """Masked (all modules at the widest), grouped by width and trimmed per layer: a softmax over the hidden
+    units must give masked units no weight and scale by the module's own width, as the trimmed path does."""
+    bank = _trained_looking_bank(2, [3, 9, 6], [2, 5, 4], target_softmax=softmax)
+    x = torch.randn(6, 11, 16)
+    with torch.no_grad():
+        masked, grouped = bank.target.masked(x, slice(None)), bank.target(x, slice(None))
+        trimmed = torch.cat([bank.target(x[bank.rows(layer)], bank.rows(layer)) for layer in range(3)])
+    torch.testing.assert_close(masked, trimmed)
+    torch.testing.assert_close(grouped, trimmed)
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["gelu", "pseudo-keys"])
+def test_export_stores_each_layer_at_its_own_width_and_round_trips(softmax):
+    bank = _trained_looking_bank(2, [3, 9, 6], [2, 5, 4], target_softmax=softmax)
     tensors = bank.export()
     assert tensors["0.target.w1"].shape == (2, 3, 3) and tensors["1.target.w1"].shape == (2, 9, 9)
     assert tensors["2.score.w2"].shape == (2, 4, 1)
@@ -61,6 +78,7 @@ def test_export_stores_each_layer_at_its_own_width_and_round_trips():
     model = {"layers": 3, "kv_heads": 2, "head_dim": 16}
     back = MLPBank.from_export(model, bank.sizes(), {k: v.clone() for k, v in tensors.items()})
     x = torch.randn(2, 2, 5, 16)
+    assert back.target_softmax == softmax
     for layer in range(3):
         torch.testing.assert_close(back(layer, x), bank(layer, x))
 
