@@ -51,8 +51,9 @@ def nectar_changes(name: str) -> dict | None:
         if key not in TUNABLE or not value:
             raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of {', '.join(TUNABLE)}")
         default = getattr(CompileConfig(), key)
-        kind = float if default is None else _boolean if isinstance(default, bool) else type(default)  # None: a float
-        try:  # field resolved at compile time
+        # None: a float field resolved at compile time; bool("0") would be True, so booleans parse by name.
+        kind = float if default is None else _boolean if isinstance(default, bool) else type(default)
+        try:
             changes[key] = kind(value)
         except ValueError:
             raise NectarError(f"'{value}' is not a valid {key} in method {name}") from None

@@ -49,10 +49,11 @@ class FusedLayer:
         return x[..., :d], x[..., d] + skip
 
     def tensors(self) -> list[Tensor]:
-        return [t for f in fields(self) for t in _flat(getattr(self, f.name))]
+        return [t for name in _TENSOR_FIELDS for t in _flat(getattr(self, name))]
 
     def map(self, fn) -> "FusedLayer":
-        return FusedLayer(**{f.name: _apply(fn, getattr(self, f.name)) for f in fields(self)})
+        return FusedLayer(**{name: _apply(fn, getattr(self, name)) for name in _TENSOR_FIELDS},
+                          softmax_units=self.softmax_units)
 
     def shape(self) -> tuple:
         """What rows must share to run stacked: every tensor's shape past the modules axis, its dtype, and
@@ -65,21 +66,19 @@ class FusedLayer:
         def join(parts):
             if isinstance(parts[0], list):
                 return [join([p[i] for p in parts]) for i in range(len(parts[0]))]
-            if isinstance(parts[0], int):  # equal in layers of one shape
-                return parts[0]
             return None if parts[0] is None else torch.cat(parts)
-        return FusedLayer(**{f.name: join([getattr(layer, f.name) for layer in layers]) for f in fields(FusedLayer)})
+        return FusedLayer(**{name: join([getattr(layer, name) for layer in layers]) for name in _TENSOR_FIELDS},
+                          softmax_units=layers[0].softmax_units)  # equal in layers of one shape
+
+
+_TENSOR_FIELDS = tuple(f.name for f in fields(FusedLayer) if f.name != "softmax_units")
 
 
 def _flat(value) -> list[Tensor]:
-    if isinstance(value, int):
-        return []
     return [t for t in value if t is not None] if isinstance(value, list) else [value]
 
 
 def _apply(fn, value):
-    if isinstance(value, int):
-        return value
     return [None if t is None else fn(t) for t in value] if isinstance(value, list) else fn(value)
 
 
