@@ -9,7 +9,7 @@ import os
 import sys
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
-from .config import EXACT_BITS, EXACT_SHARE, WEIGHT_BITS, CompileConfig
+from .config import EXACT_BITS, EXACT_SHARE, HOLDOUTS, WEIGHT_BITS, CompileConfig, PromptConfig
 from .errors import NectarError
 
 
@@ -150,6 +150,9 @@ def _compile_args(p) -> None:
     p.add_argument("--steps", type=_at_least_one, default=1000, help="fitting steps (default 1000)")
     p.add_argument("--prompts", type=_at_least_one, default=416,
                    help="training prompts: 4/13 recall, 3/13 each self-study, generic and direct (default 416)")
+    p.add_argument("--holdout", choices=HOLDOUTS, default=PromptConfig.holdout,
+                   help="what validation holds out of training: whole chunks of the document, or a share of the "
+                   f"prompts at random, so that every chunk trains (default {PromptConfig.holdout})")
     p.add_argument("--exact-share", type=float, default=None,
                    help="share of the budget spent on document tokens kept exact, those training queries attend "
                    "to most; under --allocation gap they go to the layers in proportion to the answer KL each "

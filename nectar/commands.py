@@ -44,7 +44,7 @@ def _compile_config(args) -> CompileConfig:
                          exact_share=args.exact_share, onpolicy_steps=args.onpolicy_steps,
                          onpolicy_rounds=args.onpolicy_rounds, refine_steps=args.refine_steps,
                          weight_bits=args.weight_bits, exact_bits=args.exact_bits, fit=FitConfig(steps=args.steps),
-                         prompts=PromptConfig.with_total(args.prompts))
+                         prompts=PromptConfig.with_total(args.prompts, holdout=args.holdout))
 
 
 def cmd_compile(args) -> int:

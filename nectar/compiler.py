@@ -146,24 +146,32 @@ class Workbench:
             return P.build_prompts(self.model, self.tokenizer, self.doc_ids, full, self.templates, self.config)
 
     @cached_property
-    def val_chunks(self) -> set[int]:
-        """Chunks held out of training: validation measures generalisation to unseen parts of the document."""
-        prompts = self.config.prompts
-        chunks = len(P.chunk_bounds(self.n, prompts.chunk_tokens))
-        return set(P.split_chunks(chunks, prompts.val_fraction, random.Random(self.config.seed))[1])
+    def held_out(self) -> set[int]:
+        """Indices of the prompts held out of training, for validation: those about whole held-out chunks
+        (generalisation to unseen text), or a share of each kind at random (to unseen questions)."""
+        config, rng = self.config.prompts, random.Random(self.config.seed)
+        if config.holdout == "prompts":
+            return set(P.split_prompts(self.prompts, config.val_fraction, rng))
+        chunks = len(P.chunk_bounds(self.n, config.chunk_tokens))
+        held = set(P.split_chunks(chunks, config.val_fraction, rng)[1])
+        return {i for i, p in enumerate(self.prompts) if p.chunk in held}
+
+    @cached_property
+    def train_prompts(self) -> list[P.Prompt]:
+        return self._nonempty([p for i, p in enumerate(self.prompts) if i not in self.held_out])
 
     @cached_property
     def train_sequences(self) -> list[list[int]]:
-        return self._nonempty([p.ids for p in self.prompts if p.chunk not in self.val_chunks])
+        return [p.ids for p in self.train_prompts]
 
     @cached_property
     def val_prompts(self) -> list[P.Prompt]:
-        return self._nonempty([p for p in self.prompts if p.chunk in self.val_chunks])
+        return self._nonempty([p for i, p in enumerate(self.prompts) if i in self.held_out])
 
     @staticmethod
     def _nonempty(items: list) -> list:
         if not items:
-            raise NectarError("the document is too short to split into training and validation chunks: "
+            raise NectarError("the document is too short to split into training and validation prompts: "
                               "give a longer document")
         return items
 
@@ -325,7 +333,7 @@ class Workbench:
                 per_module = params_per_module(self.model, self.n, config)
                 probe = self._fit_probe(self._mlp_bank(config, per_module), config, train_store, val_store)
             with _stage(times, "layer gaps"):
-                train = [p for p in self.prompts if p.chunk not in self.val_chunks and p.kind in QUESTION_KINDS]
+                train = [p for p in self.train_prompts if p.kind in QUESTION_KINDS]
                 pairs = [(p.question_ids, p.answer_ids)
                          for p in train[:: max(1, len(train) // config.probe_prompts)][: config.probe_prompts]]
                 self._gaps[key] = layer_gaps(self.model, pairs, self.n, self.full, (probe, self.split(0)[0]),

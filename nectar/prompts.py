@@ -129,6 +129,23 @@ def split_chunks(num_chunks: int, val_fraction: float, rng: random.Random) -> tu
     return sorted(order[num_val:]), sorted(order[:num_val])
 
 
+def split_prompts(prompts: list[Prompt], val_fraction: float, rng: random.Random) -> list[int]:
+    """Indices of `val_fraction` of each kind's prompts, drawn at random but never a chunk's last training
+    prompt: every kind is validated and every chunk trained on."""
+    quota = {kind: max(1, round(count * val_fraction)) if count > 1 else 0
+             for kind, count in Counter(p.kind for p in prompts).items()}
+    left = Counter(p.chunk for p in prompts)  # training prompts each chunk still has
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    held = []
+    for i in order:
+        kind, chunk = prompts[i].kind, prompts[i].chunk
+        if quota[kind] and left[chunk] > 1:
+            quota[kind], left[chunk] = quota[kind] - 1, left[chunk] - 1
+            held.append(i)
+    return sorted(held)
+
+
 def _decode(tokenizer, ids) -> str:
     # Without clean-up, decoded text keeps the spaces the ids had (`sed 's/` does not become `sed's/`).
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False, skip_special_tokens=True)

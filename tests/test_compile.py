@@ -207,3 +207,22 @@ def test_the_default_exact_share_is_decided_per_model_and_document(tokenizer):
     long = Workbench(tiny_llama(), tokenizer, sample_document(3000), default)
     short = Workbench(tiny_llama(), tokenizer, sample_document(400), replace(default, budget=0.012))
     assert long.config.exact_share == EXACT_SHARE and short.config.exact_share == 0.0
+
+
+@pytest.mark.parametrize("holdout", ["chunks", "prompts"])
+def test_validation_holds_out_prompts_by_its_holdout(tokenizer, holdout):
+    config = replace(FAST, prompts=replace(FAST.prompts, holdout=holdout, val_fraction=0.2, chunk_tokens=256))
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), config)
+    train, val = bench.train_prompts, bench.val_prompts
+    assert len(train) + len(val) == len(bench.prompts) and not {id(p) for p in train} & {id(p) for p in val}
+    train_chunks, val_chunks = {p.chunk for p in train}, {p.chunk for p in val}
+    if holdout == "chunks":  # no held-out chunk is ever trained on
+        assert val_chunks and not train_chunks & val_chunks
+    else:  # every chunk of the document trains, and every kind is validated
+        assert train_chunks == {p.chunk for p in bench.prompts}
+        assert {p.kind for p in val} == {p.kind for p in bench.prompts}
+
+
+def test_an_unknown_holdout_is_refused():
+    with pytest.raises(nectar.NectarError, match="holdout must be one of chunks, prompts"):
+        nectar.PromptConfig(holdout="questions")
