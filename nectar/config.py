@@ -37,7 +37,8 @@ class PromptConfig:
     val_fraction: float = 0.15
     # Held-out chunks measure generalisation to unseen text, but the modules then never see queries about
     # ~15% of the document, which a user's questions do reach. The document is fixed and known; what a
-    # user brings that training did not see is new questions, which held-out prompts measure.
+    # user brings that training did not see is new questions, which held-out prompts measure. Measured
+    # neutral at 2% (mean of MPL and pydoc: 0.935 / KL 0.039 against 0.933 / 0.039, docs/results.md).
     holdout: str = "chunks"
 
     def __post_init__(self):
