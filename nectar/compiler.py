@@ -147,14 +147,8 @@ class Workbench:
 
     @cached_property
     def held_out(self) -> set[int]:
-        """Indices of the prompts held out of training, for validation: those about whole held-out chunks
-        (generalisation to unseen text), or a share of each kind at random (to unseen questions)."""
-        config, rng = self.config.prompts, random.Random(self.config.seed)
-        if config.holdout == "prompts":
-            return set(P.split_prompts(self.prompts, config.val_fraction, rng))
-        chunks = len(P.chunk_bounds(self.n, config.chunk_tokens))
-        held = set(P.split_chunks(chunks, config.val_fraction, rng)[1])
-        return {i for i, p in enumerate(self.prompts) if p.chunk in held}
+        """Indices of the prompts held out of training, for validation (`PromptConfig.holdout`)."""
+        return P.held_out(self.prompts, self.n, self.config.prompts, random.Random(self.config.seed))
 
     @cached_property
     def train_prompts(self) -> list[P.Prompt]:

@@ -146,6 +146,15 @@ def split_prompts(prompts: list[Prompt], val_fraction: float, rng: random.Random
     return sorted(held)
 
 
+def held_out(prompts: list[Prompt], n: int, config: PromptConfig, rng: random.Random) -> set[int]:
+    """Indices of the validation prompts: those about whole held-out chunks (generalisation to unseen
+    text), or a share of each kind at random (to unseen questions about text that trains)."""
+    if config.holdout == "prompts":
+        return set(split_prompts(prompts, config.val_fraction, rng))
+    chunks = set(split_chunks(len(chunk_bounds(n, config.chunk_tokens)), config.val_fraction, rng)[1])
+    return {i for i, p in enumerate(prompts) if p.chunk in chunks}
+
+
 def _decode(tokenizer, ids) -> str:
     # Without clean-up, decoded text keeps the spaces the ids had (`sed 's/` does not become `sed's/`).
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False, skip_special_tokens=True)
