@@ -1,4 +1,4 @@
-"""Fit every module of the bank at once on captured queries; early stop on held-out chunks."""
+"""Fit every module of the bank at once on captured queries; early stop on held-out prompts."""
 from __future__ import annotations
 
 import copy

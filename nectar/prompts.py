@@ -1,6 +1,6 @@
 """Training prompts: the questions a user might ask after the document, in the user's own layout.
 
-Three kinds, each tied to one chunk of the document so that train/validation split by chunk:
+Four kinds, each tied to one chunk of the document, so that validation can hold out whole chunks:
 - recall: quote or continue a span, answered with the document's own next tokens (teacher-forced);
 - self-study: a question the model writes itself about the chunk (answered later with the full cache);
 - generic: summarise / explain / list about a term that occurs in the chunk (answered likewise);
