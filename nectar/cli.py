@@ -9,7 +9,7 @@ import os
 import sys
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
-from .config import EXACT_BITS, EXACT_SHARE, HOLDOUTS, WEIGHT_BITS, CompileConfig, PromptConfig
+from .config import EXACT_BITS, EXACT_SHARE, HOLDOUTS, WEIGHT_BITS, CompileConfig, FitConfig, PromptConfig
 from .errors import NectarError
 
 
@@ -148,6 +148,9 @@ def parser() -> argparse.ArgumentParser:
 def _compile_args(p) -> None:
     p.add_argument("--budget", type=float, default=0.02, help="module bytes / KV-cache bytes (default 0.02)")
     p.add_argument("--steps", type=_at_least_one, default=1000, help="fitting steps (default 1000)")
+    p.add_argument("--share-power", type=float, default=FitConfig.share_power,
+                   help="the fit weighs each query's output error by the document's share of the merged output "
+                   f"to this power (default {FitConfig.share_power}; 2: the merged output's squared error)")
     p.add_argument("--prompts", type=_at_least_one, default=416,
                    help="training prompts: 4/13 recall, 3/13 each self-study, generic and direct (default 416)")
     p.add_argument("--holdout", choices=HOLDOUTS, default=PromptConfig.holdout,

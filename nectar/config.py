@@ -76,8 +76,12 @@ class FitConfig:
     # Training matmuls in bfloat16 (weights, optimiser, loss and validation stay fp32): 1.5x faster steps on
     # a CPU with bf16 units (docs/results.md). None: on where the hardware has them, off where it would emulate.
     bf16: bool | None = None
+    # The target error's weight is the document's share w of the merged output to this power. The merged
+    # output's error is w times the target's, so 2 is its squared error; 1 gives low-share queries more say.
+    share_power: float = 1.0
 
     def __post_init__(self):
+        _require(self.share_power >= 0, f"share_power must be >= 0, got {self.share_power}")
         _require(self.steps >= 1 and self.batch >= 1, "steps and batch must be >= 1")
         _require(self.lr > 0, "lr must be > 0")
         _require(0.0 <= self.ema < 1.0, "ema must be in [0, 1)")

@@ -13,10 +13,11 @@ from .metrics import context_share, module_errors
 from .schedule import KeepBest, warmup_cosine
 
 
-def loss_terms(bank, batch: Store) -> tuple[Tensor, Tensor]:
-    """Per-module (share-weighted target error, score error), both in standardised units."""
+def loss_terms(bank, batch: Store, share_power: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-module (target error weighted by the document's share w ** share_power, score error), both in
+    standardised units."""
     o, lse = bank.predict(batch.q)
-    w = context_share(batch.lse_ctx, batch.lse_loc)
+    w = context_share(batch.lse_ctx, batch.lse_loc).pow(share_power)
     target = (w.unsqueeze(-1) * ((o - batch.o_ctx.float()) / bank.o_scale).pow(2)).mean((1, 2))
     score = ((lse - batch.lse_ctx) / bank.lse_scale).pow(2).mean(1)
     return target, score
@@ -86,7 +87,7 @@ def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progre
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, config.steps, config.lr, config.warmup)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            target, score = loss_terms(bank, _window(shuffled, step, config.batch))
+            target, score = loss_terms(bank, _window(shuffled, step, config.batch), config.share_power)
         loss = (target + score).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

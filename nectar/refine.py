@@ -79,11 +79,11 @@ def _kl_with_tail(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
 def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[int]], teacher: Teacher,
            val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
            batch_size: int = 8, eval_every: int = 30, seed: int = 0, progress: bool = True,
-           anchor: Store | None = None, anchor_weight: float = 0.0) -> dict:
+           anchor: Store | None = None, anchor_weight: float = 0.0, share_power: float = 1.0) -> dict:
     """Adam on the bank's parameters only; keeps the state best on validation KL.
 
     With `anchor` (captured queries and their exact attention), the per-layer regression loss joins the KL,
-    weighted by `anchor_weight`: the few hundred prompts of the KL alone let modules drift from the
+    weighted by `anchor_weight` (its target error by the document's share to `share_power`): the few hundred prompts of the KL alone let modules drift from the
     attention they stand in for, which helps the prompts and hurts questions worded otherwise."""
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
@@ -107,7 +107,7 @@ def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[in
             loss = _distill_loss(model, bank, sinks, [train[i] for i in pick], [teacher[i] for i in pick], n)
             if anchor is not None and anchor_weight > 0:
                 rows = torch.randint(anchor.size, (ANCHOR_ROWS,), generator=rng)
-                target, score = loss_terms(bank, anchor.rows(rows))
+                target, score = loss_terms(bank, anchor.rows(rows), share_power)
                 loss = loss + anchor_weight * (target + score).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

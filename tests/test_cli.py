@@ -74,6 +74,7 @@ def test_empty_document(tmp_path, capsys):
 @pytest.mark.parametrize("flags, pattern", [(["--budget", "1.5"], "budget"), (["--steps", "0"], "at least 1"),
                                             (["--prompts", "x"], "not a whole number"),
                                             (["--refine-steps", "-3"], "refine_steps must be >= 0"),
+                                            (["--share-power", "-1"], "share_power must be >= 0"),
                                             (["--weight-bits", "4"], "invalid choice"),
                                             (["--exact-bits", "2"], "invalid choice")])
 def test_bad_numbers_are_refused_before_loading(doc, tmp_path, capsys, no_model, flags, pattern):

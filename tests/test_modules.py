@@ -222,3 +222,24 @@ def test_a_bf16_fit_learns_as_well_as_an_fp32_one():
     start = bank_errors(MLPBank(2, 2, 16, 32, 16, 2), val)["merged_rel"].mean().item()
     assert errors[True] < 0.5 * start  # it learned
     assert errors[True] < 1.1 * errors[False]  # and bf16 matmuls cost it nothing that matters
+
+
+def test_share_power_2_weighs_the_target_by_the_merged_outputs_squared_error():
+    from nectar.attention import blend
+    from nectar.fit import loss_terms
+
+    store = _attention_store(n=64)
+    g = torch.Generator().manual_seed(3)
+    store.lse_loc = store.lse_ctx + 2 * torch.randn(store.lse_ctx.shape, generator=g)  # shares spread over (0, 1)
+    store.o_loc = torch.randn(store.o_ctx.shape, generator=g)
+    bank = MLPBank(layers=2, kv_heads=2, head_dim=16, target_widths=8, score_widths=8, depth=1)
+    bank.standardise(store.q, store.o_ctx, store.lse_ctx)
+    with torch.no_grad():
+        o, _ = bank.predict(store.q)
+        # the merged output with the document's true lse: its error is the target's alone
+        error = blend(o, store.lse_ctx, store.o_loc, store.lse_loc) - blend(store.o_ctx, store.lse_ctx, store.o_loc,
+                                                                              store.lse_loc)
+        merged = (error / bank.o_scale).pow(2).mean((1, 2))
+        target = {p: loss_terms(bank, store, share_power=p)[0] for p in (1.0, 2.0)}
+    torch.testing.assert_close(target[2.0], merged)
+    assert (target[1.0] > 1.2 * target[2.0]).all()  # power 1 counts low-share queries more
