@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from .attention import ExactContext, NoContext
 from .capture import capture
 from .compare_report import correlations
 from .compiler import Workbench
-from .config import CompileConfig
+from .config import CompileConfig, FitConfig
 from .decode import generate_ids, generate_text
 from .errors import NectarError
 from .evaluate import generation_match, layer_errors, layer_gaps, next_token_fidelity
@@ -36,6 +36,7 @@ NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrat
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
 TUNABLE = ("variant", "allocation", "probe_prompts", "exact_share", "onpolicy_steps", "onpolicy_rounds", "refine_steps",
            "refine_anchor", "depth", "score_share", "target_softmax", "weight_bits", "exact_bits")
+FIT_TUNABLE = ("steps", "share_power")  # FitConfig fields, which an ablation changes inside the base config's fit
 
 
 def nectar_changes(name: str) -> dict | None:
@@ -45,20 +46,21 @@ def nectar_changes(name: str) -> dict | None:
         return NECTAR[name]
     if not name.startswith("nectar+"):
         return None
-    changes = {}
+    changes, fit_changes = {}, {}
     for part in name.split("+")[1:]:
         key, _, value = part.partition("=")
-        if key not in TUNABLE or not value:
-            raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of {', '.join(TUNABLE)}")
-        default = getattr(CompileConfig(), key)
+        if key not in TUNABLE + FIT_TUNABLE or not value:
+            raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of "
+                              f"{', '.join(TUNABLE + FIT_TUNABLE)}")
+        default = getattr(FitConfig() if key in FIT_TUNABLE else CompileConfig(), key)
         # None: a float field resolved at compile time; bool("0") would be True, so booleans parse by name.
         kind = float if default is None else _boolean if isinstance(default, bool) else type(default)
         try:
-            changes[key] = kind(value)
+            (fit_changes if key in FIT_TUNABLE else changes)[key] = kind(value)
         except ValueError:
             raise NectarError(f"'{value}' is not a valid {key} in method {name}") from None
-    CompileConfig(**changes)  # validates the values
-    return changes
+    CompileConfig(**changes, fit=FitConfig(**fit_changes))  # validates the values
+    return {**changes, "fit": fit_changes} if fit_changes else changes
 
 
 def _boolean(value: str) -> bool:
@@ -162,7 +164,10 @@ class Comparison:
         if path.is_file():
             return Artifact.load(path)
         print(f"[nectar] compiling {name} at budget {budget:g}")
-        art = self.wb.compile(budget=budget, **nectar_changes(name))
+        changes = nectar_changes(name)
+        if "fit" in changes:  # fit fields change within the fit this evaluation compiles with (its --steps)
+            changes["fit"] = replace(self.wb.config.fit, **changes["fit"])
+        art = self.wb.compile(budget=budget, **changes)
         art.save(path)
         return art
 

@@ -144,6 +144,28 @@ def test_ablation_names_parse_every_tunable_field():
     assert nectar_changes("nectar+target_softmax=true") == {"target_softmax": True}
     with pytest.raises(NectarError, match="not a valid target_softmax"):
         nectar_changes("nectar+target_softmax=maybe")
+    # fit fields travel apart: eval changes them inside its own fit (its --steps stays unless named)
+    assert nectar_changes("nectar+share_power=2+steps=600+depth=3") == {
+        "depth": 3, "fit": {"share_power": 2.0, "steps": 600}}
+    with pytest.raises(NectarError, match="share_power must be >= 0"):
+        nectar_changes("nectar+share_power=-1")
+
+
+def test_a_fit_ablation_keeps_the_rest_of_the_evaluations_fit(tmp_path):
+    from nectar.compare import Comparison
+    from nectar.config import CompileConfig, FitConfig
+
+    class Workbench:  # stops at the compile, whose arguments are the point
+        config = CompileConfig(fit=FitConfig(steps=60, eval_every=20))
+
+        def compile(self, **changes):
+            raise StopIteration(changes)
+
+    comparison = Comparison.__new__(Comparison)  # only what _compiled reads
+    comparison.wb, comparison.artifact, comparison.out, comparison.key = Workbench(), None, tmp_path, "k"
+    with pytest.raises(StopIteration) as stop:
+        comparison._compiled("nectar+share_power=2", 0.02)
+    assert stop.value.value["fit"] == FitConfig(steps=60, eval_every=20, share_power=2.0)
 
 
 def test_the_judge_answers_for_every_method_while_the_workbench_compiles(tokenizer, tmp_path):
