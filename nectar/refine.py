@@ -83,8 +83,9 @@ def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[in
     """Adam on the bank's parameters only; keeps the state best on validation KL.
 
     With `anchor` (captured queries and their exact attention), the per-layer regression loss joins the KL,
-    weighted by `anchor_weight` (its target error by the document's share to `share_power`): the few hundred prompts of the KL alone let modules drift from the
-    attention they stand in for, which helps the prompts and hurts questions worded otherwise."""
+    weighted by `anchor_weight` (its target error by the document's share to `share_power`): the few hundred
+    prompts of the KL alone let modules drift from the attention they stand in for, which helps the prompts
+    and hurts questions worded otherwise."""
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     bank.train().requires_grad_(True)
