@@ -23,10 +23,10 @@ from .fused import FusedBank
 from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
-from .quant import CodedTokens, dequantize, pack4, quantize, unpacked, weight_numbers
+from .quant import CodedTokens, weight_numbers
+from .tokenstore import STORE_DTYPE, quantized, sinks_from, stored
 
 FORMAT_VERSION = 3  # 3: the checksum covers the manifest too
-STORE_DTYPE = torch.float16
 Bank = MLPBank | QuadratureBank
 BANKS = {cls.variant: cls for cls in (MLPBank, QuadratureBank)}
 
@@ -55,10 +55,11 @@ class Artifact:
             # Modules compute in fp32 (bf16 would cost the lse its precision); 8-bit weights stay 8-bit.
             fused = (FusedBank(self.bank) if isinstance(self.bank, MLPBank) else self.bank).to(device)
             sinks = self.sinks
-            if self.exact_bits < 16 or len({k.shape[-2] for k, w in zip(sinks.keys, self.windows) if w is None}) > 1:
-                # Quantised exact tokens stay coded in memory, and tokens allocated by layer cannot share a
-                # prefix cache: either way only the sinks (alike in every layer, 16-bit) go in the cache,
-                # and the rest join the modules' side.
+            if (self.exact_bits < 16 or sinks.bias is not None
+                    or len({k.shape[-2] for k, w in zip(sinks.keys, self.windows) if w is None}) > 1):
+                # Quantised exact tokens stay coded in memory, and tokens allocated by layer or head cannot
+                # share a prefix cache: either way only the sinks (alike in every layer, 16-bit) go in the
+                # cache, and the rest join the modules' side.
                 fused, sinks = self._exact_beside(fused, device, dtype)
             sinks = replace(sinks, keys=[k.to(device, dtype) for k in sinks.keys],
                             values=[v.to(device, dtype) for v in sinks.values])
@@ -69,11 +70,12 @@ class Artifact:
         """(the provider with each layer's exact tokens past the sinks beside it, the sinks alone). Quantised
         tokens stay coded in memory; 16-bit ones go to the model's dtype with the sinks."""
         s, sinks = self.manifest["sink_tokens"], self.sinks
-        rest = ExactContext([k[:, s:] for k in sinks.keys], [v[:, s:] for v in sinks.values])
+        bias = None if sinks.bias is None else [None if b is None else b[:, s:] for b in sinks.bias]
+        rest = ExactContext([k[:, s:] for k in sinks.keys], [v[:, s:] for v in sinks.values], bias)
         rest = CodedTokens.of(rest, self.exact_bits).to(device) if self.exact_bits < 16 else replace(
             rest, keys=[k.to(device, dtype) for k in rest.keys], values=[v.to(device, dtype) for v in rest.values])
         return WithExact(provider, rest), replace(sinks, keys=[k[:, :s] for k in sinks.keys],
-                                                  values=[v[:, :s] for v in sinks.values])
+                                                  values=[v[:, :s] for v in sinks.values], bias=None)
 
     @property
     def windows(self) -> list[int | None]:
@@ -100,12 +102,12 @@ class Artifact:
 
     def _exact_numbers(self) -> float:
         s, bits, total = self.manifest["sink_tokens"], self.exact_bits, 0.0
-        for x, window in zip((*self.sinks.keys, *self.sinks.values), self.windows * 2):
-            if window is not None or bits == 16:
-                total += x.numel()
-            else:
-                heads, tokens, d = x.shape
-                total += heads * (s * d + weight_numbers(tokens - s, d, bits))
+        layers = range(len(self.sinks.keys))
+        for layer, x, window in zip([*layers, *layers], (*self.sinks.keys, *self.sinks.values), self.windows * 2):
+            d = x.shape[-1]
+            for tokens in self.sinks.head_counts(layer):  # real tokens only, not a head's padding
+                exact = window is None and bits < 16
+                total += s * d + weight_numbers(tokens - s, d, bits) if exact else tokens * d
         return total
 
     def memory_ratio(self) -> float:
@@ -127,11 +129,15 @@ class Artifact:
             if not layers:
                 continue
             keys, values = [self.sinks.keys[i] for i in layers], [self.sinks.values[i] for i in layers]
+            # Heads that keep unequal numbers of tokens store each head's real ones only, not its padding.
+            heads = None if self.sinks.bias is None else [self.sinks.head_counts(i) for i in layers]
             if not slides and self.exact_bits < 16:  # the sinks 16-bit, the exact tokens past them quantised
                 s = self.manifest["sink_tokens"]
-                out.update(_quantized("exact", [k[:, s:] for k in keys], [v[:, s:] for v in values], self.exact_bits))
-                keys, values = [k[:, :s] for k in keys], [v[:, :s] for v in values]
-            out.update(_stored(name, keys, values))
+                past = None if heads is None else [[c - s for c in layer] for layer in heads]
+                out.update(quantized("exact", [k[:, s:] for k in keys], [v[:, s:] for v in values], self.exact_bits,
+                                      past))
+                keys, values, heads = [k[:, :s] for k in keys], [v[:, :s] for v in values], None
+            out.update(stored(name, keys, values, heads))
         if self.document_ids is not None:
             out["document.ids"] = torch.tensor(self.document_ids, dtype=torch.int32)
         return out
@@ -166,7 +172,7 @@ class Artifact:
         if manifest.get("sha256") != _checksum({k: v for k, v in manifest.items() if k != "sha256"}, tensors):
             raise NectarError(f"{path} is corrupted (it does not match its checksum): recompile it")
         try:
-            bank, sinks = _bank_from(manifest, tensors), _sinks_from(manifest, tensors)
+            bank, sinks = _bank_from(manifest, tensors), sinks_from(manifest, tensors)
         except (KeyError, RuntimeError, ValueError) as e:
             raise NectarError(f"{path} does not hold what its manifest describes ({e}): recompile it") from None
         ids = tensors.get("document.ids")
@@ -218,50 +224,6 @@ def _bank_from(manifest: dict, tensors: dict) -> Bank:
     if windows:  # modules only for the global layers
         bank.model_layers = [layer for layer, w in enumerate(windows) if w is None]
     return bank.eval().requires_grad_(False)
-
-
-def _stored(name: str, keys: list, values: list) -> dict[str, torch.Tensor]:
-    """One part's 16-bit keys and values: stacked when every layer keeps as many tokens, else end to end."""
-    if len({k.shape[1] for k in keys}) == 1:
-        out = {f"{name}.keys": torch.stack(keys), f"{name}.values": torch.stack(values)}
-    else:
-        out = {f"{name}.keys": torch.cat(keys, 1), f"{name}.values": torch.cat(values, 1),
-               f"{name}.lengths": torch.tensor([k.shape[1] for k in keys], dtype=torch.int32)}
-    return {k: (v.to(STORE_DTYPE) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
-
-
-def _quantized(name: str, keys: list, values: list, bits: int) -> dict[str, torch.Tensor]:
-    """One part's keys and values as integer codes end to end, with each layer's [kv_heads, 1, d] scales."""
-    out = {f"{name}.lengths": torch.tensor([k.shape[1] for k in keys], dtype=torch.int32)}
-    for part, tensors in (("keys", keys), ("values", values)):
-        codes, scales = zip(*(quantize(x.float(), bits) for x in tensors))
-        codes = torch.cat(codes, 1)
-        out[f"{name}.{part}"], out[f"{name}.{part}.scale"] = pack4(codes) if bits == 4 else codes, torch.stack(scales)
-    return out
-
-
-def _sinks_from(manifest: dict, tensors: dict) -> ExactContext:
-    windows = manifest["model"].get("windows")
-    if not windows:
-        keys, values = _per_layer(tensors, "sinks")
-        if "exact.keys" in tensors:  # each layer's quantised exact tokens after its sinks
-            lengths = tensors["exact.lengths"].tolist()
-            keys, values = ([torch.cat([x, dequantize(c, scale)], 1) for x, c, scale in
-                             zip(head, unpacked(tensors[f"exact.{part}"]).split(lengths, 1), tensors[f"exact.{part}.scale"])]
-                            for head, part in ((keys, "keys"), (values, "values")))
-        return ExactContext(keys, values)
-    parts = {name: iter(zip(*_per_layer(tensors, name))) for name in ("sinks", "tails") if f"{name}.keys" in tensors}
-    keys, values = zip(*(next(parts["sinks" if w is None else "tails"]) for w in windows))
-    return ExactContext(list(keys), list(values), windows=windows, end=manifest["document"]["tokens"])
-
-
-def _per_layer(tensors: dict, name: str) -> tuple[list, list]:
-    """A stored part's keys and values, one [kv_heads, tokens, d] per layer: stacked, or end to end."""
-    keys, values = tensors[f"{name}.keys"].float(), tensors[f"{name}.values"].float()
-    if f"{name}.lengths" not in tensors:
-        return list(keys.unbind(0)), list(values.unbind(0))
-    lengths = tensors[f"{name}.lengths"].tolist()
-    return list(keys.split(lengths, 1)), list(values.split(lengths, 1))
 
 
 def _checksum(manifest: dict, tensors: dict[str, torch.Tensor]) -> str:

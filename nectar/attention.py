@@ -53,7 +53,7 @@ def exact_attention(
 ) -> tuple[Tensor, Tensor]:
     """Attention of q [b, H, m, d] over k, v [b, Hkv, s, d] (H a multiple of Hkv, GQA) -> fp32 (out, lse).
 
-    mask, if given, is additive and broadcasts to [b, 1, m, s] (or to [b, H, m, s] when H == Hkv).
+    mask, if given, is additive and broadcasts to [b, 1, m, s], or to [b, Hkv, m, s] (one per KV head).
     On CPU this is PyTorch's fused flash kernel, which handles GQA and returns the log-sum-exp too, without
     materialising the scores or copying the keys per query head.
     """
@@ -66,7 +66,9 @@ def exact_attention(
             # A decode step: the query heads sharing a KV head become rows of one head. The kernel then
             # reads each key block once, not once per query head, with bitwise the same output.
             q = q.view(b, kv, heads // kv, d)
-            mask = None if mask is None else mask.expand(b, 1, heads // kv, mask.shape[-1])
+            mask = None if mask is None else mask.expand(b, mask.shape[1], heads // kv, mask.shape[-1])
+        elif mask is not None and mask.shape[1] > 1 and heads > kv:
+            mask = mask.repeat_interleave(heads // kv, dim=1)  # query head h reads KV head h // groups
         attn_mask = None if mask is None else mask.to(q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=attn_mask, scale=scaling)[:2]
@@ -114,11 +116,11 @@ def reference_attention(
 
 
 def _grouped_mask(mask: Tensor | None, groups: int, length: int) -> Tensor | None:
-    """[b, 1, L, s] -> [b, 1, groups * L, s], matching the grouped query layout."""
+    """[b, 1 or Hkv, L, s] -> [b, 1 or Hkv, groups * L, s], matching the grouped query layout."""
     if mask is None or groups == 1:
         return mask
-    b, _, L, s = mask.shape
-    return mask.float().unsqueeze(2).expand(b, 1, groups, L, s).reshape(b, 1, groups * L, s)
+    b, h, L, s = mask.shape
+    return mask.float().unsqueeze(2).expand(b, h, groups, L, s).reshape(b, h, groups * L, s)
 
 
 @dataclass
@@ -132,7 +134,9 @@ class ExactContext:
 
     keys: list[Tensor]
     values: list[Tensor]
-    bias: list[Tensor] | None = None  # per layer [kv_heads, n], -inf where a key counts as evicted
+    # Per layer [kv_heads, n] (or None for a layer without one), -inf where a key counts as evicted, or as
+    # padding where heads keep unequal numbers of tokens.
+    bias: list[Tensor | None] | None = None
     windows: list[int | None] | None = None
     end: int = 0
 
@@ -143,12 +147,21 @@ class ExactContext:
         # Fold the batch into the query rows: a broadcast matmul would copy K once per batch row.
         b, h, m, d = q.shape
         rows = q.transpose(0, 1).reshape(1, h, b * m, d)
-        mask = None if self.bias is None else self.bias[layer].to(q.device)[None, :, None, :]
-        o, lse = exact_attention(rows, k.to(q.dtype)[None], v.to(q.dtype)[None], scaling, mask)
+        bias = self.layer_bias(layer)
+        o, lse = exact_attention(rows, k.to(q.dtype)[None], v.to(q.dtype)[None], scaling,
+                                 None if bias is None else bias.to(q.device)[None, :, None, :])
         return o.view(h, b, m, d).transpose(0, 1), lse.view(h, b, m).transpose(0, 1)
 
     def count(self, layer: int) -> int:
         return self.keys[layer].shape[-2]
+
+    def layer_bias(self, layer: int) -> Tensor | None:
+        return None if self.bias is None else self.bias[layer]
+
+    def head_counts(self, layer: int) -> list[int]:
+        """Tokens each KV head of `layer` really keeps (padding and evicted keys not counted)."""
+        bias = self.layer_bias(layer)
+        return [self.count(layer)] * self.keys[layer].shape[0] if bias is None else torch.isfinite(bias).sum(-1).tolist()
 
     def slides(self, layer: int) -> bool:
         return self.windows is not None and self.windows[layer] is not None
@@ -157,17 +170,15 @@ class ExactContext:
         """The document tokens a query after it can see on sliding layer `layer`: the last window - 1."""
         window = self.windows[layer]
         keep = min(window - 1, self.keys[layer].shape[-2])
-        bias = None if self.bias is None else self.bias[layer][:, -keep:]
+        bias = None if self.layer_bias(layer) is None else self.layer_bias(layer)[:, -keep:]
         return WindowTail(self.keys[layer][:, -keep:], self.values[layer][:, -keep:], bias, self.end - keep, window)
 
     def prepend(self, layer: int, key: Tensor, value: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Put these tokens in front of the local keys [b, Hkv, s, d]: one attention call covers both.
 
-        This is how a few sink tokens ride along in decode at the cost of two
-        small concatenations, instead of a second attention call and a second merge per layer.
+        This is how a few sink tokens ride along in decode at the cost of two small concatenations, instead
+        of a second attention call and merge per layer. A bias (heads keep unequal numbers) masks per KV head.
         """
-        if self.bias is not None:
-            raise ValueError("tokens with an eviction bias cannot be prepended")
         k, v = self.keys[layer][None], self.values[layer][None]
         b = key.shape[0]
         if b > 1:
@@ -175,6 +186,9 @@ class ExactContext:
         key, value = torch.cat([k, key], dim=2), torch.cat([v, value], dim=2)
         if mask is not None:
             mask = torch.nn.functional.pad(mask, (k.shape[-2], 0))  # 0: every local query sees them
+        if (bias := self.layer_bias(layer)) is not None:  # 0 on the local keys
+            bias = torch.nn.functional.pad(bias.to(key.device), (0, value.shape[2] - k.shape[2]))[None, :, None, :]
+            mask = bias if mask is None else mask + bias
         return key, value, mask
 
 

@@ -57,8 +57,8 @@ def _tail(layer: int, context: ContextProvider, sinks: ExactContext | None) -> W
 def cacheable(model: nn.Module, sinks: ExactContext | None = None) -> bool:
     """Whether sink tokens may go in a prefix cache for `generate`: not when some layer slides, since the
     sinks lie outside its window and the cache would show them to it, nor when layers keep different
-    numbers of exact tokens, since one cache length (and one mask) serves every layer."""
-    even = sinks is None or len({k.shape[-2] for k in sinks.keys}) <= 1
+    numbers of exact tokens (or heads do), since one cache length (and one mask) serves every layer."""
+    even = sinks is None or (len({k.shape[-2] for k in sinks.keys}) <= 1 and sinks.bias is None)
     return even and all(window is None for window in layer_windows(model.config))
 
 

@@ -52,3 +52,15 @@ def allocate(difficulty: list[float], per_module: int, low: float = 0.25, high: 
     share = share.clamp(low, high)
     share = share / max(1.0, share.mean().item())
     return [int(per_module * s) for s in share.tolist()]
+
+
+def head_gaps(layer_gaps: list[float], measured: dict[int, list[float]], kv_heads: int) -> list[float]:
+    """Per (layer, KV head), layer-major, its share of its layer's KL: in proportion to the KL each head
+    causes alone where that was measured (`measured[layer]`), else an equal one. A layer's heads differ
+    by orders of magnitude: on MPL one head of layer 18 carried half the answer KL, its two others none."""
+    out = []
+    for layer, gap in enumerate(layer_gaps):
+        heads = torch.tensor(measured.get(layer, [1.0] * kv_heads), dtype=torch.float64).clamp_min(0)
+        share = heads / heads.sum() if heads.sum() > 0 else torch.full((kv_heads,), 1 / kv_heads)
+        out += (gap * share).tolist()
+    return out

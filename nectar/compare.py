@@ -34,8 +34,9 @@ from .templates import question_ids
 
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
-TUNABLE = ("variant", "allocation", "probe_prompts", "exact_share", "onpolicy_steps", "onpolicy_rounds", "refine_steps",
-           "refine_anchor", "depth", "score_share", "target_softmax", "weight_bits", "exact_bits")
+TUNABLE = ("variant", "allocation", "probe_prompts", "head_gap_layers", "exact_share", "onpolicy_steps",
+           "onpolicy_rounds", "refine_steps", "refine_anchor", "depth", "score_share", "target_softmax", "weight_bits",
+           "exact_bits")
 FIT_TUNABLE = ("steps", "share_power")  # FitConfig fields, which an ablation changes inside the base config's fit
 
 

@@ -6,8 +6,6 @@ bank fitted from it (a budget sweep, the quadrature variant, an allocation ablat
 from __future__ import annotations
 
 import random
-import time
-from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
 
@@ -16,34 +14,27 @@ from torch import Tensor
 
 from . import prompts as P
 from .artifact import Artifact, Bank, build_manifest
-from .budget import allocate, params_per_module, uniform_exact
+from .budget import allocate, head_gaps, params_per_module, uniform_exact
 from .attention import ExactContext
 from .capture import Store, capture
 from .config import EXACT_SHARE, CompileConfig
 from .documents import document_ids
 from .errors import NectarError
-from .evaluate import QUESTION_KINDS, layer_gaps, validation_metrics, warn_if_useless
+from .evaluate import validation_metrics, warn_if_useless
 from .fit import bank_errors, fit
 from .models import attention_scaling, check_supported, head_dim, layer_windows, modeled_layers
 from .modules import MLPBank
-from .prefill import prefill, split_exact, window_tails
+from .prefill import prefill, split_exact
+from .probe import SHORT_FIT_EVERY, GapProbe, fit_probe, gap_key
 from .quadrature import QuadratureBank
 from .quant import as_stored
 from .refine import TopK, refine, teacher
 from .selection import most_attended
 from .templates import templates_for
+from .timing import stage as _stage
 
 TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
-SHORT_FIT_EVERY = 2  # the probe's and an on-policy refit's 150 steps visit every other sequence's rows often enough
-
-
-@contextmanager
-def _stage(timings: dict, name: str):
-    start = time.perf_counter()
-    print(f"[nectar] {name}...", flush=True)
-    yield
-    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)  # rounds add up
 
 
 class Workbench:
@@ -68,8 +59,7 @@ class Workbench:
         self._splits: dict[int, tuple[ExactContext, ExactContext]] = {}
         self._stores: dict[int, tuple[Store, Store]] = {}
         self._stage_times: dict[tuple, dict[str, float]] = {}  # per exact-token counts: their own capture stages
-        self._gaps: dict[tuple, list[float]] = {}  # per probe setting: each modeled layer's KL (`gap` allocation)
-        self._gap_times: dict[tuple, dict[str, float]] = {}
+        self.probe = GapProbe(self)  # where the KL is, for the `gap` allocation
         self._teacher_time: dict[str, float] = {}  # only compiles that refine pay for the teacher
         self._riders: tuple | None = None  # the teacher, collected during a capture
         self._refining = False  # whether the compile under way will need the teacher (set by each compile)
@@ -97,14 +87,17 @@ class Workbench:
         """Tokens kept exact per (layer, head) beyond the sinks, per model layer: `exact_share` of the budget's
         tokens, the same in every layer, or under the `gap` allocation in proportion to the KL each layer
         causes, since a layer whose module barely moves the answer needs no exact tokens at all."""
-        layers = self.model.config.num_hidden_layers
+        layers, kv = self.model.config.num_hidden_layers, self.model.config.num_key_value_heads
         per_layer = uniform_exact(self.n, config)
         if not per_layer or config.allocation != "gap":
             return (per_layer,) * layers
         gaps = self.gaps(config)
-        # At most half the document exact in any layer: the module must keep something to learn.
+        if config.head_gap_layers:  # by KV head: a tuple of counts per layer
+            gaps = head_gaps(gaps, self.probe.head_gaps(config), kv)
+        # At most half the document exact in any head: the module must keep something to learn.
         counts = allocate(gaps, per_layer, low=0.0, high=max(1.0, (self.n - config.sink_tokens) / 2 / per_layer))
-        return tuple(counts)
+        return tuple(counts) if not config.head_gap_layers else tuple(tuple(counts[i: i + kv])
+                                                                      for i in range(0, len(counts), kv))
 
     def split(self, counts: int | tuple[int, ...] = 0) -> tuple[ExactContext, ExactContext]:
         """(exact tokens: the sinks and the `counts` most attended per head of each layer; the rest, which
@@ -112,7 +105,7 @@ class Workbench:
         counts = self._counts(counts)
         if counts not in self._splits:
             chosen = None
-            if any(counts):
+            if _most(counts):
                 with _stage(self._stage_times.setdefault(counts, {}), "choose exact tokens"):
                     chosen = most_attended(self._pilot_queries(), self.full, attention_scaling(self.model),
                                            self.config.sink_tokens, counts)
@@ -219,13 +212,13 @@ class Workbench:
         params_per_module(self.model, self.n, config, uniform_exact(self.n, config))  # refused before any work
         self._refining, gap_times = bool(config.refine_steps), {}
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
-            self.gaps(config)
-            gap_times = dict(self._gap_times[_gap_key(config)])
+            self.exact_counts(config) if config.exact_share else self.gaps(config)
+            gap_times = dict(self.probe.times[gap_key(config)])
         counts = self.exact_counts(config)
         train_store, val_store = self.stores(counts)
         sinks = as_stored(self.split(counts)[0], config.sink_tokens, config.exact_bits)
         timings = {**self.timings, **self._stage_times[counts], **gap_times}
-        if gap_times and any(counts):  # the probe's own capture, of the document without exact tokens
+        if gap_times and _most(counts):  # the probe's own capture, of the document without exact tokens
             timings["capture (probe)"] = self._stage_times[self._counts(0)]["capture (probe)"]
         with _stage(timings, "fit"):
             bank = self._bank(config, counts, train_store, val_store).to(self.model.device)
@@ -256,12 +249,14 @@ class Workbench:
                               for p in self.val_prompts]
         metrics.update(fit_steps=fit_log["steps"], fit_history=fit_log["history"], refine=fit_log.get("refine"),
                        onpolicy=fit_log.get("onpolicy"), train_tokens=sum(map(len, self.train_sequences)),
-                       prompts=self.kinds, exact_tokens=max(counts), exact_per_layer=list(counts),
-                       layer_gaps=self._gaps.get(_gap_key(config)) if gap_times else None)
+                       prompts=self.kinds, exact_tokens=_most(counts), exact_per_layer=[_most(c) for c in counts],
+                       exact_per_head=[list(c) for c in counts] if _most(counts) and not isinstance(counts[0], int) else None,
+                       layer_gaps=self.probe.layers.get(gap_key(config)) if gap_times else None)
         timings["total"] = round(sum(timings.values()), 1)
         manifest = build_manifest(self.model, self.tokenizer, self.doc_ids, self.templates, bank, config, metrics,
                                   timings)
-        sinks = replace(sinks, keys=[k.cpu() for k in sinks.keys], values=[v.cpu() for v in sinks.values])
+        sinks = replace(sinks, keys=[k.cpu() for k in sinks.keys], values=[v.cpu() for v in sinks.values],
+                        bias=None if sinks.bias is None else [None if b is None else b.cpu() for b in sinks.bias])
         artifact = Artifact(manifest, bank.cpu(), sinks, self.doc_ids if config.keep_document else None)
         artifact.manifest["memory_ratio"] = artifact.memory_ratio()
         warn_if_useless(metrics["questions"])
@@ -278,7 +273,7 @@ class Workbench:
             keys, values = ([part[layer] for layer in modeled] for part in (rest.keys, rest.values))
             bank.init_from(torch.cat(keys).float().cpu(), torch.cat(values).float().cpu(), seed=config.seed)
             return bank
-        uniform = self._mlp_bank(config, per_module)
+        uniform = self.mlp_bank(config, per_module)
         if config.allocation == "uniform":
             return uniform
         if config.allocation == "gap":
@@ -287,27 +282,20 @@ class Workbench:
             gaps = torch.tensor(self.gaps(config)).clamp_min(0).sqrt().tolist()
             shares = allocate(gaps, per_module, low=0.5, high=6.0)
         else:
-            probe = self._fit_probe(self._mlp_bank(config, per_module), config, train_store, val_store)
+            probe = fit_probe(self.mlp_bank(config, per_module), config, train_store, val_store)
             merged = bank_errors(probe, val_store)["merged_rel"]
             shares = allocate(merged.view(probe.layers, -1).mean(1).tolist(), per_module)
         # Widths round down per layer; shrink until no more numbers than the uniform bank's, for a fair match.
         for scale in torch.linspace(1.0, 0.8, 41).tolist():
-            bank = self._mlp_bank(config, [int(p * scale) for p in shares])
+            bank = self.mlp_bank(config, [int(p * scale) for p in shares])
             if bank.num_params() <= uniform.num_params():
                 return bank
         return uniform
 
-    def _mlp_bank(self, config: CompileConfig, params: int | list[int]) -> MLPBank:
+    def mlp_bank(self, config: CompileConfig, params: int | list[int]) -> MLPBank:
         cfg, shape = self.model.config, (config.depth, config.score_share, config.weight_bits, config.target_softmax)
         return self._on_modeled(MLPBank.for_budget(len(modeled_layers(cfg)), cfg.num_key_value_heads,
                                                    head_dim(cfg), params, *shape))
-
-    def _fit_probe(self, probe: MLPBank, config: CompileConfig, train_store: Store, val_store: Store) -> MLPBank:
-        """A short fit at uniform width: its per-layer errors show where capacity is short."""
-        steps = config.probe_steps
-        fit(probe.to(train_store.q.device), train_store, val_store,
-            replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10), seed=config.seed, progress=False)
-        return probe.eval().requires_grad_(False)
 
     def _on_modeled(self, bank: Bank) -> Bank:
         """A bank for the model's global layers only, called by model layer (None: every layer has modules)."""
@@ -316,31 +304,13 @@ class Workbench:
         return bank
 
     def gaps(self, config: CompileConfig) -> list[float]:
-        """Per modeled layer, the answer-token KL on training questions when it alone uses a probe: modules
-        fitted briefly at uniform width beside the sink tokens. Made once per probe setting: every bank of a
-        budget sweep or ablation that allocates by it shares it."""
-        key = _gap_key(config)
-        if key not in self._gaps:
-            times = self._gap_times.setdefault(key, {})
-            # With no exact tokens the main fit's capture serves; else the probe's own, of fewer sequences.
-            train_store, val_store = self.stores(0, every=SHORT_FIT_EVERY if config.exact_share else 1)
-            with _stage(times, "probe"):
-                per_module = params_per_module(self.model, self.n, config)
-                probe = self._fit_probe(self._mlp_bank(config, per_module), config, train_store, val_store)
-            with _stage(times, "layer gaps"):
-                train = [p for p in self.train_prompts if p.kind in QUESTION_KINDS]
-                pairs = [(p.question_ids, p.answer_ids)
-                         for p in train[:: max(1, len(train) // config.probe_prompts)][: config.probe_prompts]]
-                self._gaps[key] = layer_gaps(self.model, pairs, self.n, self.full, (probe, self.split(0)[0]),
-                                             modeled_layers(self.model.config), window_tails(self.full),
-                                             self.config.batch_size)
-        return self._gaps[key]
+        """Per modeled layer, the answer KL when it alone uses the gap probe's modules (nectar.probe)."""
+        return self.probe.layer_gaps(config)
 
 
-def _gap_key(config: CompileConfig) -> tuple:
-    """What a probe depends on beyond the document: two compiles that agree on it share their gaps."""
-    return (config.budget, config.probe_steps, config.probe_prompts, config.depth, config.score_share, config.weight_bits,
-            config.target_softmax, config.seed, repr(config.fit))
+def _most(counts) -> int:
+    """The most exact tokens any head keeps, of counts per layer (each a number, or one per KV head)."""
+    return counts if isinstance(counts, int) else max((_most(c) for c in counts), default=0)
 
 
 def compile(model, tokenizer, context, config: CompileConfig | None = None) -> Artifact:

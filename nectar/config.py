@@ -104,6 +104,10 @@ class CompileConfig:
     # Training questions on which the probe measures each layer's KL ("gap"). 16 read answer KL 0.050 against
     # 8's 0.053 on MPL at 2%, agreement level, for 104 s more of a 15-minute compile (docs/results.md).
     probe_prompts: int = 8
+    # The hardest layers by that KL whose KV heads the probe then measures one by one, so that exact tokens
+    # go to the heads that cause it (one head of MPL's layer 18 carried half its answer KL, the layer's two
+    # others none). 0: a layer's heads share its tokens alike.
+    head_gap_layers: int = 8
     seed: int = 0
     depth: int = 2  # hidden layers per network
     score_share: float = 0.4  # fraction of each module's parameters given to the score network
@@ -151,6 +155,7 @@ class CompileConfig:
                  f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
         _require(self.probe_steps >= 1, "probe_steps must be >= 1")
         _require(self.probe_prompts >= 1, f"probe_prompts must be >= 1, got {self.probe_prompts}")
+        _require(self.head_gap_layers >= 0, f"head_gap_layers must be >= 0, got {self.head_gap_layers}")
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
         _require(isinstance(self.target_softmax, bool), f"target_softmax must be true or false, got {self.target_softmax!r}")

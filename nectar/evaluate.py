@@ -77,25 +77,34 @@ def next_token_fidelity(
 
 
 class OneLayer:
-    """A provider that is `provider` at one layer and the exact document everywhere else."""
+    """A provider that is `provider` at one layer (or one KV head of it) and the exact document elsewhere."""
 
-    def __init__(self, layer: int, provider, full):
-        self.layer, self.provider, self.full = layer, provider, full
+    def __init__(self, layer: int, provider, full, head: int | None = None):
+        self.layer, self.provider, self.full, self.head = layer, provider, full, head
 
     def __call__(self, layer, q, scaling):
-        return (self.provider if layer == self.layer else self.full)(layer, q, scaling)
+        if layer != self.layer:
+            return self.full(layer, q, scaling)
+        if self.head is None:
+            return self.provider(layer, q, scaling)
+        (o, lse), (mo, mlse) = self.full(layer, q, scaling), self.provider(layer, q, scaling)
+        h = slice(self.head, self.head + 1)
+        return torch.cat([o[:, :h.start], mo[:, h], o[:, h.stop:]], 1), torch.cat([lse[:, :h.start], mlse[:, h],
+                                                                                     lse[:, h.stop:]], 1)
 
 
 def layer_gaps(model, pairs, n: int, full, method: Method, layers: list[int], tails=None,
-               batch_size: int = 8) -> list[float]:
-    """Answer-token KL when only layer l uses `method` and every other layer the exact document, per layer.
+               batch_size: int = 8, heads: list[int | None] | None = None) -> list[float]:
+    """Answer-token KL when only layer l uses `method` and every other layer the exact document, per layer;
+    with `heads`, only that KV head of layer l (one head per entry of `layers`).
 
     One call with every layer as a method: the full-cache reference runs once per batch, not per layer.
     """
     provider = document_part(method)
-    swapped = {str(layer): (OneLayer(layer, provider, full), tails) for layer in layers}
+    cells = list(zip(layers, heads or [None] * len(layers)))
+    swapped = {str(i): (OneLayer(layer, provider, full, head), tails) for i, (layer, head) in enumerate(cells)}
     fid = next_token_fidelity(model, pairs, n, (full, None), swapped, batch_size)
-    return [fid[str(layer)]["answer"]["kl"] for layer in layers]
+    return [fid[str(i)]["answer"]["kl"] for i in range(len(cells))]
 
 
 def document_part(method: Method):

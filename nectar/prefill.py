@@ -58,11 +58,12 @@ def split_sinks(full: ExactContext, sinks: int) -> tuple[ExactContext, ExactCont
 def split_exact(full: ExactContext, skip: int, chosen: list[Tensor] | None) -> tuple[ExactContext, ExactContext]:
     """(exact tokens: the first `skip` and each head's `chosen` ones; the rest, with the chosen masked out).
 
-    The exact part has the same count per head but not the same tokens; its keys are post-RoPE, so
-    their positions come with them. The rest's mask makes a module's targets cover exactly what is left.
-    A sliding layer keeps the tail its window sees as its exact part, and leaves nothing to a module.
+    The exact part has the same count per head but not the same tokens, unless `chosen` pads a head's row
+    with -1: then its padded slots hold zeros and a -inf bias. Its keys are post-RoPE, so their positions
+    come with them. The rest's mask makes a module's targets cover exactly what is left. A sliding layer
+    keeps the tail its window sees as its exact part, and leaves nothing to a module.
     """
-    keys, values, rest_keys, rest_values, bias = [], [], [], [], []
+    keys, values, rest_keys, rest_values, bias, padding = [], [], [], [], [], []
     for layer, (k, v) in enumerate(zip(full.keys, full.values)):
         if full.slides(layer):
             tail = full.tail(layer)
@@ -71,15 +72,23 @@ def split_exact(full: ExactContext, skip: int, chosen: list[Tensor] | None) -> t
             rest_keys.append(k[:, :0])
             rest_values.append(v[:, :0])
             bias.append(torch.zeros(k.shape[0], 0, device=k.device))
+            padding.append(None)
             continue
         pick = chosen[layer] if chosen is not None else torch.zeros(k.shape[0], 0, dtype=torch.long, device=k.device)
-        index = pick.unsqueeze(-1).expand(-1, -1, k.shape[-1])
-        keys.append(torch.cat([k[:, :skip], k.gather(1, index)], 1))
-        values.append(torch.cat([v[:, :skip], v.gather(1, index)], 1))
+        real = pick >= 0
+        index = pick.clamp_min(skip).unsqueeze(-1).expand(-1, -1, k.shape[-1])
+        keys.append(torch.cat([k[:, :skip], k.gather(1, index) * real.unsqueeze(-1)], 1))
+        values.append(torch.cat([v[:, :skip], v.gather(1, index) * real.unsqueeze(-1)], 1))
         rest_keys.append(k[:, skip:])
         rest_values.append(v[:, skip:])
-        b = torch.zeros(k.shape[0], k.shape[1] - skip, device=k.device)
-        bias.append(b.scatter_(1, pick - skip, float("-inf")))
+        # Padded slots point at the first token past the sinks; they evict nothing (a -inf added to 0 only
+        # where a real pick also points).
+        evicted = torch.zeros(k.shape[0], k.shape[1] - skip, device=k.device)
+        evicted.scatter_add_(1, pick.clamp_min(skip) - skip, real.float())
+        bias.append(torch.zeros_like(evicted).masked_fill_(evicted > 0, float("-inf")))
+        pad = torch.zeros(k.shape[0], skip, device=k.device)
+        padding.append(None if real.all() else torch.cat([pad, torch.zeros_like(pick, dtype=pad.dtype)
+                                                          .masked_fill_(~real, float("-inf"))], 1))
     shape = dict(windows=full.windows, end=full.end)
-    return (ExactContext(keys, values, **shape),
+    return (ExactContext(keys, values, padding if any(p is not None for p in padding) else None, **shape),
             ExactContext(rest_keys, rest_values, bias if chosen is not None else None, **shape))

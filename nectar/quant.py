@@ -93,6 +93,7 @@ class CodedTokens:
 
     keys: list[tuple[Tensor, Tensor]]  # per layer (codes [kv_heads, t, d] int8, or 4-bit packed uint8; scales)
     values: list[tuple[Tensor, Tensor]]
+    bias: list[Tensor | None] | None = None  # per layer, -inf on the padding of heads that keep fewer tokens
 
     @classmethod
     def of(cls, exact: ExactContext, bits: int) -> CodedTokens:
@@ -100,20 +101,23 @@ class CodedTokens:
         def coded(x: Tensor) -> tuple[Tensor, Tensor]:
             codes, scale = quantize(x.float(), bits)
             return (pack4(codes) if bits == 4 else codes), scale.float()
-        return cls([coded(k) for k in exact.keys], [coded(v) for v in exact.values])
+        return cls([coded(k) for k in exact.keys], [coded(v) for v in exact.values], exact.bias)
 
     def to(self, device) -> CodedTokens:
-        return CodedTokens(*([(c.to(device), s.to(device)) for c, s in part] for part in (self.keys, self.values)))
+        bias = None if self.bias is None else [None if b is None else b.to(device) for b in self.bias]
+        return CodedTokens(*([(c.to(device), s.to(device)) for c, s in part] for part in (self.keys, self.values)),
+                           bias)
 
     def count(self, layer: int) -> int:
         return self.keys[layer][0].shape[-2]
 
     def tensors(self) -> list[Tensor]:
-        return [t for part in (self.keys, self.values) for pair in part for t in pair]
+        return [t for part in (self.keys, self.values) for pair in part for t in pair] + [
+            b for b in self.bias or [] if b is not None]
 
     def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         k, v = (_read(*part[layer]).to(q.dtype) for part in (self.keys, self.values))
-        return ExactContext([k], [v])(0, q, scaling)
+        return ExactContext([k], [v], None if self.bias is None else [self.bias[layer]])(0, q, scaling)
 
 
 def _read(codes: Tensor, scale: Tensor) -> Tensor:

@@ -16,16 +16,18 @@ from .attention import ExactContext
 
 
 @torch.no_grad()
-def most_attended(queries: Tensor, full: ExactContext, scaling: float, skip: int, count: int | Sequence[int],
+def most_attended(queries: Tensor, full: ExactContext, scaling: float, skip: int, count: int | Sequence,
                   chunk: int = 2048) -> list[Tensor]:
     """Per layer, the [kv_heads, count] positions (all >= skip, sorted) of the document tokens with the
     largest attention mass summed over `queries` ([layers * kv_heads, N, d], layer-major as a capture store).
-    `count` is one number for every layer, or one per layer."""
+    `count` is one number for every layer, or one per layer, each a number or one per KV head: a head that
+    keeps fewer tokens than its layer's most has its row padded with -1 at the end."""
     kv = full.keys[0].shape[0]
     counts = [count] * len(full.keys) if isinstance(count, int) else list(count)
     chosen = []
     for layer, (keys, count) in enumerate(zip(full.keys, counts)):
-        if not count:
+        heads = [count] * kv if isinstance(count, int) else list(count)
+        if not max(heads):
             chosen.append(torch.zeros(kv, 0, dtype=torch.long, device=keys.device))
             continue
         q, k = queries[layer * kv:(layer + 1) * kv], keys.float().to(queries.device)
@@ -33,5 +35,9 @@ def most_attended(queries: Tensor, full: ExactContext, scaling: float, skip: int
         for start in range(0, q.shape[1], chunk):
             mass += torch.softmax(scaling * q[:, start: start + chunk].float() @ k.transpose(1, 2), -1).sum(1)
         mass[:, :skip] = -1.0
-        chosen.append(mass.topk(count, -1).indices.sort(-1).values.to(keys.device))
+        top = mass.topk(max(heads), -1).indices
+        keep = torch.arange(top.shape[1], device=top.device) < torch.tensor(heads, device=top.device)[:, None]
+        # Sorted positions first, padding (-1) after: sort with the padding pushed past every position.
+        picked = torch.where(keep, top, k.shape[1]).sort(-1).values
+        chosen.append(torch.where(picked < k.shape[1], picked, -1).to(keys.device))
     return chosen

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nectar
-from nectar.attention import ExactContext, WithExact, merge
+from nectar.attention import ExactContext, WithExact, exact_attention, merge
 from nectar.binding import bound, cacheable
 from nectar.decode import generate_ids
 from nectar.errors import NectarError
@@ -37,6 +37,70 @@ def test_exact_tokens_and_the_rest_merge_to_the_whole_document():
         got = merge(*exact(layer, x, 0.25), *rest(layer, x, 0.25))
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_heads_keep_unequal_exact_tokens_and_the_rest_still_merge_to_the_whole_document():
+    """Counts per KV head: a head's row is padded with -1, its padding holds no token and evicts none."""
+    torch.manual_seed(0)
+    full = prefill(tiny_llama(), torch.randint(3, 300, (50,)))
+    q = torch.randn(3 * 2, 40, 16)
+    counts = [(7, 0), (3, 3), (0, 0)]
+    chosen = most_attended(q, full, 0.25, skip=4, count=counts)
+    assert [tuple((c >= 0).sum(-1).tolist()) for c in chosen] == [(7, 0), (3, 3), (0, 0)]
+    exact, rest = split_exact(full, 4, chosen)
+    assert [exact.head_counts(layer) for layer in range(3)] == [[11, 4], [7, 7], [4, 4]]
+    assert exact.bias[0] is not None and exact.bias[1] is None  # only a ragged layer carries padding
+    for layer in range(3):
+        x = q[2 * layer: 2 * layer + 2].unsqueeze(0)
+        want = full(layer, x, 0.25)
+        got = merge(*exact(layer, x, 0.25), *rest(layer, x, 0.25))
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    # The same tokens prepended to local keys (the compile's path) give what merging them apart gives.
+    b, heads, L, d = 2, 4, 3, 16
+    qh, k, v = torch.randn(b, heads, L, d), torch.randn(b, 2, L, d), torch.randn(b, 2, L, d)
+    mask = torch.zeros(b, 1, L, L)
+    mask[0, :, :, :1] = torch.finfo(torch.float32).min  # a left pad
+    key, value, folded_mask = exact.prepend(0, k, v, mask)
+    assert folded_mask.shape == (b, 2, L, key.shape[2])  # one mask per KV head
+    folded = exact_attention(qh, key, value, 0.25, folded_mask)
+    local = exact_attention(qh, k, v, 0.25, mask)
+    o, lse = merge(local[0].reshape(b, 2, -1, d), local[1].reshape(b, 2, -1), *exact(0, qh.reshape(b, 2, -1, d), 0.25))
+    torch.testing.assert_close(folded[0].reshape(b, 2, -1, d), o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded[1].reshape(b, 2, -1), lse, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(bench, tokenizer, tmp_path):
+    config = dict(allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=2)
+    art = bench.compile(**config)
+    per_head = art.manifest["metrics"]["exact_per_head"]
+    layer_gaps = bench.gaps(replace(bench.config, **config))
+    measured = bench.probe.head_gaps(replace(bench.config, **config))
+    assert len(measured) == 2 and set(measured) <= set(range(len(layer_gaps)))
+    assert "head gaps" in art.manifest["timings"]
+    assert any(len(set(c)) > 1 for c in per_head)  # heads of one layer keep unequal numbers
+    hardest = max(measured, key=lambda i: max(measured[i]))
+    top = max(range(len(per_head[hardest])), key=measured[hardest].__getitem__)
+    assert per_head[hardest][top] == max(per_head[hardest])
+    assert sum(map(sum, per_head)) <= len(per_head) * len(per_head[0]) * uniform_exact(bench.n, replace(FAST, **config))
+    assert art.memory_ratio() <= FAST.budget  # bytes count real tokens, not a head's padding
+    path = art.save(tmp_path / "heads.nectar")
+    loaded = nectar.Artifact.load(path)
+    assert loaded.nbytes() == art.nbytes() and path.stat().st_size < art.nbytes() + 64_000
+    assert [loaded.sinks.head_counts(i) for i in range(len(per_head))] == \
+        [[FAST.sink_tokens + c for c in counts] for counts in per_head]
+    assert_same_logits(bench.model, tokenizer, loaded, art)
+    provider, sinks = loaded.providers(bench.model)
+    assert isinstance(provider.exact, CodedTokens) and cacheable(bench.model, sinks)
+    ids, positions = torch.randint(3, 300, (2, 6)), loaded.n + torch.arange(6).expand(2, 6)
+    with torch.no_grad(), bound(bench.model, provider, sinks=sinks):
+        beside = bench.model(input_ids=ids, position_ids=positions).logits
+    with torch.no_grad(), bound(bench.model, loaded.bank, sinks=loaded.sinks):  # every exact token a sink
+        prepended = bench.model(input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(beside, prepended, atol=1e-4, rtol=1e-4)
+    questions = ["What is assert?", "When does the else clause run?"]
+    assert nectar.ask(bench.model, tokenizer, loaded, questions, max_new_tokens=6) == \
+        nectar.ask(bench.model, tokenizer, art, questions, max_new_tokens=6)
 
 
 def test_chosen_tokens_are_the_most_attended():
@@ -113,7 +177,7 @@ def test_uneven_exact_tokens_and_the_rest_generate_as_the_full_cache(tokenizer):
 
 
 def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, tmp_path):
-    config = dict(allocation="gap", exact_share=0.3, probe_steps=20)
+    config = dict(allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=0)
     art = bench.compile(**config)
     counts = art.manifest["metrics"]["exact_per_layer"]
     gaps = bench.gaps(replace(bench.config, **config))
@@ -228,15 +292,15 @@ def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
 
 
 def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monkeypatch):
-    import nectar.compiler as compiler
+    import nectar.probe as probe
 
-    seen, real = [], compiler.layer_gaps
+    seen, real = [], probe.layer_gaps
 
     def layer_gaps(model, pairs, *args, **kwargs):
         seen.append(len(pairs))
         return real(model, pairs, *args, **kwargs)
 
-    monkeypatch.setattr(compiler, "layer_gaps", layer_gaps)
+    monkeypatch.setattr(probe, "layer_gaps", layer_gaps)
     bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), replace(FAST, allocation="gap", probe_prompts=3))
     bench.gaps(bench.config)
     bench.gaps(replace(bench.config, probe_prompts=2))  # another probe setting: measured anew

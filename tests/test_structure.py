@@ -8,13 +8,13 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "nectar"
 PIPELINE = [
     # foundations
-    "errors", "config", "files", "padding", "templates", "documents", "graphs", "attention", "gguf_tokenizer", "models",
+    "errors", "config", "files", "timing", "padding", "templates", "documents", "graphs", "attention", "gguf_tokenizer", "models",
     "semantic",
     "metrics",
     # document side, then decode side
     "prefill", "binding", "decode",
     # compile: prompts -> capture -> modules -> fit -> evaluate -> artifact
-    "prompts", "capture", "selection", "quant", "budget", "modules", "fused", "quadrature", "schedule", "fit", "refine", "evaluate", "artifact", "compiler",
+    "prompts", "capture", "selection", "quant", "tokenstore", "budget", "modules", "fused", "quadrature", "schedule", "fit", "refine", "evaluate", "probe", "artifact", "compiler",
     # a whole corpus, one task per document
     "corpus",
     # what uses a compiled document

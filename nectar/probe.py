@@ -1,0 +1,82 @@
+"""Where the KL is: the probe behind the `gap` allocation.
+
+Modules fitted briefly at uniform width stand in for one layer at a time, every other layer on the exact
+document, and the next-token KL on training questions says how much that layer costs the answer. In the
+hardest layers each KV head is then measured alone: a layer's heads differ by orders of magnitude (on
+MPL one head of layer 18 carried half the answer KL, its two others none), and exact tokens go by head.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .budget import params_per_module
+from .capture import Store
+from .config import CompileConfig
+from .evaluate import QUESTION_KINDS, layer_gaps
+from .fit import fit
+from .models import modeled_layers
+from .prefill import window_tails
+from .timing import stage
+
+SHORT_FIT_EVERY = 2  # the probe's and an on-policy refit's 150 steps visit every other sequence's rows often enough
+
+
+def fit_probe(probe, config: CompileConfig, train_store: Store, val_store: Store):
+    """A short fit at uniform width: its per-layer errors and KLs show where capacity is short."""
+    steps = config.probe_steps
+    fit(probe.to(train_store.q.device), train_store, val_store,
+        replace(config.fit, steps=steps, eval_every=steps, warmup=steps // 10), seed=config.seed, progress=False)
+    return probe.eval().requires_grad_(False)
+
+
+def gap_key(config: CompileConfig) -> tuple:
+    """What a probe depends on beyond the document: two compiles that agree on it share their gaps."""
+    return (config.budget, config.probe_steps, config.probe_prompts, config.depth, config.score_share, config.weight_bits,
+            config.target_softmax, config.seed, repr(config.fit))
+
+
+class GapProbe:
+    """One workbench's probes, each made once per probe setting: every bank of a budget sweep or ablation
+    that allocates by it shares it."""
+
+    def __init__(self, bench):
+        self.bench = bench
+        self.layers: dict[tuple, list[float]] = {}  # per probe setting: each modeled layer's KL
+        self.heads: dict[tuple, dict[int, list[float]]] = {}  # per (setting, layers): each KV head's KL
+        self.times: dict[tuple, dict[str, float]] = {}
+        self._made: dict[tuple, tuple] = {}  # per setting: (its questions, the probe method)
+
+    def layer_gaps(self, config: CompileConfig) -> list[float]:
+        """Per modeled layer, the answer KL on training questions when it alone uses the probe's modules
+        (beside the sink tokens)."""
+        key, bench = gap_key(config), self.bench
+        if key not in self.layers:
+            times = self.times.setdefault(key, {})
+            # With no exact tokens the main fit's capture serves; else the probe's own, of fewer sequences.
+            train_store, val_store = bench.stores(0, every=SHORT_FIT_EVERY if config.exact_share else 1)
+            with stage(times, "probe"):
+                per_module = params_per_module(bench.model, bench.n, config)
+                probe = fit_probe(bench.mlp_bank(config, per_module), config, train_store, val_store)
+            with stage(times, "layer gaps"):
+                train = [p for p in bench.train_prompts if p.kind in QUESTION_KINDS]
+                pairs = [(p.question_ids, p.answer_ids)
+                         for p in train[:: max(1, len(train) // config.probe_prompts)][: config.probe_prompts]]
+                self._made[key] = pairs, (probe, bench.split(0)[0])
+                self.layers[key] = layer_gaps(bench.model, pairs, bench.n, bench.full, self._made[key][1],
+                                              modeled_layers(bench.model.config), window_tails(bench.full),
+                                              bench.config.batch_size)
+        return self.layers[key]
+
+    def head_gaps(self, config: CompileConfig) -> dict[int, list[float]]:
+        """For the `head_gap_layers` modeled layers of largest KL, the KL each of their KV heads causes alone."""
+        gaps, key, bench = self.layer_gaps(config), gap_key(config), self.bench
+        if (key, config.head_gap_layers) not in self.heads:
+            kv, modeled = bench.model.config.num_key_value_heads, modeled_layers(bench.model.config)
+            hard = sorted(range(len(gaps)), key=gaps.__getitem__, reverse=True)[: config.head_gap_layers]
+            cells = [(i, h) for i in hard for h in range(kv)]
+            pairs, method = self._made[key]
+            with stage(self.times[key], "head gaps"):
+                kls = layer_gaps(bench.model, pairs, bench.n, bench.full, method, [modeled[i] for i, _ in cells],
+                                 window_tails(bench.full), bench.config.batch_size, heads=[h for _, h in cells])
+            self.heads[key, config.head_gap_layers] = {i: kls[j * kv:(j + 1) * kv] for j, i in enumerate(hard)}
+        return self.heads[key, config.head_gap_layers]
