@@ -45,10 +45,15 @@ def hardest_layers(artifact, top: int = 3) -> list[str]:
         return []
     layers = [layer for layer, w in enumerate(artifact.windows) if w is None]
     exact = metrics.get("exact_per_layer") or [0] * len(artifact.windows)
+    by_head = metrics.get("exact_per_head")  # tokens placed by KV head: say each head's
     worst = sorted(zip(metrics["layer_gaps"], layers), reverse=True)[:top]
+
+    def tokens(layer: int) -> str:
+        if by_head:
+            return f"; exact tokens by KV head {'/'.join(map(str, by_head[layer]))})"
+        return f"; {exact[layer]} exact tokens per head)" if exact[layer] else ")"
     return ["hardest layers (answer KL with only that layer on modules): " + ", ".join(
-        f"{layer} ({gap:.3f}" + (f"; {exact[layer]} exact tokens per head)" if exact[layer] else ")")
-        for gap, layer in worst)]
+        f"{layer} ({gap:.3f}" + tokens(layer) for gap, layer in worst)]
 
 
 def describe(modules: dict) -> str:

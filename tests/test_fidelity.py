@@ -84,6 +84,8 @@ def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(bench, tokenizer
     assert per_head[hardest][top] == max(per_head[hardest])
     assert sum(map(sum, per_head)) <= len(per_head) * len(per_head[0]) * uniform_exact(bench.n, replace(FAST, **config))
     assert art.memory_ratio() <= FAST.budget  # bytes count real tokens, not a head's padding
+    worst = layer_gaps.index(max(layer_gaps))  # `info` names each head's tokens in the hardest layer
+    assert f"{worst} ({max(layer_gaps):.3f}; exact tokens by KV head {'/'.join(map(str, per_head[worst]))})" in summary(art)
     path = art.save(tmp_path / "heads.nectar")
     loaded = nectar.Artifact.load(path)
     assert loaded.nbytes() == art.nbytes() and path.stat().st_size < art.nbytes() + 64_000
@@ -307,6 +309,8 @@ def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monke
     assert seen == [3, 2]
     with pytest.raises(NectarError, match="probe_prompts must be >= 1"):
         replace(FAST, probe_prompts=0)
+    with pytest.raises(NectarError, match="head_gap_layers must be >= 0"):
+        replace(FAST, head_gap_layers=-1)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
