@@ -24,6 +24,15 @@ def bench(tokenizer):
     return Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
 
 
+def _parts_merge_to_the_whole(full, exact, rest, q):
+    for layer in range(3):
+        x = q[2 * layer: 2 * layer + 2].unsqueeze(0)
+        want = full(layer, x, 0.25)
+        got = merge(*exact(layer, x, 0.25), *rest(layer, x, 0.25))
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
 def test_exact_tokens_and_the_rest_merge_to_the_whole_document():
     torch.manual_seed(0)
     full = prefill(tiny_llama(), torch.randint(3, 300, (50,)))
@@ -31,12 +40,7 @@ def test_exact_tokens_and_the_rest_merge_to_the_whole_document():
     chosen = most_attended(q, full, 0.25, skip=4, count=5)
     assert all(c.shape == (2, 5) and c.min() >= 4 for c in chosen)
     exact, rest = split_exact(full, 4, chosen)
-    for layer in range(3):
-        x = q[2 * layer: 2 * layer + 2].unsqueeze(0)
-        want = full(layer, x, 0.25)
-        got = merge(*exact(layer, x, 0.25), *rest(layer, x, 0.25))
-        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    _parts_merge_to_the_whole(full, exact, rest, q)
 
 
 def test_heads_keep_unequal_exact_tokens_and_the_rest_still_merge_to_the_whole_document():
@@ -50,12 +54,7 @@ def test_heads_keep_unequal_exact_tokens_and_the_rest_still_merge_to_the_whole_d
     exact, rest = split_exact(full, 4, chosen)
     assert [exact.head_counts(layer) for layer in range(3)] == [[11, 4], [7, 7], [4, 4]]
     assert exact.bias[0] is not None and exact.bias[1] is None  # only a ragged layer carries padding
-    for layer in range(3):
-        x = q[2 * layer: 2 * layer + 2].unsqueeze(0)
-        want = full(layer, x, 0.25)
-        got = merge(*exact(layer, x, 0.25), *rest(layer, x, 0.25))
-        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    _parts_merge_to_the_whole(full, exact, rest, q)
     # The same tokens prepended to local keys (the compile's path) give what merging them apart gives.
     b, heads, L, d = 2, 4, 3, 16
     qh, k, v = torch.randn(b, heads, L, d), torch.randn(b, 2, L, d), torch.randn(b, 2, L, d)
@@ -94,15 +93,7 @@ def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(bench, tokenizer
     assert_same_logits(bench.model, tokenizer, loaded, art)
     provider, sinks = loaded.providers(bench.model)
     assert isinstance(provider.exact, CodedTokens) and cacheable(bench.model, sinks)
-    ids, positions = torch.randint(3, 300, (2, 6)), loaded.n + torch.arange(6).expand(2, 6)
-    with torch.no_grad(), bound(bench.model, provider, sinks=sinks):
-        beside = bench.model(input_ids=ids, position_ids=positions).logits
-    with torch.no_grad(), bound(bench.model, loaded.bank, sinks=loaded.sinks):  # every exact token a sink
-        prepended = bench.model(input_ids=ids, position_ids=positions).logits
-    torch.testing.assert_close(beside, prepended, atol=1e-4, rtol=1e-4)
-    questions = ["What is assert?", "When does the else clause run?"]
-    assert nectar.ask(bench.model, tokenizer, loaded, questions, max_new_tokens=6) == \
-        nectar.ask(bench.model, tokenizer, art, questions, max_new_tokens=6)
+    _exact_beside_answers_as_every_token_a_sink(bench, tokenizer, loaded, art, rows=2)
 
 
 def test_chosen_tokens_are_the_most_attended():
@@ -196,11 +187,17 @@ def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, 
     assert isinstance(provider, WithExact) and cacheable(bench.model, sinks)
     assert isinstance(provider.exact, CodedTokens)  # 8-bit tokens stay 8-bit in memory
     assert loaded.resident_bytes(bench.model) < 2 * loaded.nbytes()
-    ids = torch.randint(3, 300, (1, 6))
-    positions = loaded.n + torch.arange(6)[None]
+    _exact_beside_answers_as_every_token_a_sink(bench, tokenizer, loaded, art, rows=1)
+
+
+def _exact_beside_answers_as_every_token_a_sink(bench, tokenizer, loaded, art, rows: int):
+    """Exact tokens held beside the modules give the logits of prepending them all as sinks, and `ask`
+    answers from the loaded file as from the compile's own artifact."""
+    provider, sinks = loaded.providers(bench.model)
+    ids, positions = torch.randint(3, 300, (rows, 6)), loaded.n + torch.arange(6).expand(rows, 6)
     with torch.no_grad(), bound(bench.model, provider, sinks=sinks):
         beside = bench.model(input_ids=ids, position_ids=positions).logits
-    with torch.no_grad(), bound(bench.model, loaded.bank, sinks=loaded.sinks):  # every exact token a sink
+    with torch.no_grad(), bound(bench.model, loaded.bank, sinks=loaded.sinks):
         prepended = bench.model(input_ids=ids, position_ids=positions).logits
     torch.testing.assert_close(beside, prepended, atol=1e-4, rtol=1e-4)
     questions = ["What is assert?", "When does the else clause run?"]
