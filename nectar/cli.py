@@ -175,6 +175,10 @@ def _compile_args(p) -> None:
     p.add_argument("--exact-bits", type=int, choices=EXACT_BITS, default=CompileConfig.exact_bits,
                    help="exact tokens past the sinks stored as 4- or 8-bit codes with a scale per channel (~4x or "
                    f"~2x the tokens in the same bytes; 4 measured worse) or 16-bit (default {CompileConfig.exact_bits})")
+    p.add_argument("--exact-power", type=float, default=CompileConfig.exact_power,
+                   help="which tokens stay exact: those with the most attention over training queries, each "
+                   "query's attention raised to this power (1: the mass; 2: tokens some queries attend to "
+                   f"sharply, as a quote does; default {CompileConfig.exact_power})")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, splits and fitting (default 0)")
     p.add_argument("--truncate", action="store_true", help="cut a document too long for the model (says how much)")
 

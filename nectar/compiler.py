@@ -56,9 +56,9 @@ class Workbench:
                               "is already bounded, and there is nothing for nectar to compile")
         self.config = self._resolved(self.config)
         self.timings: dict[str, float] = {}
-        self._splits: dict[int, tuple[ExactContext, ExactContext]] = {}
-        self._stores: dict[int, tuple[Store, Store]] = {}
-        self._stage_times: dict[tuple, dict[str, float]] = {}  # per exact-token counts: their own capture stages
+        self._splits: dict[tuple, tuple[ExactContext, ExactContext]] = {}
+        self._stores: dict[tuple, tuple[Store, Store]] = {}
+        self._stage_times: dict[tuple, dict[str, float]] = {}  # per split (counts, power): its own capture stages
         self.probe = GapProbe(self)  # where the KL is, for the `gap` allocation
         self._teacher_time: dict[str, float] = {}  # only compiles that refine pay for the teacher
         self._riders: tuple | None = None  # the teacher, collected during a capture
@@ -99,24 +99,29 @@ class Workbench:
         return tuple(counts) if not config.head_gap_layers else tuple(tuple(counts[i: i + kv])
                                                                       for i in range(0, len(counts), kv))
 
-    def split(self, counts: int | tuple[int, ...] = 0) -> tuple[ExactContext, ExactContext]:
-        """(exact tokens: the sinks and the `counts` most attended per head of each layer; the rest, which
-        modules learn)."""
-        counts = self._counts(counts)
-        if counts not in self._splits:
+    def split(self, counts: int | tuple[int, ...] = 0, power: float = 1.0) -> tuple[ExactContext, ExactContext]:
+        """(exact tokens: the sinks and the `counts` most attended per head of each layer, attention to the
+        `power` as `CompileConfig.exact_power` says; the rest, which modules learn)."""
+        key = self._key(counts, power)
+        if key not in self._splits:
             chosen = None
-            if _most(counts):
-                with _stage(self._stage_times.setdefault(counts, {}), "choose exact tokens"):
+            if _most(key[0]):
+                with _stage(self._stage_times.setdefault(key, {}), "choose exact tokens"):
                     chosen = most_attended(self._pilot_queries(), self.full, attention_scaling(self.model),
-                                           self.config.sink_tokens, counts)
-            self._splits[counts] = split_exact(self.full, self.config.sink_tokens, chosen)
-        return self._splits[counts]
+                                           self.config.sink_tokens, key[0], power)
+            self._splits[key] = split_exact(self.full, self.config.sink_tokens, chosen)
+        return self._splits[key]
+
+    def _key(self, counts: int | tuple[int, ...], power: float) -> tuple:
+        """What a split and its captures depend on: the counts, and how tokens were chosen if any were."""
+        counts = self._counts(counts)
+        return counts, power if _most(counts) else 1.0
 
     def _pilot_queries(self) -> Tensor:
         """Queries that choose the exact tokens. Queries do not depend on which tokens are exact, so the
         probe's capture serves when there is one (rows evenly spread over it); else a few sequences'."""
         pilot = self.pilot_sequences
-        made = [key for key in self._stores if key[0] == self._counts(0)]
+        made = [key for key in self._stores if key[0] == self._key(0, 1.0)]
         if not made:
             return capture(self.model, pilot, self.n, self.full, None, self.config.batch_size, "choose exact tokens").q
         q = self._stores[made[0]][0].q
@@ -167,17 +172,18 @@ class Workbench:
         return {kind: sum(p.kind == kind for p in self.prompts) for kind in ("recall", "self_study", "generic", "direct")}
 
     def stores(self, counts: int | tuple[int, ...] = 0, drive=None, timings: dict | None = None,
-               every: int = 1) -> tuple[Store, Store]:
-        """(train, validation) stores for the split with `counts` exact tokens, on the model's device (the fit
-        runs where the model does), of every `every`-th sequence. With `drive`, queries come from the model
-        running on that bank, are not kept, and their capture is timed into `timings`."""
-        counts = self._counts(counts)
-        if drive is None and (counts, every) in self._stores:
-            return self._stores[counts, every]
+               every: int = 1, power: float = 1.0) -> tuple[Store, Store]:
+        """(train, validation) stores for the split with `counts` exact tokens chosen at `power`, on the
+        model's device (the fit runs where the model does), of every `every`-th sequence. With `drive`,
+        queries come from the model running on that bank, are not kept, and their capture is timed into
+        `timings`."""
+        key = self._key(counts, power)
+        if drive is None and (key, every) in self._stores:
+            return self._stores[key, every]
         train, val = self.train_sequences[::every], [p.ids for p in self.val_prompts][::every]
-        sinks, rest = self.split(counts)
+        sinks, rest = self.split(*key)
         size, device = self.config.batch_size, self.model.device
-        times = self._stage_times.setdefault(counts, {}) if drive is None else timings
+        times = self._stage_times.setdefault(key, {}) if drive is None else timings
         collectors = self._teacher_riders(train, val) if drive is None and every == 1 else (None, None)
         stage = "capture on-policy" if drive is not None else "capture" if every == 1 else "capture (probe)"
         with _stage(times, stage):
@@ -185,7 +191,7 @@ class Workbench:
                                    on_logits=collect).to(device)
                            for (seqs, name), collect in zip(((train, "train"), (val, "val")), collectors))
         if drive is None:
-            self._stores[counts, every] = stores
+            self._stores[key, every] = stores
         return stores
 
     def _teacher_riders(self, train: list[list[int]], val: list[list[int]]) -> tuple:
@@ -214,19 +220,20 @@ class Workbench:
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
             self.exact_counts(config) if config.exact_share else self.gaps(config)
             gap_times = dict(self.probe.times[gap_key(config)])
-        counts = self.exact_counts(config)
-        train_store, val_store = self.stores(counts)
-        sinks = as_stored(self.split(counts)[0], config.sink_tokens, config.exact_bits)
-        timings = {**self.timings, **self._stage_times[counts], **gap_times}
+        counts, power = self.exact_counts(config), config.exact_power
+        train_store, val_store = self.stores(counts, power=power)
+        sinks = as_stored(self.split(counts, power)[0], config.sink_tokens, config.exact_bits)
+        timings = {**self.timings, **self._stage_times[self._key(counts, power)], **gap_times}
         if gap_times and _most(counts):  # the probe's own capture, of the document without exact tokens
-            timings["capture (probe)"] = self._stage_times[self._counts(0)]["capture (probe)"]
+            timings["capture (probe)"] = self._stage_times[self._key(0, 1.0)]["capture (probe)"]
         with _stage(timings, "fit"):
             bank = self._bank(config, counts, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
         for _ in range(config.onpolicy_rounds if config.onpolicy_steps else 0):
             # Queries as the modules below each layer will shape them at inference, targets still exact.
-            train_store, val_store = self.stores(counts, drive=bank, timings=timings, every=SHORT_FIT_EVERY)
+            train_store, val_store = self.stores(counts, drive=bank, timings=timings, every=SHORT_FIT_EVERY,
+                                                 power=power)
             with _stage(timings, "fit on-policy"):
                 steps = replace(config.fit, steps=config.onpolicy_steps, warmup=config.onpolicy_steps // 10)
                 fit_log["onpolicy"] = fit(bank.requires_grad_(True), train_store, val_store, steps, seed=config.seed,
@@ -269,7 +276,7 @@ class Workbench:
             modeled = modeled_layers(cfg)
             bank = self._on_modeled(QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,
                                                               attention_scaling(self.model)))
-            _, rest = self.split(counts)
+            _, rest = self.split(counts, config.exact_power)
             keys, values = ([part[layer] for layer in modeled] for part in (rest.keys, rest.values))
             bank.init_from(torch.cat(keys).float().cpu(), torch.cat(values).float().cpu(), seed=config.seed)
             return bank

@@ -17,9 +17,11 @@ from .attention import ExactContext
 
 @torch.no_grad()
 def most_attended(queries: Tensor, full: ExactContext, scaling: float, skip: int, count: int | Sequence,
-                  chunk: int = 2048) -> list[Tensor]:
+                  power: float = 1.0, chunk: int = 2048) -> list[Tensor]:
     """Per layer, the [kv_heads, count] positions (all >= skip, sorted) of the document tokens with the
-    largest attention mass summed over `queries` ([layers * kv_heads, N, d], layer-major as a capture store).
+    largest attention summed over `queries` ([layers * kv_heads, N, d], layer-major as a capture store),
+    each query's attention raised to `power`: 1 sums the mass; above 1 favours tokens that some queries
+    attend to sharply, which a module smooths over, above tokens that many attend to a little.
     `count` is one number for every layer, or one per layer, each a number or one per KV head: a head that
     keeps fewer tokens than its layer's most has its row padded with -1 at the end."""
     kv = full.keys[0].shape[0]
@@ -33,7 +35,7 @@ def most_attended(queries: Tensor, full: ExactContext, scaling: float, skip: int
         q, k = queries[layer * kv:(layer + 1) * kv], keys.float().to(queries.device)
         mass = torch.zeros(k.shape[:2], device=k.device)
         for start in range(0, q.shape[1], chunk):
-            mass += torch.softmax(scaling * q[:, start: start + chunk].float() @ k.transpose(1, 2), -1).sum(1)
+            mass += torch.softmax(scaling * q[:, start: start + chunk].float() @ k.transpose(1, 2), -1).pow(power).sum(1)
         mass[:, :skip] = -1.0
         top = mass.topk(max(heads), -1).indices
         keep = torch.arange(top.shape[1], device=top.device) < torch.tensor(heads, device=top.device)[:, None]

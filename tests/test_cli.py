@@ -76,7 +76,8 @@ def test_empty_document(tmp_path, capsys):
                                             (["--refine-steps", "-3"], "refine_steps must be >= 0"),
                                             (["--share-power", "-1"], "share_power must be >= 0"),
                                             (["--weight-bits", "4"], "invalid choice"),
-                                            (["--exact-bits", "2"], "invalid choice")])
+                                            (["--exact-bits", "2"], "invalid choice"),
+                                            (["--exact-power", "0"], "exact_power must be > 0")])
 def test_bad_numbers_are_refused_before_loading(doc, tmp_path, capsys, no_model, flags, pattern):
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", *flags), pattern)
 

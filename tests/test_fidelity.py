@@ -103,6 +103,28 @@ def test_chosen_tokens_are_the_most_attended():
     assert (most_attended(q, full, 0.25, skip=4, count=1)[0] == 20).all()
 
 
+def test_exact_power_above_one_prefers_a_sharply_attended_token_to_a_diffusely_attended_one():
+    """Token 1 draws 0.4 of ten queries' attention (mass 4.0), token 2 all of three queries' (mass 3.0):
+    the summed mass keeps token 1, squared attention (1.6 against 3.0) keeps token 2."""
+    keys = torch.zeros(1, 6, 3)
+    keys[0, 1, 0] = keys[0, 2, 1] = 1.0
+    full = ExactContext([keys], [torch.randn(1, 6, 3)])
+    diffuse = torch.tensor([torch.log(torch.tensor(0.4 / 0.6 * 4)).item(), -30.0, 0.0]).expand(10, 3)
+    sharp = torch.tensor([0.0, 12.0, 0.0]).expand(3, 3)
+    q = torch.cat([diffuse, sharp])[None]
+    assert most_attended(q, full, 1.0, skip=0, count=1)[0].item() == 1
+    assert most_attended(q, full, 1.0, skip=0, count=1, power=2.0)[0].item() == 2
+
+
+def test_exact_power_reaches_the_split_a_compile_fits_on(bench):
+    """A compile at another exact_power chooses its own tokens (its split and captures are not the default's)."""
+    counts = bench.exact_counts(replace(bench.config, exact_share=0.3))
+    assert bench.split(counts, 1.0)[0] is bench.split(counts, 1.0)[0]
+    first, second = bench.split(counts, 1.0)[0], bench.split(counts, 4.0)[0]
+    assert first is not second
+    assert not all(torch.equal(a, b) for a, b in zip(first.keys, second.keys))
+
+
 def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
     art = bench.compile(exact_share=0.3)
     assert art.manifest["metrics"]["exact_tokens"] == uniform_exact(bench.n, replace(FAST, exact_share=0.3)) > 0
