@@ -94,8 +94,8 @@ class Workbench:
         gaps = self.gaps(config)
         if config.head_gap_layers:  # by KV head: a tuple of counts per layer
             gaps = head_gaps(gaps, self.probe.head_gaps(config), kv)
-        # At most half the document exact in any head: the module must keep something to learn.
-        counts = allocate(gaps, per_layer, low=0.0, high=max(1.0, (self.n - config.sink_tokens) / 2 / per_layer))
+        most = config.exact_head_cap * (self.n - config.sink_tokens)
+        counts = allocate(gaps, per_layer, low=0.0, high=max(1.0, most / per_layer))
         return tuple(counts) if not config.head_gap_layers else tuple(tuple(counts[i: i + kv])
                                                                       for i in range(0, len(counts), kv))
 

@@ -126,6 +126,9 @@ class CompileConfig:
     # attention raised to this power. 1 sums the mass; 2 favours tokens some queries attend to sharply (a
     # verbatim quote, a looked-up name), which a module smooths over, above tokens many attend to a little.
     exact_power: float = 1.0
+    # The most of the document (past the sinks) any one KV head keeps exact under the gap allocation: the
+    # module must keep something to learn. A head that copies text back (one of MPL's) wants all of it.
+    exact_head_cap: float = 0.5
     # End-to-end distillation steps on the answer KL after the per-layer fits (0: off). 30 hold nearly all
     # of its gain (MPL: validation KL 0.255 -> 0.240 at 30 steps, 0.239 at 60) in a 15-minute compile of a
     # 4k document on 2 cores, beside the 8-bit weights' wider fits.
@@ -166,6 +169,7 @@ class CompileConfig:
         _require(self.weight_bits in WEIGHT_BITS, f"weight_bits must be 8 or 16, got {self.weight_bits}")
         _require(self.exact_bits in EXACT_BITS, f"exact_bits must be 4, 8 or 16, got {self.exact_bits}")
         _require(self.exact_power > 0, f"exact_power must be > 0, got {self.exact_power}")
+        _require(0.0 < self.exact_head_cap < 1.0, f"exact_head_cap must be in (0, 1), got {self.exact_head_cap}")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
         _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")

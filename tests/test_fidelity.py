@@ -191,6 +191,19 @@ def test_uneven_exact_tokens_and_the_rest_generate_as_the_full_cache(tokenizer):
     assert generate_ids(model, tokenizer, prompts, len(doc), rest, exact, max_new_tokens=6) == want
 
 
+def test_no_head_keeps_more_of_the_document_exact_than_the_cap(bench):
+    config = replace(bench.config, allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=2)
+    loose = bench.exact_counts(config)
+    top, even = max(map(max, loose)), uniform_exact(bench.n, config)
+    assert top > even + 1  # the KL is uneven enough for a cap between the two to bind
+    cap = (top + even) // 2
+    tight = bench.exact_counts(replace(config, exact_head_cap=cap / (bench.n - config.sink_tokens)))
+    assert max(map(max, tight)) <= cap < top
+    assert sum(map(sum, tight)) >= sum(map(sum, loose)) - len(loose) * len(loose[0])  # the rest moves elsewhere
+    with pytest.raises(NectarError, match="exact_head_cap must be in"):
+        replace(FAST, exact_head_cap=1.0)
+
+
 def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, tmp_path):
     config = dict(allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=0)
     art = bench.compile(**config)
@@ -238,10 +251,10 @@ def test_each_onpolicy_round_captures_with_the_latest_modules(bench, monkeypatch
     drivers = []
     real = bench.stores
 
-    def stores(count=0, drive=None, timings=None, every=1):
+    def stores(count=0, drive=None, timings=None, every=1, power=1.0):
         if drive is not None:
             drivers.append(drive.target.weights[0].detach().clone())
-        return real(count, drive, timings, every)
+        return real(count, drive, timings, every, power)
 
     monkeypatch.setattr(bench, "stores", stores)
     bench.compile(onpolicy_steps=20, onpolicy_rounds=2)
