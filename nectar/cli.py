@@ -158,8 +158,9 @@ def _compile_args(p) -> None:
                    f"prompts at random, so that every chunk trains (default {PromptConfig.holdout})")
     p.add_argument("--exact-share", type=float, default=None,
                    help="share of the budget spent on document tokens kept exact, those training queries attend "
-                   "to most; under --allocation gap they go to the layers in proportion to the answer KL each "
-                   f"causes (default {EXACT_SHARE}; 0 on models with sliding-window layers)")
+                   "to most; under --allocation gap they go to the layers, and in the hardest layers to the KV heads, "
+                   f"in proportion to the answer KL each causes (default {EXACT_SHARE}; 0 on models with "
+                   "sliding-window layers)")
     p.add_argument("--onpolicy-steps", type=int, default=CompileConfig.onpolicy_steps,
                    help="refit steps on queries captured with the fitted modules in place, as they will be at "
                    f"inference (default {CompileConfig.onpolicy_steps}; 0: off)")
