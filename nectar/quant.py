@@ -85,40 +85,63 @@ def as_stored(exact: ExactContext, skip: int, bits: int) -> ExactContext:
                    values=[round_tokens(v, skip, at(layer)) for layer, v in enumerate(exact.values)])
 
 
+ROWS_ABOVE = 0.25  # padding share above which a layer's exact tokens are held as rows (padded at each call)
+
+
 @dataclass
 class CodedTokens:
     """Exact tokens held in memory as the file stores them, codes and per-channel scales, read back at each
-    call: an attached document holds about the bytes its file does. A few dozen tokens per head, so reading
-    them back costs little beside the module call they merge with."""
+    call: an attached document holds about the bytes its file does. Where the KV heads of a layer keep unequal
+    numbers of tokens (one of MPL's keeps 1866, its neighbours 22), only each head's real rows are held, end
+    to end, and the padding the attention call needs is made at read time, never kept."""
 
-    keys: list[tuple[Tensor, Tensor]]  # per layer (codes [kv_heads, t, d] int8, or 4-bit packed uint8; scales)
+    # Per layer (codes, scales [kv_heads, 1, d]): codes [kv_heads, t, d] int8 (or 4-bit packed uint8), or where
+    # padding would take more than ROWS_ABOVE of the layer, each head's real rows end to end, [rows, d].
+    keys: list[tuple[Tensor, Tensor]]
     values: list[tuple[Tensor, Tensor]]
-    bias: list[Tensor | None] | None = None  # per layer, -inf on the padding of heads that keep fewer tokens
+    bias: list[Tensor | None] | None = None  # per layer [kv_heads, t], -inf on the padding of heads that keep fewer
+
+    def __post_init__(self):
+        # Where each real row goes in the flattened [kv_heads * t] padding, for layers held as rows: found once.
+        self.slots = [torch.isfinite(self.bias[layer]).flatten().nonzero().squeeze(1) if codes.dim() == 2 else None
+                      for layer, (codes, _) in enumerate(self.keys)]
 
     @classmethod
     def of(cls, exact: ExactContext, bits: int) -> CodedTokens:
         """Tokens already on their `bits` grid (as_stored) coded again: the same codes the file holds."""
-        def coded(x: Tensor) -> tuple[Tensor, Tensor]:
+        def coded(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
             codes, scale = quantize(x.float(), bits)
+            if bias is not None and bias.isinf().float().mean() > ROWS_ABOVE:
+                codes = codes[torch.isfinite(bias)]  # real rows, head after head
             return (pack4(codes) if bits == 4 else codes), scale.float()
-        return cls([coded(k) for k in exact.keys], [coded(v) for v in exact.values], exact.bias)
+        bias = exact.bias or [None] * len(exact.keys)
+        return cls([coded(k, b) for k, b in zip(exact.keys, bias)], [coded(v, b) for v, b in zip(exact.values, bias)],
+                   exact.bias)
 
     def to(self, device) -> CodedTokens:
         bias = None if self.bias is None else [None if b is None else b.to(device) for b in self.bias]
         return CodedTokens(*([(c.to(device), s.to(device)) for c, s in part] for part in (self.keys, self.values)),
                            bias)
 
+    def layer_bias(self, layer: int) -> Tensor | None:
+        return None if self.bias is None else self.bias[layer]
+
     def count(self, layer: int) -> int:
-        return self.keys[layer][0].shape[-2]
+        return self.keys[layer][0].shape[-2] if self.slots[layer] is None else self.bias[layer].shape[-1]
 
     def tensors(self) -> list[Tensor]:
         return [t for part in (self.keys, self.values) for pair in part for t in pair] + [
-            b for b in self.bias or [] if b is not None]
+            b for b in [*(self.bias or []), *self.slots] if b is not None]
 
     def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-        k, v = (_read(*part[layer]).to(q.dtype) for part in (self.keys, self.values))
-        return ExactContext([k], [v], None if self.bias is None else [self.bias[layer]])(0, q, scaling)
+        bias = self.layer_bias(layer)
+        k, v = (self._read(layer, *part[layer]).to(q.dtype) for part in (self.keys, self.values))
+        return ExactContext([k], [v], None if bias is None else [bias])(0, q, scaling)
 
-
-def _read(codes: Tensor, scale: Tensor) -> Tensor:
-    return dequantize(unpacked(codes), scale)
+    def _read(self, layer: int, codes: Tensor, scale: Tensor) -> Tensor:
+        """A layer's codes read back as [kv_heads, t, d]; a layer held as rows is padded with zeros."""
+        codes, slots = unpacked(codes), self.slots[layer]
+        if slots is not None:
+            flat = codes.new_zeros(self.bias[layer].numel(), codes.shape[-1]).index_copy_(0, slots, codes)
+            codes = flat.view(*self.bias[layer].shape, -1)
+        return dequantize(codes, scale)

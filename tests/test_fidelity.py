@@ -361,6 +361,22 @@ def test_coded_tokens_answer_as_the_tokens_they_read_back_as(bits):
     assert sum(c.numel() for c, _ in coded.keys) == sum(x.numel() for x in tokens) * bits // 8
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_coded_tokens_hold_only_real_rows_where_heads_keep_unequal_numbers(bits):
+    """One head keeps 7 tokens, its neighbours 1 and 3: memory holds 11 rows, not 3 x 7, and answers as the
+    padded tokens do."""
+    torch.manual_seed(0)
+    pad = torch.arange(7) >= torch.tensor([7, 1, 3])[:, None]
+    x = (torch.randn(3, 7, 16) * torch.logspace(-1, 1, 16)).masked_fill(pad[..., None], 0.0)  # zeros, as stored
+    bias = torch.zeros(3, 7).masked_fill(pad, float("-inf"))
+    on_grid = ExactContext([round_tokens(x, 0, bits)], [round_tokens(x * 2, 0, bits)], [bias])
+    coded = CodedTokens.of(on_grid, bits)
+    q = torch.randn(2, 6, 4, 16)  # two query heads per KV head
+    for got, want in zip(coded(0, q, 0.25), on_grid(0, q, 0.25)):
+        torch.testing.assert_close(got, want)
+    assert coded.count(0) == 7 and coded.keys[0][0].shape[0] == 11
+
+
 def test_the_screening_nnls_finds_the_exact_solution():
     from scipy.optimize import nnls
 
