@@ -17,7 +17,7 @@ from .artifact import Artifact, Bank, build_manifest
 from .budget import allocate, head_gaps, params_per_module, uniform_exact
 from .attention import ExactContext
 from .capture import Store, capture
-from .config import EXACT_SHARE, CompileConfig
+from .config import EXACT_SHARE, EXACT_SHARE_EVEN, CompileConfig
 from .documents import document_ids
 from .errors import NectarError
 from .evaluate import validation_metrics, warn_if_useless
@@ -73,7 +73,8 @@ class Workbench:
         """The config with its exact share decided: the default one, or none on sliding-window models."""
         slides = any(layer_windows(self.model.config))
         if config.exact_share is None:
-            chosen = replace(config, exact_share=0.0 if slides else EXACT_SHARE)
+            share = EXACT_SHARE if config.allocation == "gap" else EXACT_SHARE_EVEN
+            chosen = replace(config, exact_share=0.0 if slides else share)
             try:  # a short document's budget may hold modules but not these tokens too: then none
                 params_per_module(self.model, self.n, chosen, uniform_exact(self.n, chosen))
             except NectarError:

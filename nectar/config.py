@@ -10,9 +10,11 @@ ALLOCATIONS = ("uniform", "probe", "gap")
 WEIGHT_BITS = (8, 16)  # module weight storage: int8 with a 16-bit scale per column, or 16-bit (nectar.quant)
 EXACT_BITS = (4, 8, 16)  # exact-token storage: 4-bit codes two to a byte, int8, or 16-bit; a scale per channel
 HOLDOUTS = ("chunks", "prompts")  # what validation holds out of training (PromptConfig.holdout)
-# The measured best share of the budget for exact tokens, since they go by KV head: at 2%, answer KL 0.035 /
-# 0.028 / 0.025 / 0.029 on MPL and 0.025 / 0.021 / 0.020 on pydoc at 0.3 / 0.45 / 0.6 / 0.75 (docs/results.md).
+# The measured best share of the budget for exact tokens where the gap allocation places them by KV head: at 2%,
+# answer KL 0.035 / 0.028 / 0.025 / 0.029 on MPL and 0.025 / 0.021 / 0.020 on pydoc at 0.3 / 0.45 / 0.6 / 0.75
+# (docs/results.md). Spread evenly (another allocation) each token buys less: there the earlier 0.3 stays.
 EXACT_SHARE = 0.6
+EXACT_SHARE_EVEN = 0.3
 
 
 def _require(ok: bool, message: str) -> None:
@@ -140,7 +142,8 @@ class CompileConfig:
     refine_anchor: float = 1.0  # weight of the per-layer regression loss beside refinement's KL
     # Budget share for document tokens kept exact, the most attended ones (by layer and, in the hardest layers,
     # by KV head under the gap allocation).
-    # None: EXACT_SHARE where every layer is global, 0 on models with sliding-window layers (not supported yet).
+    # None: EXACT_SHARE (EXACT_SHARE_EVEN under another allocation than gap) where every layer is global, 0 on
+    # models with sliding-window layers (not supported yet).
     exact_share: float | None = None
     # Refit steps on queries captured with the fitted modules driving the model (0: off); most of a round's
     # gain comes in its first 100 steps (MPL, second round: validation error 0.0474 at 100, 0.0469 at 300).

@@ -8,7 +8,7 @@ import torch
 import nectar
 from nectar.compiler import Workbench
 from nectar.evaluate import warn_if_useless
-from nectar.config import EXACT_SHARE
+from nectar.config import EXACT_SHARE, EXACT_SHARE_EVEN
 from nectar.documents import document_ids
 from nectar.models import attention_layers
 from nectar.prefill import prefill, split_sinks
@@ -206,7 +206,9 @@ def test_the_default_exact_share_is_decided_per_model_and_document(tokenizer):
     default = replace(FAST, exact_share=None)
     long = Workbench(tiny_llama(), tokenizer, sample_document(3000), default)
     short = Workbench(tiny_llama(), tokenizer, sample_document(400), replace(default, budget=0.012))
-    assert long.config.exact_share == EXACT_SHARE and short.config.exact_share == 0.0
+    assert long.config.exact_share == EXACT_SHARE_EVEN and short.config.exact_share == 0.0  # FAST: uniform
+    gap = Workbench(tiny_llama(), tokenizer, sample_document(3000), replace(default, allocation="gap"))
+    assert gap.config.exact_share == EXACT_SHARE  # more where the gap allocation places them by KV head
 
 
 @pytest.mark.parametrize("holdout", ["chunks", "prompts"])
