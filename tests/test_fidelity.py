@@ -116,8 +116,8 @@ def test_exact_power_above_one_prefers_a_sharply_attended_token_to_a_diffusely_a
     assert most_attended(q, full, 1.0, skip=0, count=1, power=2.0)[0].item() == 2
 
 
-def test_exact_power_reaches_the_split_a_compile_fits_on(bench):
-    """A compile at another exact_power chooses its own tokens (its split and captures are not the default's)."""
+def test_the_workbench_keeps_a_split_per_exact_power(bench):
+    """Splits are cached by (counts, power): another power chooses its own tokens, the same power reuses its split."""
     counts = bench.exact_counts(replace(bench.config, exact_share=0.3))
     assert bench.split(counts, 1.0)[0] is bench.split(counts, 1.0)[0]
     first, second = bench.split(counts, 1.0)[0], bench.split(counts, 4.0)[0]
