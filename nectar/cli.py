@@ -180,6 +180,9 @@ def _compile_args(p) -> None:
                    help="which tokens stay exact: those with the most attention over training queries, each "
                    "query's attention raised to this power (1: the mass; 2: tokens some queries attend to "
                    f"sharply, as a quote does; default {CompileConfig.exact_power})")
+    p.add_argument("--exact-head-cap", type=float, default=CompileConfig.exact_head_cap,
+                   help="under --allocation gap, the most of the document one KV head may keep exact (a head "
+                   f"that copies text wants much of it; its module learns the rest; default {CompileConfig.exact_head_cap})")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, splits and fitting (default 0)")
     p.add_argument("--truncate", action="store_true", help="cut a document too long for the model (says how much)")
 

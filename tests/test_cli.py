@@ -77,7 +77,8 @@ def test_empty_document(tmp_path, capsys):
                                             (["--share-power", "-1"], "share_power must be >= 0"),
                                             (["--weight-bits", "4"], "invalid choice"),
                                             (["--exact-bits", "2"], "invalid choice"),
-                                            (["--exact-power", "0"], "exact_power must be > 0")])
+                                            (["--exact-power", "0"], "exact_power must be > 0"),
+                                            (["--exact-head-cap", "1"], "exact_head_cap must be in")])
 def test_bad_numbers_are_refused_before_loading(doc, tmp_path, capsys, no_model, flags, pattern):
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", *flags), pattern)
 
