@@ -55,12 +55,15 @@ def _per_call(fn, inner: int = 50) -> float:
 
 
 @torch.no_grad()
-def attention_only(model, bank: FusedBank, sizes: list[int], repeats: int) -> list[dict]:
+def attention_only(model, provider, sizes: list[int], repeats: int) -> list[dict]:
     """Per-token attention over the document for one layer, one decode query: SDPA over n keys vs the module.
 
     Round-robin over n as for decode, so that the module, whose work is the same at every n, is timed
-    under the same drift as SDPA; min and median of the rounds.
+    under the same drift as SDPA; min and median of the rounds. A bank with exact tokens beside it (an
+    `attention.WithExact`) is timed as its module alone: the exact tokens differ by layer, and the decode
+    timings include them.
     """
+    bank: FusedBank = getattr(provider, "provider", provider)
     heads, kv, d = model.config.num_attention_heads, model.config.num_key_value_heads, bank.head_dim
     like = dict(dtype=next(model.parameters()).dtype, device=model.device)
     q = torch.randn(1, heads, 1, d, **like)

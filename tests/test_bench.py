@@ -1,12 +1,16 @@
 """`nectar bench` runs end to end on a tiny model and writes its JSON and plot."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 import nectar
 from nectar.bench import BenchConfig, run
+from nectar.attention import WithExact
 from nectar.bench_report import table, write_report
+
+from conftest import FAST, sample_document, tiny_llama
 
 
 def test_bench_writes_report_and_plot(tmp_path, compiled):
@@ -63,3 +67,14 @@ def test_bench_on_a_model_with_sliding_layers(tmp_path):
     per_token = 2 * model.config.num_key_value_heads * 16 * 2
     assert [r["full_cache_bytes"] for r in report["memory"]] == [cache_tokens(model.config, r["n"]) * per_token
                                                                  for r in report["memory"]]
+
+
+def test_bench_runs_on_an_artifact_with_exact_tokens(tokenizer):
+    """The default compile keeps exact tokens beside the modules; the bench once failed on such a provider."""
+    model = tiny_llama()
+    art = nectar.compile(model, tokenizer, sample_document(1500), replace(FAST, exact_share=0.3))
+    assert isinstance(art.providers(model)[0], WithExact)
+    config = BenchConfig(attention_n=[64], decode_n=[128], batches=[1], new_tokens=2, repeats=1)
+    report = run(model, art, torch.randint(3, 300, (256,)).tolist(), config)
+    assert report["attention"][0]["module_ms"] > 0
+    assert [r["method"] for r in report["decode"]].count("nectar") == 1
