@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .binding import bound, cacheable, generation_inputs
-from .attention import IMPLEMENTATION, ExactContext
+from .attention import IMPLEMENTATION, ExactContext, WithExact
 from .errors import NectarError
 from .models import attn_implementation, cache_tokens
 from .fused import FusedBank
@@ -63,7 +63,7 @@ def attention_only(model, provider, sizes: list[int], repeats: int) -> list[dict
     `attention.WithExact`) is timed as its module alone: the exact tokens differ by layer, and the decode
     timings include them.
     """
-    bank: FusedBank = getattr(provider, "provider", provider)
+    bank: FusedBank = provider.provider if isinstance(provider, WithExact) else provider
     heads, kv, d = model.config.num_attention_heads, model.config.num_key_value_heads, bank.head_dim
     like = dict(dtype=next(model.parameters()).dtype, device=model.device)
     q = torch.randn(1, heads, 1, d, **like)
