@@ -17,7 +17,7 @@ from .artifact import Artifact, Bank, build_manifest
 from .budget import allocate, head_gaps, params_per_module, uniform_exact
 from .attention import ExactContext
 from .capture import Store, capture
-from .config import EXACT_SHARE, EXACT_SHARE_EVEN, CompileConfig
+from .config import EXACT_SHARE, EXACT_SHARE_EVEN, MIN_MODULE_WIDTH, CompileConfig
 from .documents import document_ids
 from .errors import NectarError
 from .evaluate import validation_metrics, warn_if_useless
@@ -73,16 +73,24 @@ class Workbench:
         """The config with its exact share decided: the default one, or none on sliding-window models."""
         slides = any(layer_windows(self.model.config))
         if config.exact_share is None:
-            share = EXACT_SHARE if config.allocation == "gap" else EXACT_SHARE_EVEN
-            chosen = replace(config, exact_share=0.0 if slides else share)
-            try:  # a short document's budget may hold modules but not these tokens too: then none
-                params_per_module(self.model, self.n, chosen, uniform_exact(self.n, chosen))
-            except NectarError:
-                return replace(config, exact_share=0.0)
-            return chosen
+            share = 0.0 if slides else EXACT_SHARE if config.allocation == "gap" else EXACT_SHARE_EVEN
+            return replace(config, exact_share=self._default_share(config, share))
         if slides and config.exact_share:
             raise NectarError("exact_share is not supported on models with sliding-window layers yet: set it to 0")
         return config
+
+    def _default_share(self, config: CompileConfig, share: float) -> float:
+        """`share`, or less where a small budget would leave the modules narrower than MIN_MODULE_WIDTH (or
+        no room at all, as on a short document): each token a module gives up buys less than its width."""
+        for step in range(round(share / 0.05), 0, -1):
+            chosen = replace(config, exact_share=round(step * 0.05, 2))
+            try:
+                per_module = params_per_module(self.model, self.n, chosen, uniform_exact(self.n, chosen))
+            except NectarError:
+                continue
+            if min(self.mlp_bank(chosen, per_module).target_widths) >= MIN_MODULE_WIDTH:
+                return chosen.exact_share
+        return 0.0
 
     def exact_counts(self, config: CompileConfig) -> tuple[int, ...]:
         """Tokens kept exact per (layer, head) beyond the sinks, per model layer: `exact_share` of the budget's

@@ -8,7 +8,8 @@ import torch
 import nectar
 from nectar.compiler import Workbench
 from nectar.evaluate import warn_if_useless
-from nectar.config import EXACT_SHARE, EXACT_SHARE_EVEN
+from nectar.budget import params_per_module, uniform_exact
+from nectar.config import EXACT_SHARE, EXACT_SHARE_EVEN, MIN_MODULE_WIDTH
 from nectar.documents import document_ids
 from nectar.models import attention_layers
 from nectar.prefill import prefill, split_sinks
@@ -203,12 +204,28 @@ def test_attention_layers_found_in_order(compiled):
 
 def test_the_default_exact_share_is_decided_per_model_and_document(tokenizer):
     """The manifest holds the share used: the default where it fits, none where the budget cannot hold it."""
-    default = replace(FAST, exact_share=None)
+    default = replace(FAST, exact_share=None, budget=0.05)
     long = Workbench(tiny_llama(), tokenizer, sample_document(3000), default)
     short = Workbench(tiny_llama(), tokenizer, sample_document(400), replace(default, budget=0.012))
     assert long.config.exact_share == EXACT_SHARE_EVEN and short.config.exact_share == 0.0  # FAST: uniform
     gap = Workbench(tiny_llama(), tokenizer, sample_document(3000), replace(default, allocation="gap"))
     assert gap.config.exact_share == EXACT_SHARE  # more where the gap allocation places them by KV head
+
+
+def _uniform_width(bench: Workbench, share: float) -> int:
+    config = replace(bench.config, exact_share=share)
+    return min(bench.mlp_bank(config, params_per_module(bench.model, bench.n, config,
+                                                         uniform_exact(bench.n, config))).target_widths)
+
+
+def test_a_small_budget_gives_exact_tokens_no_more_than_keeps_the_modules_useful(tokenizer):
+    """At 2% of this document the full default share would leave the modules narrower than MIN_MODULE_WIDTH:
+    the share steps down to the largest that keeps them that wide, and not below it."""
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(3000), replace(FAST, exact_share=None, budget=0.02,
+                                                                             allocation="gap"))
+    share = bench.config.exact_share
+    assert 0.0 < share < EXACT_SHARE and _uniform_width(bench, EXACT_SHARE) < MIN_MODULE_WIDTH
+    assert _uniform_width(bench, share) >= MIN_MODULE_WIDTH > _uniform_width(bench, round(share + 0.05, 2))
 
 
 @pytest.mark.parametrize("holdout", ["chunks", "prompts"])
