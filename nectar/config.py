@@ -146,8 +146,9 @@ class CompileConfig:
     refine_anchor: float = 1.0  # weight of the per-layer regression loss beside refinement's KL
     # Budget share for document tokens kept exact, the most attended ones (by layer and, in the hardest layers,
     # by KV head under the gap allocation).
-    # None: EXACT_SHARE (EXACT_SHARE_EVEN under another allocation than gap) where every layer is global, 0 on
-    # models with sliding-window layers (not supported yet).
+    # None: EXACT_SHARE (EXACT_SHARE_EVEN under another allocation than gap) where every layer is global, less
+    # where that would leave the modules under MIN_MODULE_WIDTH, 0 on models with sliding-window layers (not
+    # supported yet).
     exact_share: float | None = None
     # Refit steps on queries captured with the fitted modules driving the model (0: off); most of a round's
     # gain comes in its first 100 steps (MPL, second round: validation error 0.0474 at 100, 0.0469 at 300).
