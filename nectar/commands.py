@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .config import CompileConfig, FitConfig, PromptConfig
@@ -192,6 +193,7 @@ def cmd_eval(args) -> None:
     if artifact is not None:
         model, tokenizer = _load_for(artifact, args)
         compiled = CompileConfig.from_dict(artifact.manifest["config"])
+        compiled = replace(compiled, **{field: None for field in artifact.manifest.get("defaulted", [])})
         given = None if source is None else load_text(source, tokenizer, text)
         context = _document_of(artifact, args.document, given, model, tokenizer, compiled)
     else:

@@ -34,6 +34,7 @@ from .templates import templates_for
 from .timing import stage as _stage
 
 TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
+RESOLVED = ("exact_share",)  # config fields whose default (None) the workbench decides per model, document and budget
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
 
 
@@ -54,6 +55,8 @@ class Workbench:
         if all(windows):
             raise NectarError(f"every layer of {model.config.model_type} slides over {windows[0]} tokens: its cache "
                               "is already bounded, and there is nothing for nectar to compile")
+        # As asked, before defaults that depend on the budget are decided: each compile of a sweep decides its own.
+        self.requested = self.config
         self.config = self._resolved(self.config)
         self.timings: dict[str, float] = {}
         self._splits: dict[tuple, tuple[ExactContext, ExactContext]] = {}
@@ -223,7 +226,7 @@ class Workbench:
 
     def compile(self, **changes) -> Artifact:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
-        config = self._resolved(replace(self.config, **changes))
+        config = self._resolved(replace(self.requested, **changes))
         params_per_module(self.model, self.n, config, uniform_exact(self.n, config))  # refused before any work
         self._refining, gap_times = bool(config.refine_steps), {}
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
@@ -275,6 +278,8 @@ class Workbench:
                         bias=None if sinks.bias is None else [None if b is None else b.cpu() for b in sinks.bias])
         artifact = Artifact(manifest, bank.cpu(), sinks, self.doc_ids if config.keep_document else None)
         artifact.manifest["memory_ratio"] = artifact.memory_ratio()
+        # So that an evaluation's sweep from this artifact decides the default again at each budget.
+        artifact.manifest["defaulted"] = [f for f in RESOLVED if getattr(self.requested, f) is None and f not in changes]
         warn_if_useless(metrics["questions"])
         return artifact
 

@@ -228,6 +228,16 @@ def test_a_small_budget_gives_exact_tokens_no_more_than_keeps_the_modules_useful
     assert _uniform_width(bench, share) >= MIN_MODULE_WIDTH > _uniform_width(bench, round(share + 0.05, 2))
 
 
+def test_each_budget_of_a_sweep_decides_its_own_default_share(tokenizer):
+    """A workbench made at one budget and asked for another decides the default share at that budget, and the
+    artifact says the share was a default, so that an evaluation's sweep from it decides again."""
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(3000), replace(FAST, exact_share=None, budget=0.05))
+    small = bench.compile(budget=0.02)
+    assert bench.config.exact_share == EXACT_SHARE_EVEN > small.manifest["config"]["exact_share"] > 0.0
+    assert small.manifest["defaulted"] == ["exact_share"]
+    assert bench.compile(budget=0.02, exact_share=0.1).manifest["defaulted"] == []
+
+
 @pytest.mark.parametrize("holdout", ["chunks", "prompts"])
 def test_validation_holds_out_prompts_by_its_holdout(tokenizer, holdout):
     config = replace(FAST, prompts=replace(FAST.prompts, holdout=holdout, val_fraction=0.2, chunk_tokens=256))
