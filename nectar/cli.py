@@ -161,7 +161,7 @@ def _compile_args(p) -> None:
                    help="share of the budget spent on document tokens kept exact, those training queries attend "
                    "to most; under --allocation gap they go to the layers, and in the hardest layers to the KV heads, "
                    f"in proportion to the answer KL each causes (default {EXACT_SHARE}, {EXACT_SHARE_EVEN} under another "
-                   "allocation, less where a small budget would leave the modules under {MIN_MODULE_WIDTH} wide; 0 on models "
+                   f"allocation, less where a small budget would leave the modules under {MIN_MODULE_WIDTH} wide; 0 on models "
                    "with sliding-window layers)")
     p.add_argument("--onpolicy-steps", type=int, default=CompileConfig.onpolicy_steps,
                    help="refit steps on queries captured with the fitted modules in place, as they will be at "
