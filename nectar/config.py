@@ -17,7 +17,7 @@ EXACT_SHARE = 0.6
 EXACT_SHARE_EVEN = 0.3
 # The default share shrinks (in steps of 0.05) until the modules keep at least this width in a uniform bank: at
 # 0.5% a share of 0.6 leaves MPL's modules 1 wide (agreement 0.828, KL 0.206), where 0.3 and 0.15 leave them
-# 7 and 9 wide (0.858 / 0.141, 0.855 / 0.142). At 1% and above the 0.6 share keeps them wider than this.
+# 5 and 8 wide (0.858 / 0.141, 0.855 / 0.142). At 1% and above the 0.6 share keeps them at least this wide.
 MIN_MODULE_WIDTH = 8
 
 
