@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .attention import ExactContext
+from .attention import ExactContext, attend, empty_heads
 
 
 def weight_numbers(fan_in: int, fan_out: int, bits: int) -> float:
@@ -105,6 +105,7 @@ class CodedTokens:
         # Where each real row goes in the flattened [kv_heads * t] padding, for layers held as rows: found once.
         self.slots = [torch.isfinite(self.bias[layer]).flatten().nonzero().squeeze(1) if codes.dim() == 2 else None
                       for layer, (codes, _) in enumerate(self.keys)]
+        self.empty = [None if b is None else empty_heads(b) for b in (self.bias or [None] * len(self.keys))]
 
     @classmethod
     def of(cls, exact: ExactContext, bits: int) -> CodedTokens:
@@ -134,14 +135,19 @@ class CodedTokens:
             b for b in [*(self.bias or []), *self.slots] if b is not None]
 
     def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-        bias = self.layer_bias(layer)
-        k, v = (self._read(layer, *part[layer]).to(q.dtype) for part in (self.keys, self.values))
-        return ExactContext([k], [v], None if bias is None else [bias])(0, q, scaling)
+        """Attention over the layer's tokens with the per-channel scales folded into the query and the output
+        (q . (c * s) = (q * s) . c): a decode step converts the codes once and never builds dequantised K, V."""
+        (k_codes, k_scale), (v_codes, v_scale) = self.keys[layer], self.values[layer]
+        k, v = self._codes(layer, k_codes, q.dtype), self._codes(layer, v_codes, q.dtype)
+        if q.shape[1] != k_scale.shape[0]:  # query heads grouped over the KV heads (the model passes KV rows)
+            k_scale, v_scale = (x.repeat_interleave(q.shape[1] // x.shape[0], 0) for x in (k_scale, v_scale))
+        o, lse = attend(q * k_scale.to(q.dtype), k, v, scaling, self.layer_bias(layer), self.empty[layer])
+        return o * v_scale, lse
 
-    def _read(self, layer: int, codes: Tensor, scale: Tensor) -> Tensor:
-        """A layer's codes read back as [kv_heads, t, d]; a layer held as rows is padded with zeros."""
-        codes, slots = unpacked(codes), self.slots[layer]
-        if slots is not None:
-            flat = codes.new_zeros(self.bias[layer].numel(), codes.shape[-1]).index_copy_(0, slots, codes)
-            codes = flat.view(*self.bias[layer].shape, -1)
-        return dequantize(codes, scale)
+    def _codes(self, layer: int, codes: Tensor, dtype: torch.dtype) -> Tensor:
+        """A layer's codes as [kv_heads, t, d] in `dtype` (exact: |code| <= 127); rows padded with zeros."""
+        codes, slots = unpacked(codes).to(dtype), self.slots[layer]
+        if slots is None:
+            return codes
+        flat = codes.new_zeros(self.bias[layer].numel(), codes.shape[-1]).index_copy_(0, slots, codes)
+        return flat.view(*self.bias[layer].shape, -1)
