@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .files import write_json
+from .metrics import bootstrap_interval
 from .plots import log_if_positive, pyplot
 
 
@@ -53,7 +54,29 @@ def table(report: dict) -> str:
         c = report["ceiling"]
         lines.append(f"the full cache itself in {c['dtype']}: EM {c['exact_match']:.2f}, cos {c['cosine']:.3f} against "
                      "those answers (the most that greedy-answer similarity reads for an all-but-exact method)")
+    lines += cosine_intervals(report)
     return "\n".join(lines)
+
+
+def cosine_intervals(report: dict) -> list[str]:
+    """The greedy answers' cosine with its 95% bootstrap interval over questions, and each method's gap to
+    the full cache in the compile's dtype, paired question by question: which differences are more than luck."""
+    rows = [r for r in report["rows"] if r.get("generation", {}).get("cosines")]
+    if not rows:
+        return []
+    ceiling = (report.get("ceiling") or {}).get("cosines")
+    lines = [f"greedy answers' cosine, 95% bootstrap interval over {len(rows[0]['generation']['cosines'])} questions"
+             + (f" (and the gap to the full cache in {report['ceiling']['dtype']}, paired)" if ceiling else "") + ":"]
+    for r in rows:
+        g = r["generation"]
+        lo, hi = g["cosine_interval"]
+        line = f"  {r['method']} at {r['budget']:g}: {g['cosine']:.3f} [{lo:.3f}, {hi:.3f}]"
+        if ceiling and len(ceiling) == len(g["cosines"]):
+            gaps = [m - c for m, c in zip(g["cosines"], ceiling)]
+            lo, hi = bootstrap_interval(gaps)
+            line += f"; against it {sum(gaps) / len(gaps):+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        lines.append(line)
+    return lines
 
 
 def _seconds(row: dict) -> str:

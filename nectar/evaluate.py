@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .binding import bound
 from .attention import ContextProvider, ExactContext, NoContext, merge
 from .fit import bank_errors
-from .metrics import module_errors, pooled_kinds
+from .metrics import bootstrap_interval, module_errors, pooled_kinds
 from .padding import right_pad, right_padded_positions
 
 Method = tuple[ContextProvider, "ExactContext | None"]
@@ -137,13 +137,15 @@ def layer_errors(method: Method, store, kv_heads: int, scaling: float, device: t
     return out
 
 
-def generation_match(answers: list[str], references: list[str]) -> dict[str, float]:
-    """Exact-match rate and mean MiniLM cosine of greedy answers against the full-cache answers."""
+def generation_match(answers: list[str], references: list[str]) -> dict:
+    """Exact-match rate and MiniLM cosine of greedy answers against the full-cache answers: the mean, each
+    question's (`cosines`) and a 95% bootstrap interval of the mean over questions (`cosine_interval`)."""
     from .semantic import cosine
 
     exact = [a.strip() == r.strip() for a, r in zip(answers, references)]
-    return {"exact_match": sum(exact) / max(1, len(exact)),
-            "cosine": sum(cosine(a, r) for a, r in zip(answers, references)) / max(1, len(answers))}
+    cosines = [cosine(a, r) for a, r in zip(answers, references)]
+    return {"exact_match": sum(exact) / max(1, len(exact)), "cosine": sum(cosines) / max(1, len(cosines)),
+            "cosines": cosines, "cosine_interval": bootstrap_interval(cosines)}
 
 
 def validation_metrics(model, bank, sinks: ExactContext, full: ExactContext, n: int, val_prompts: list,

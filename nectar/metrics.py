@@ -66,3 +66,15 @@ def pooled(parts: list[dict]) -> dict:
 def pooled_kinds(fidelity: dict, kinds, part: str = "answer") -> dict:
     """One method's fidelity on `part` tokens pooled over several prompt kinds present in `fidelity`."""
     return pooled([fidelity[k][part] for k in kinds if k in fidelity])
+
+
+def bootstrap_interval(values: list[float], level: float = 0.95, draws: int = 4000, seed: int = 0) -> list[float]:
+    """Percentile interval of the mean of `values` over resampled items (questions): how far the mean of ~40
+    greedy answers, each of which may flip on a near-tie, can move by the luck of which questions were asked.
+    Pass paired differences to compare two methods on the same questions."""
+    x = torch.tensor(values, dtype=torch.float64)
+    if len(x) < 2:
+        return [float(x.mean()), float(x.mean())] if len(x) else [float("nan"), float("nan")]
+    picks = torch.randint(len(x), (draws, len(x)), generator=torch.Generator().manual_seed(seed))
+    tail = (1 - level) / 2
+    return torch.quantile(x[picks].mean(1), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()

@@ -200,7 +200,23 @@ def test_the_ceiling_is_the_compile_models_full_cache_against_the_judge(tokenize
     other = Comparison(wb, None, ["What does assert do?"], tmp_path / "b", config, tiny_llama(seed=1)).run()
     assert same["exact_match"] == 1.0 and same["cosine"] == pytest.approx(1.0, abs=1e-4)
     assert other["ceiling"]["exact_match"] == 0.0 and "the full cache itself in float32" in table(other)
+    # Each method's answers also read against the ceiling's, question by question.
+    row = other["rows"][0]["generation"]
+    assert len(row["cosines"]) == len(other["ceiling"]["cosines"]) == 1
+    assert "no_document at 0.02: " in table(other) and "against it" in table(other)
     assert Comparison(wb, None, ["What does assert do?"], tmp_path / "c", config).run()["ceiling"] is None
+
+
+def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_more_questions():
+    from nectar.metrics import bootstrap_interval
+
+    torch.manual_seed(0)
+    few, many = torch.rand(10).tolist(), torch.rand(400).tolist()
+    (lo, hi), (lo_many, hi_many) = bootstrap_interval(few), bootstrap_interval(many)
+    assert lo < sum(few) / 10 < hi and lo_many < sum(many) / 400 < hi_many
+    assert hi_many - lo_many < (hi - lo) / 3  # width ~ 1 / sqrt(questions)
+    assert bootstrap_interval([0.5] * 8) == pytest.approx([0.5, 0.5])  # no spread, no doubt
+    assert bootstrap_interval(few) == bootstrap_interval(few)  # seeded: a report reads the same twice
 
 
 def test_spearman():
