@@ -23,7 +23,7 @@ from .fused import FusedBank
 from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
-from .quant import CodedTokens, weight_numbers
+from .quant import CodedTokens, token_numbers
 from .tokenstore import STORE_DTYPE, quantized, sinks_from, stored
 
 FORMAT_VERSION = 3  # 3: the checksum covers the manifest too
@@ -72,7 +72,7 @@ class Artifact:
         s, sinks = self.manifest["sink_tokens"], self.sinks
         bias = None if sinks.bias is None else [None if b is None else b[:, s:] for b in sinks.bias]
         rest = ExactContext([k[:, s:] for k in sinks.keys], [v[:, s:] for v in sinks.values], bias)
-        rest = CodedTokens.of(rest, self.exact_bits).to(device) if self.exact_bits < 16 else replace(
+        rest = CodedTokens.of(rest, self.exact_bits, self.exact_value_bits).to(device) if self.exact_bits < 16 else replace(
             rest, keys=[k.to(device, dtype) for k in rest.keys], values=[v.to(device, dtype) for v in rest.values])
         return WithExact(provider, rest), replace(sinks, keys=[k[:, :s] for k in sinks.keys],
                                                   values=[v[:, :s] for v in sinks.values], bias=None)
@@ -95,19 +95,26 @@ class Artifact:
             return 16
         return self.manifest["config"].get("exact_bits", 16)
 
+    @property
+    def exact_value_bits(self) -> int:
+        """How those tokens' values are stored: as the keys in artifacts from before values had their own."""
+        if self.exact_bits == 16:
+            return 16
+        return self.manifest["config"].get("exact_value_bits") or self.exact_bits
+
     def nbytes(self, dtype_bytes: int = 2) -> int:
         """Bytes kept for the document (modules + exact tokens: sinks, sliding tails) at `dtype_bytes` per
         16-bit number; b-bit exact tokens count as b/16 of a number each, their scales as whole ones."""
         return round((self.bank.num_params() + self._exact_numbers()) * dtype_bytes)
 
     def _exact_numbers(self) -> float:
-        s, bits, total = self.manifest["sink_tokens"], self.exact_bits, 0.0
-        layers = range(len(self.sinks.keys))
-        for layer, x, window in zip([*layers, *layers], (*self.sinks.keys, *self.sinks.values), self.windows * 2):
-            d = x.shape[-1]
+        s, total = self.manifest["sink_tokens"], 0.0
+        for layer, window in enumerate(self.windows):
+            d = self.sinks.keys[layer].shape[-1]
             for tokens in self.sinks.head_counts(layer):  # real tokens only, not a head's padding
-                exact = window is None and bits < 16
-                total += s * d + weight_numbers(tokens - s, d, bits) if exact else tokens * d
+                for bits, values in ((self.exact_bits, False), (self.exact_value_bits, True)):
+                    exact = window is None and bits < 16
+                    total += s * d + token_numbers(tokens - s, d, bits, values) if exact else tokens * d
         return total
 
     def memory_ratio(self) -> float:
@@ -135,7 +142,7 @@ class Artifact:
                 s = self.manifest["sink_tokens"]
                 past = None if heads is None else [[c - s for c in layer] for layer in heads]
                 out.update(quantized("exact", [k[:, s:] for k in keys], [v[:, s:] for v in values], self.exact_bits,
-                                      past))
+                                      past, self.exact_value_bits))
                 keys, values, heads = [k[:, :s] for k in keys], [v[:, :s] for v in values], None
             out.update(stored(name, keys, values, heads))
         if self.document_ids is not None:

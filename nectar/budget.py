@@ -11,28 +11,33 @@ import torch
 from .config import CompileConfig
 from .errors import NectarError
 from .models import head_dim
-from .quant import weight_numbers
+from .quant import token_numbers
 
 
 def params_per_module(model, n: int, config: CompileConfig, exact: int = 0) -> int:
     """Numbers per (layer, KV head) module so that modules + exact K/V = budget x the document's KV."""
     d = head_dim(model.config)
-    # Keys and values of the exact tokens quantise like a [tokens, d] weight: a scale per channel.
-    exact_numbers = 2 * weight_numbers(exact, d, config.exact_bits) if exact else 0
-    per_module = config.budget * 2 * n * d - config.sink_tokens * 2 * d - exact_numbers
+    per_module = config.budget * 2 * n * d - config.sink_tokens * 2 * d - exact_numbers(exact, d, config)
     if per_module < 4 * d:
         raise NectarError(f"budget {config.budget} leaves no room for modules beside {config.sink_tokens + exact} "
                           "exact tokens per head: raise --budget, or lower exact_share or sink_tokens")
     return int(per_module)
 
 
-def uniform_exact(n: int, config: CompileConfig) -> int:
+def exact_numbers(tokens: int, d: int, config: CompileConfig) -> float:
+    """16-bit numbers that `tokens` exact keys and values of one (layer, KV head) take, their scales included."""
+    if not tokens:
+        return 0.0
+    return token_numbers(tokens, d, config.exact_bits) + token_numbers(tokens, d, config.value_bits, values=True)
+
+
+def uniform_exact(n: int, config: CompileConfig, d: int) -> int:
     """Tokens kept exact per (layer, head) beyond the sinks when spread evenly: `exact_share` of the budget's
-    bytes, at `exact_bits` per number (8-bit tokens pay one token's worth of 16-bit numbers in scales)."""
-    tokens = config.exact_share * config.budget * n
-    if config.exact_bits == 16 or tokens < 1:
-        return int(tokens)
-    return int((tokens - 1) * 16 / config.exact_bits)
+    bytes at their storage's bits (8-bit keys pay one token's worth of 16-bit numbers in scales)."""
+    numbers = config.exact_share * config.budget * n * 2 * d
+    per_token = exact_numbers(2, d, config) - exact_numbers(1, d, config)
+    fixed = exact_numbers(1, d, config) - per_token  # per-channel scales, paid once
+    return max(0, int((numbers - fixed) / per_token + 1e-9))
 
 
 def allocate(difficulty: list[float], per_module: int, low: float = 0.25, high: float = 3.0) -> list[int]:

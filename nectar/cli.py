@@ -176,8 +176,12 @@ def _compile_args(p) -> None:
                    help="module weights stored as int8 with a scale per column (8: ~1.6x the width in the same "
                    f"bytes) or 16-bit (default {CompileConfig.weight_bits})")
     p.add_argument("--exact-bits", type=int, choices=EXACT_BITS, default=CompileConfig.exact_bits,
-                   help="exact tokens past the sinks stored as 4- or 8-bit codes with a scale per channel (~4x or "
-                   f"~2x the tokens in the same bytes; 4 measured worse) or 16-bit (default {CompileConfig.exact_bits})")
+                   help="exact tokens' keys past the sinks stored as 4- or 8-bit codes with a scale per channel (4 "
+                   f"measured worse: keys steer the softmax) or 16-bit (default {CompileConfig.exact_bits})")
+    p.add_argument("--exact-value-bits", type=int, choices=EXACT_BITS, default=CompileConfig.exact_value_bits,
+                   help="their values: 4-bit codes with a scale per token (more tokens in the same bytes; values "
+                   "tolerate rounding), 8-bit with a scale per channel, or 16-bit (default: 4 beside 8-bit keys, "
+                   "else as the keys)")
     p.add_argument("--exact-power", type=float, default=CompileConfig.exact_power,
                    help="which tokens stay exact: those with the most attention over training queries, each "
                    "query's attention raised to this power (1: the mass; 2: tokens some queries attend to "

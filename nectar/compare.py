@@ -36,7 +36,8 @@ NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrat
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
 TUNABLE = ("variant", "allocation", "probe_prompts", "head_gap_layers", "exact_share", "onpolicy_steps",
            "onpolicy_rounds", "refine_steps", "refine_anchor", "depth", "score_share", "target_softmax", "weight_bits",
-           "exact_bits", "exact_power", "exact_head_cap")
+           "exact_bits", "exact_value_bits", "exact_power", "exact_head_cap")
+INT_RESOLVED = ("exact_value_bits",)  # fields whose None default resolves to a whole number, not a float
 FIT_TUNABLE = ("steps", "share_power")  # FitConfig fields, which an ablation changes inside the base config's fit
 
 
@@ -55,7 +56,8 @@ def nectar_changes(name: str) -> dict | None:
                               f"{', '.join(TUNABLE + FIT_TUNABLE)}")
         default = getattr(FitConfig() if key in FIT_TUNABLE else CompileConfig(), key)
         # None: a float field resolved at compile time; bool("0") would be True, so booleans parse by name.
-        kind = float if default is None else _boolean if isinstance(default, bool) else type(default)
+        kind = (int if key in INT_RESOLVED else float) if default is None else (
+            _boolean if isinstance(default, bool) else type(default))
         try:
             (fit_changes if key in FIT_TUNABLE else changes)[key] = kind(value)
         except ValueError:

@@ -73,7 +73,9 @@ class Workbench:
             return prefill(self.model, torch.tensor(self.doc_ids))
 
     def _resolved(self, config: CompileConfig) -> CompileConfig:
-        """The config with its exact share decided: the default one, or none on sliding-window models."""
+        """The config with its exact share decided: the default one, or none on sliding-window models; and the
+        bits of the exact values written out, so that the artifact says how it stores them."""
+        config = replace(config, exact_value_bits=config.value_bits)
         slides = any(layer_windows(self.model.config))
         if config.exact_share is None:
             share = 0.0 if slides else EXACT_SHARE if config.allocation == "gap" else EXACT_SHARE_EVEN
@@ -88,19 +90,22 @@ class Workbench:
         for step in range(round(share / 0.05), 0, -1):
             chosen = replace(config, exact_share=round(step * 0.05, 2))
             try:
-                per_module = params_per_module(self.model, self.n, chosen, uniform_exact(self.n, chosen))
+                per_module = params_per_module(self.model, self.n, chosen, self._uniform_exact(chosen))
             except NectarError:
                 continue
             if min(self.mlp_bank(chosen, per_module).target_widths) >= MIN_MODULE_WIDTH:
                 return chosen.exact_share
         return 0.0
 
+    def _uniform_exact(self, config: CompileConfig) -> int:
+        return uniform_exact(self.n, config, head_dim(self.model.config))
+
     def exact_counts(self, config: CompileConfig) -> tuple[int, ...]:
         """Tokens kept exact per (layer, head) beyond the sinks, per model layer: `exact_share` of the budget's
         tokens, the same in every layer, or under the `gap` allocation in proportion to the KL each layer
         causes, since a layer whose module barely moves the answer needs no exact tokens at all."""
         layers, kv = self.model.config.num_hidden_layers, self.model.config.num_key_value_heads
-        per_layer = uniform_exact(self.n, config)
+        per_layer = self._uniform_exact(config)
         if not per_layer or config.allocation != "gap":
             return (per_layer,) * layers
         gaps = self.gaps(config)
@@ -227,14 +232,14 @@ class Workbench:
     def compile(self, **changes) -> Artifact:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
         config = self._resolved(replace(self.requested, **changes))
-        params_per_module(self.model, self.n, config, uniform_exact(self.n, config))  # refused before any work
+        params_per_module(self.model, self.n, config, self._uniform_exact(config))  # refused before any work
         self._refining, gap_times = bool(config.refine_steps), {}
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
             self.exact_counts(config) if config.exact_share else self.gaps(config)
             gap_times = dict(self.probe.times[gap_key(config)])
         counts, power = self.exact_counts(config), config.exact_power
         train_store, val_store = self.stores(counts, power=power)
-        sinks = as_stored(self.split(counts, power)[0], config.sink_tokens, config.exact_bits)
+        sinks = as_stored(self.split(counts, power)[0], config.sink_tokens, config.exact_bits, config.value_bits)
         timings = {**self.timings, **self._stage_times[self._key(counts, power)], **gap_times}
         if gap_times and _most(counts):  # the probe's own capture, of the document without exact tokens
             timings["capture (probe)"] = self._stage_times[self._key(0, 1.0)]["capture (probe)"]
@@ -285,7 +290,7 @@ class Workbench:
 
     def _bank(self, config: CompileConfig, counts: tuple[int, ...], train_store: Store, val_store: Store) -> Bank:
         cfg, d = self.model.config, head_dim(self.model.config)
-        per_module = params_per_module(self.model, self.n, config, uniform_exact(self.n, config))
+        per_module = params_per_module(self.model, self.n, config, self._uniform_exact(config))
         if config.variant == "quadrature":
             modeled = modeled_layers(cfg)
             bank = self._on_modeled(QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,

@@ -130,6 +130,9 @@ class CompileConfig:
     # each (layer, head): about twice the tokens in the same bytes; MPL at 2%: KL 0.045 -> 0.038) or 16.
     # 4 holds twice 8's tokens but rounds keys by ~10%: MPL at 2% read KL 0.044 against 8's 0.037.
     exact_bits: int = 8
+    # How their values are stored: None takes 4 bits with a scale per token where the keys are 8-bit, and the
+    # keys' bits otherwise. Values enter the output linearly and tolerate rounding that keys do not.
+    exact_value_bits: int | None = None
     # Which tokens stay exact: those with the most attention summed over training queries, each query's
     # attention raised to this power. 1 sums the mass; 2 favours tokens some queries attend to sharply (a
     # verbatim quote, a looked-up name), which a module smooths over, above tokens many attend to a little.
@@ -181,6 +184,8 @@ class CompileConfig:
         _require(isinstance(self.target_softmax, bool), f"target_softmax must be true or false, got {self.target_softmax!r}")
         _require(self.weight_bits in WEIGHT_BITS, f"weight_bits must be 8 or 16, got {self.weight_bits}")
         _require(self.exact_bits in EXACT_BITS, f"exact_bits must be 4, 8 or 16, got {self.exact_bits}")
+        _require(self.exact_value_bits in (None, *EXACT_BITS),
+                 f"exact_value_bits must be 4, 8 or 16, got {self.exact_value_bits}")
         _require(self.exact_power > 0, f"exact_power must be > 0, got {self.exact_power}")
         _require(0.0 < self.exact_head_cap < 1.0, f"exact_head_cap must be in (0, 1), got {self.exact_head_cap}")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
@@ -195,6 +200,13 @@ class CompileConfig:
             _require("{document}" in self.document_template, "document_template needs a {document} slot")
         if self.question_template is not None:
             _require("{question}" in self.question_template, "question_template needs a {question} slot")
+
+    @property
+    def value_bits(self) -> int:
+        """The bits the exact tokens' values are stored at."""
+        if self.exact_value_bits is not None:
+            return self.exact_value_bits
+        return 4 if self.exact_bits == 8 else self.exact_bits
 
     def to_dict(self) -> dict:
         return asdict(self)

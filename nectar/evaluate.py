@@ -13,7 +13,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .binding import bound
-from .attention import ContextProvider, ExactContext, NoContext, merge
+from .attention import ContextProvider, ExactContext, NoContext
+from .kernels import merge
 from .fit import bank_errors
 from .metrics import bootstrap_interval, module_errors, pooled_kinds
 from .padding import right_pad, right_padded_positions

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .attention import blend
+from .kernels import blend
 
 ERRORS = ("o_rel", "lse_abs", "merged_rel")
 Predict = Callable[[slice, Tensor], tuple[Tensor, Tensor]]  # (module rows, q [m, N, d]) -> (o, lse)

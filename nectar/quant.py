@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .attention import ExactContext, attend, empty_heads
+from .attention import ExactContext
+from .kernels import attend, empty_heads
 
 
 def weight_numbers(fan_in: int, fan_out: int, bits: int) -> float:
@@ -69,20 +70,47 @@ def round_to_grid_(w: Tensor, bits: int = 8) -> None:
     w.copy_(rounded(w, bits))
 
 
-def round_tokens(x: Tensor, skip: int, bits: int = 8) -> Tensor:
+def per_token(bits: int, values: bool) -> bool:
+    """Whether exact tokens at `bits` take a scale per token instead of per channel: values at 4 bits do
+    (as KIVI quantises a KV cache). Keys keep per-channel scales, since a few channels carry their outliers.
+    Values enter the output linearly, so their rounding averages out over the tokens a query reads: on MPL at
+    2%, values re-rounded to 4 bits moved answer KL 0.0233 -> 0.0247 with a scale per channel, -> 0.0239 with one
+    per token (keys at 4 bits: 0.065; docs/results.md)."""
+    return values and bits == 4
+
+
+def quantize_tokens(x: Tensor, bits: int, values: bool = False) -> tuple[Tensor, Tensor]:
+    """x [..., tokens, d] -> (codes, scales): scales [..., 1, d] per channel, or [..., tokens, 1] per token."""
+    if not per_token(bits, values):
+        return quantize(x, bits)
+    codes, scale = quantize(x.transpose(-1, -2), bits)
+    return codes.transpose(-1, -2).contiguous(), scale.transpose(-1, -2)
+
+
+def token_numbers(tokens: int, d: int, bits: int, values: bool = False) -> float:
+    """16-bit numbers `tokens` keys (or values) of width d take in storage, their scales included."""
+    if not per_token(bits, values):
+        return weight_numbers(tokens, d, bits)
+    return tokens * d * bits / 16 + tokens
+
+
+def round_tokens(x: Tensor, skip: int, bits: int = 8, values: bool = False) -> Tensor:
     """x [kv_heads, tokens, d] with the tokens past `skip` replaced by what their stored form reads back as."""
     if bits == 16 or x.shape[-2] <= skip:
         return x
-    return torch.cat([x[:, :skip], rounded(x[:, skip:], bits)], 1)
+    return torch.cat([x[:, :skip], dequantize(*quantize_tokens(x[:, skip:], bits, values)).to(x.dtype)], 1)
 
 
-def as_stored(exact: ExactContext, skip: int, bits: int) -> ExactContext:
+def as_stored(exact: ExactContext, skip: int, bits: int, value_bits: int | None = None) -> ExactContext:
     """Exact tokens as an artifact reads them back: in global layers the first `skip` (the sinks) 16-bit and
-    the rest at `bits`; sliding layers' tails 16-bit."""
-    def at(layer: int) -> int:
-        return 16 if exact.slides(layer) else bits
-    return replace(exact, keys=[round_tokens(k, skip, at(layer)) for layer, k in enumerate(exact.keys)],
-                   values=[round_tokens(v, skip, at(layer)) for layer, v in enumerate(exact.values)])
+    the rest at `bits` (values at `value_bits`, default the same); sliding layers' tails 16-bit."""
+    value_bits = bits if value_bits is None else value_bits
+
+    def at(layer: int, b: int) -> int:
+        return 16 if exact.slides(layer) else b
+    return replace(exact, keys=[round_tokens(k, skip, at(layer, bits)) for layer, k in enumerate(exact.keys)],
+                   values=[round_tokens(v, skip, at(layer, value_bits), values=True)
+                           for layer, v in enumerate(exact.values)])
 
 
 ROWS_ABOVE = 0.25  # padding share above which a layer's exact tokens are held as rows (padded at each call)
@@ -96,7 +124,8 @@ class CodedTokens:
     to end, and the padding the attention call needs is made at read time, never kept."""
 
     # Per layer (codes, scales [kv_heads, 1, d]): codes [kv_heads, t, d] int8 (or 4-bit packed uint8), or where
-    # padding would take more than ROWS_ABOVE of the layer, each head's real rows end to end, [rows, d].
+    # padding would take more than ROWS_ABOVE of the layer, each head's real rows end to end, [rows, d]. Values
+    # at 4 bits have a scale per token instead: [kv_heads, t, 1], or [rows, 1].
     keys: list[tuple[Tensor, Tensor]]
     values: list[tuple[Tensor, Tensor]]
     bias: list[Tensor | None] | None = None  # per layer [kv_heads, t], -inf on the padding of heads that keep fewer
@@ -108,16 +137,17 @@ class CodedTokens:
         self.empty = [None if b is None else empty_heads(b) for b in (self.bias or [None] * len(self.keys))]
 
     @classmethod
-    def of(cls, exact: ExactContext, bits: int) -> CodedTokens:
-        """Tokens already on their `bits` grid (as_stored) coded again: the same codes the file holds."""
-        def coded(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-            codes, scale = quantize(x.float(), bits)
+    def of(cls, exact: ExactContext, bits: int, value_bits: int | None = None) -> CodedTokens:
+        """Tokens already on their grid (as_stored) coded again: the same codes the file holds."""
+        def coded(x: Tensor, bias: Tensor | None, b: int, values: bool = False) -> tuple[Tensor, Tensor]:
+            codes, scale = quantize_tokens(x.float(), b, values)
             if bias is not None and bias.isinf().float().mean() > ROWS_ABOVE:
-                codes = codes[torch.isfinite(bias)]  # real rows, head after head
-            return (pack4(codes) if bits == 4 else codes), scale.float()
-        bias = exact.bias or [None] * len(exact.keys)
-        return cls([coded(k, b) for k, b in zip(exact.keys, bias)], [coded(v, b) for v, b in zip(exact.values, bias)],
-                   exact.bias)
+                real = torch.isfinite(bias)
+                codes, scale = codes[real], (scale[real] if per_token(b, values) else scale)  # head after head
+            return (pack4(codes) if b == 4 else codes), scale.float()
+        bias, value_bits = exact.bias or [None] * len(exact.keys), bits if value_bits is None else value_bits
+        return cls([coded(k, b, bits) for k, b in zip(exact.keys, bias)],
+                   [coded(v, b, value_bits, True) for v, b in zip(exact.values, bias)], exact.bias)
 
     def to(self, device) -> CodedTokens:
         bias = None if self.bias is None else [None if b is None else b.to(device) for b in self.bias]
@@ -136,17 +166,23 @@ class CodedTokens:
 
     def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         """Attention over the layer's tokens with the per-channel scales folded into the query and the output
-        (q . (c * s) = (q * s) . c): a decode step converts the codes once and never builds dequantised K, V."""
+        (q . (c * s) = (q * s) . c): a decode step converts the codes once and never builds dequantised K, V.
+        Values scaled per token are read back as values, since a token's own scale cannot leave the sum."""
         (k_codes, k_scale), (v_codes, v_scale) = self.keys[layer], self.values[layer]
-        k, v = self._codes(layer, k_codes, q.dtype), self._codes(layer, v_codes, q.dtype)
+        by_token = v_scale.shape[-1] == 1  # per-channel scales are [kv_heads, 1, d]
+        k = self._codes(layer, k_codes, q.dtype)
+        v = self._codes(layer, v_codes, q.dtype, v_scale if by_token else None)
         if q.shape[1] != k_scale.shape[0]:  # query heads grouped over the KV heads (the model passes KV rows)
             k_scale, v_scale = (x.repeat_interleave(q.shape[1] // x.shape[0], 0) for x in (k_scale, v_scale))
         o, lse = attend(q * k_scale.to(q.dtype), k, v, scaling, self.layer_bias(layer), self.empty[layer])
-        return o * v_scale, lse
+        return (o if by_token else o * v_scale), lse
 
-    def _codes(self, layer: int, codes: Tensor, dtype: torch.dtype) -> Tensor:
-        """A layer's codes as [kv_heads, t, d] in `dtype` (exact: |code| <= 127); rows padded with zeros."""
+    def _codes(self, layer: int, codes: Tensor, dtype: torch.dtype, row_scale: Tensor | None = None) -> Tensor:
+        """A layer's codes as [kv_heads, t, d] in `dtype` (exact: |code| <= 127), times their per-token scales
+        where given; a layer held as rows padded with zeros."""
         codes, slots = unpacked(codes).to(dtype), self.slots[layer]
+        if row_scale is not None:
+            codes = codes * row_scale.to(dtype)
         if slots is None:
             return codes
         flat = codes.new_zeros(self.bias[layer].numel(), codes.shape[-1]).index_copy_(0, slots, codes)

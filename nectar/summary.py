@@ -15,7 +15,7 @@ def summary(artifact, path: str | Path | None = None) -> str:
                  f"{artifact.memory_ratio():.4f} x the KV cache's bytes")
     if m["metrics"].get("exact_tokens"):
         lines.append(f"exact tokens per head: {m['sink_tokens']} sinks (16-bit) and up to "
-                     f"{m['metrics']['exact_tokens']} most attended ({artifact.exact_bits}-bit)")
+                     f"{m['metrics']['exact_tokens']} most attended ({_bits(artifact)})")
     sliding = [w for w in artifact.windows if w is not None]
     if sliding:
         lines.append(f"sliding-window layers: {len(sliding)} of {len(artifact.windows)} keep their last "
@@ -105,3 +105,8 @@ def similarities(answers: list[str], references: list[str]) -> tuple[list[float]
         overlap = [len(set(a.split()) & set(r.split())) / max(1, len(set(a.split()) | set(r.split())))
                    for a, r in zip(answers, references)]
         return overlap, "word overlap (Jaccard; pip install 'nectar[eval]' for MiniLM cosine)"
+
+
+def _bits(artifact) -> str:
+    keys, values = artifact.exact_bits, artifact.exact_value_bits
+    return f"{keys}-bit" if keys == values else f"{keys}-bit keys, {values}-bit values"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .attention import ExactContext
-from .quant import dequantize, pack4, quantize, unpacked
+from .quant import dequantize, pack4, per_token, quantize_tokens, unpacked
 
 STORE_DTYPE = torch.float16
 
@@ -28,15 +28,22 @@ def stored(name: str, keys: list, values: list, heads: list | None = None) -> di
     return {k: (v.to(STORE_DTYPE) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
 
 
-def quantized(name: str, keys: list, values: list, bits: int, heads: list | None = None) -> dict[str, torch.Tensor]:
+def quantized(name: str, keys: list, values: list, bits: int, heads: list | None = None,
+              value_bits: int | None = None) -> dict[str, torch.Tensor]:
     """One part's keys and values as integer codes end to end, with each layer's [kv_heads, 1, d] scales;
-    with `heads`, each head's real rows end to end (its padding is zeros: it moves no scale)."""
+    with `heads`, each head's real rows end to end (its padding is zeros: it moves no scale). Values at
+    `value_bits` (default `bits`) scaled per token keep one 16-bit scale per row, laid out as their codes
+    (`.row_scale`)."""
     out = ({f"{name}.lengths": torch.tensor([k.shape[1] for k in keys], dtype=torch.int32)} if heads is None
            else {f"{name}.heads": torch.tensor(heads, dtype=torch.int32)})
-    for part, tensors in (("keys", keys), ("values", values)):
-        codes, scales = zip(*(quantize(x.float(), bits) for x in tensors))
+    for part, tensors, b in (("keys", keys, bits), ("values", values, bits if value_bits is None else value_bits)):
+        codes, scales = zip(*(quantize_tokens(x.float(), b, part == "values") for x in tensors))
         codes = torch.cat(codes, 1) if heads is None else _rows(codes, heads)
-        out[f"{name}.{part}"], out[f"{name}.{part}.scale"] = pack4(codes) if bits == 4 else codes, torch.stack(scales)
+        out[f"{name}.{part}"] = pack4(codes) if b == 4 else codes
+        if per_token(b, part == "values"):
+            out[f"{name}.{part}.row_scale"] = torch.cat(scales, 1) if heads is None else _rows(scales, heads)
+        else:
+            out[f"{name}.{part}.scale"] = torch.stack(scales)
     return out
 
 
@@ -82,11 +89,23 @@ def _exact_after(tensors: dict, keys: list, values: list) -> tuple[list, list, l
     else:
         lengths = tensors["exact.lengths"].tolist()
         kc, vc, bias = codes["keys"].split(lengths, 1), codes["values"].split(lengths, 1), [None] * len(lengths)
-    out = [[torch.cat([x, dequantize(c, scale)], 1) for x, c, scale in zip(sinks, part, tensors[f"exact.{name}.scale"])]
+    scales = {name: _row_scales(tensors, name) for name in ("keys", "values")}
+    out = [[torch.cat([x, dequantize(c, scale)], 1) for x, c, scale in zip(sinks, part, scales[name])]
            for sinks, part, name in ((keys, kc, "keys"), (values, vc, "values"))]
     s = keys[0].shape[1]
     bias = [None if b is None else torch.cat([torch.zeros(b.shape[0], s), b], 1) for b in bias]
     return out[0], out[1], bias
+
+
+def _row_scales(tensors: dict, part: str) -> list[torch.Tensor]:
+    """Per layer, the scales of the exact tokens' keys or values: [kv_heads, 1, d] per channel, or per token
+    [kv_heads, t, 1], padded as the codes are."""
+    if f"exact.{part}.row_scale" not in tensors:
+        return list(tensors[f"exact.{part}.scale"])
+    rows = tensors[f"exact.{part}.row_scale"].float()
+    if "exact.heads" in tensors:
+        return _padded(rows, tensors["exact.heads"].tolist())[0]
+    return list(rows.split(tensors["exact.lengths"].tolist(), 1))
 
 
 def _per_layer(tensors: dict, name: str) -> tuple[list, list, list]:

@@ -11,7 +11,7 @@ from nectar.evaluate import warn_if_useless
 from nectar.budget import params_per_module, uniform_exact
 from nectar.config import EXACT_SHARE, EXACT_SHARE_EVEN, MIN_MODULE_WIDTH
 from nectar.documents import document_ids
-from nectar.models import attention_layers
+from nectar.models import head_dim, attention_layers
 from nectar.prefill import prefill, split_sinks
 from nectar.templates import templates_for
 from conftest import FAST, assert_same_logits, sample_document, tiny_llama
@@ -181,7 +181,8 @@ def test_manifest_survives_json_and_says_what_loading_checks(compiled):
     assert json.loads(json.dumps(manifest)) == manifest
     assert {"model", "tokenizer", "document", "templates", "modules", "config", "metrics", "timings"} <= set(manifest)
     assert manifest["document"]["tokens"] == compiled[1].n and manifest["model"]["fingerprint"]["weights"]
-    assert nectar.CompileConfig.from_dict(manifest["config"]) == FAST
+    # The config as asked, with the bits its exact values were stored at written out.
+    assert nectar.CompileConfig.from_dict(manifest["config"]) == replace(FAST, exact_value_bits=FAST.value_bits)
 
 
 def test_a_useless_compile_says_so(capsys):
@@ -215,7 +216,7 @@ def test_the_default_exact_share_is_decided_per_model_and_document(tokenizer):
 def _uniform_width(bench: Workbench, share: float) -> int:
     config = replace(bench.config, exact_share=share)
     return min(bench.mlp_bank(config, params_per_module(bench.model, bench.n, config,
-                                                         uniform_exact(bench.n, config))).target_widths)
+                                                         uniform_exact(bench.n, config, head_dim(bench.model.config)))).target_widths)
 
 
 def test_a_small_budget_gives_exact_tokens_no_more_than_keeps_the_modules_useful(tokenizer):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nectar
-from nectar.attention import _grouped_mask, exact_attention, reference_attention
+from nectar.kernels import _grouped_mask, exact_attention, reference_attention
 from nectar.bench import BenchConfig, run
 from nectar.binding import bound
 from nectar.padding import positions_after

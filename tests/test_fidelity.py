@@ -5,11 +5,13 @@ import pytest
 import torch
 
 import nectar
-from nectar.attention import ExactContext, WithExact, exact_attention, merge
+from nectar.attention import ExactContext, WithExact
+from nectar.kernels import exact_attention, merge
 from nectar.binding import bound, cacheable
 from nectar.decode import generate_ids
 from nectar.errors import NectarError
 from nectar.baselines import attention_matching, matched_bytes
+from nectar.models import head_dim
 from nectar.budget import uniform_exact
 from nectar.quant import CodedTokens, pack4, round_tokens, unpack4
 from nectar.compiler import Workbench
@@ -81,7 +83,7 @@ def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(bench, tokenizer
     hardest = max(measured, key=lambda i: max(measured[i]))
     top = max(range(len(per_head[hardest])), key=measured[hardest].__getitem__)
     assert per_head[hardest][top] == max(per_head[hardest])
-    assert sum(map(sum, per_head)) <= len(per_head) * len(per_head[0]) * uniform_exact(bench.n, replace(FAST, **config))
+    assert sum(map(sum, per_head)) <= len(per_head) * len(per_head[0]) * uniform_exact(bench.n, replace(FAST, **config), head_dim(bench.model.config))
     assert art.memory_ratio() <= FAST.budget  # bytes count real tokens, not a head's padding
     worst = layer_gaps.index(max(layer_gaps))  # `info` names each head's tokens in the hardest layer
     assert f"{worst} ({max(layer_gaps):.3f}; exact tokens by KV head {'/'.join(map(str, per_head[worst]))})" in summary(art)
@@ -127,7 +129,7 @@ def test_the_workbench_keeps_a_split_per_exact_power(bench):
 
 def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
     art = bench.compile(exact_share=0.3)
-    assert art.manifest["metrics"]["exact_tokens"] == uniform_exact(bench.n, replace(FAST, exact_share=0.3)) > 0
+    assert art.manifest["metrics"]["exact_tokens"] == uniform_exact(bench.n, replace(FAST, exact_share=0.3), head_dim(bench.model.config)) > 0
     assert art.sinks.keys[0].shape[1] == FAST.sink_tokens + art.manifest["metrics"]["exact_tokens"]
     assert art.memory_ratio() <= FAST.budget
     for fid in art.manifest["metrics"]["fidelity"].values():
@@ -139,16 +141,23 @@ def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
     assert [k.shape[1] for k in sinks.keys] == [FAST.sink_tokens] * len(sinks.keys)
 
 
-@pytest.mark.parametrize("bits, stored", [(8, torch.int8), (4, torch.uint8)])
-def test_quantised_exact_tokens_hold_more_in_the_same_bytes(bench, tmp_path, bits, stored):
-    wide, narrow = (bench.compile(exact_share=0.3, exact_bits=b) for b in (bits, 16))
+@pytest.mark.parametrize("bits, value_bits, more, stored, read", [
+    (8, 8, 2.0, torch.int8, "8-bit"),
+    (8, None, 2.4, torch.int8, "8-bit keys, 4-bit values"),  # the default: values 4-bit, a scale per token
+    (4, 4, 3.5, torch.uint8, "4-bit"),
+])
+def test_quantised_exact_tokens_hold_more_in_the_same_bytes(bench, tmp_path, bits, value_bits, more, stored, read):
+    wide = bench.compile(exact_share=0.3, exact_bits=bits, exact_value_bits=value_bits)
+    narrow = bench.compile(exact_share=0.3, exact_bits=16, exact_value_bits=16)
     tokens = [a.manifest["metrics"]["exact_tokens"] for a in (wide, narrow)]
-    assert tokens[0] >= 16 // bits * tokens[1] - 16 // bits and tokens[1] > 0
-    assert wide.exact_bits == bits and narrow.exact_bits == 16
-    assert f"up to {tokens[0]} most attended ({bits}-bit)" in summary(wide)
+    # 16-bit K and V take 2d numbers a token; 8 + 4 bits with a scale per token 0.75d + 1 (d = 16 here: 2.46x).
+    assert tokens[0] >= more * tokens[1] - 4 and tokens[1] > 0
+    assert wide.exact_bits == bits and narrow.exact_bits == narrow.exact_value_bits == 16
+    assert f"up to {tokens[0]} most attended ({read})" in summary(wide)
     assert wide.memory_ratio() <= FAST.budget and narrow.memory_ratio() <= FAST.budget
     tensors = wide.tensors()
     assert tensors["exact.keys"].dtype == stored and tensors["sinks.keys"].shape[2] == FAST.sink_tokens
+    assert ("exact.values.row_scale" in tensors) == (wide.exact_value_bits == 4)  # one scale per value token
     # 4-bit codes go two to a byte: the file holds the bytes the budget counts.
     assert tensors["exact.keys"].shape[-1] == bench.model.config.head_dim * bits // 8
     # What the compile evaluated is what the file reads back: the tokens already sit on their grid.
@@ -194,7 +203,7 @@ def test_uneven_exact_tokens_and_the_rest_generate_as_the_full_cache(tokenizer):
 def test_no_head_keeps_more_of_the_document_exact_than_the_cap(bench):
     config = replace(bench.config, allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=2)
     loose = bench.exact_counts(config)
-    top, even = max(map(max, loose)), uniform_exact(bench.n, config)
+    top, even = max(map(max, loose)), uniform_exact(bench.n, config, head_dim(bench.model.config))
     assert top > even + 1  # the KL is uneven enough for a cap between the two to bind
     cap = (top + even) // 2
     tight = bench.exact_counts(replace(config, exact_head_cap=cap / (bench.n - config.sink_tokens)))
@@ -210,7 +219,7 @@ def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, 
     counts = art.manifest["metrics"]["exact_per_layer"]
     gaps = bench.gaps(replace(bench.config, **config))
     assert len(set(counts)) > 1 and counts.index(max(counts)) == gaps.index(max(gaps))
-    assert sum(counts) <= len(counts) * uniform_exact(bench.n, replace(FAST, **config))
+    assert sum(counts) <= len(counts) * uniform_exact(bench.n, replace(FAST, **config), head_dim(bench.model.config))
     assert [k.shape[1] for k in art.sinks.keys] == [FAST.sink_tokens + c for c in counts]
     assert art.memory_ratio() <= FAST.budget
     top = gaps.index(max(gaps))
@@ -345,11 +354,23 @@ def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monke
         replace(FAST, head_gap_layers=-1)
 
 
+def test_values_at_4_bits_hold_a_scale_per_token_and_artifacts_from_before_read_as_their_keys(bench, tmp_path):
+    art = bench.compile(exact_share=0.3)  # the default: 8-bit keys, 4-bit values with a scale per token
+    assert art.exact_value_bits == 4 and art.manifest["config"]["exact_value_bits"] == 4
+    s = art.manifest["sink_tokens"]
+    values = art.sinks.values[1][:, s:].float()
+    scales = values.abs().amax(-1, keepdim=True) / 7  # each token's own grid: 7 levels each side
+    torch.testing.assert_close(values / scales, (values / scales).round(), atol=2e-2, rtol=0)
+    old = nectar.Artifact.load(bench.compile(exact_share=0.3, exact_value_bits=8).save(tmp_path / "old.nectar"))
+    del old.manifest["config"]["exact_value_bits"]  # as written before values had bits of their own
+    assert old.exact_value_bits == old.exact_bits == 8
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_coded_tokens_answer_as_the_tokens_they_read_back_as(bits):
     torch.manual_seed(0)
     tokens = [torch.randn(3, t, 16) * torch.logspace(-1, 1, 16) for t in (0, 5, 9)]  # a layer may keep none
-    on_grid = ExactContext([round_tokens(x, 0, bits) for x in tokens], [round_tokens(x * 2, 0, bits) for x in tokens])
+    on_grid = ExactContext([round_tokens(x, 0, bits) for x in tokens], [round_tokens(x * 2, 0, bits, values=True) for x in tokens])
     coded = CodedTokens.of(on_grid, bits)
     q = torch.randn(2, 3, 4, 16)
     for layer in (1, 2):
@@ -372,7 +393,7 @@ def test_coded_tokens_hold_only_real_rows_where_heads_keep_unequal_numbers(bits)
     pad = torch.arange(7) >= torch.tensor([7, 1, 3])[:, None]
     x = (torch.randn(3, 7, 16) * torch.logspace(-1, 1, 16)).masked_fill(pad[..., None], 0.0)  # zeros, as stored
     bias = torch.zeros(3, 7).masked_fill(pad, float("-inf"))
-    on_grid = ExactContext([round_tokens(x, 0, bits)], [round_tokens(x * 2, 0, bits)], [bias])
+    on_grid = ExactContext([round_tokens(x, 0, bits)], [round_tokens(x * 2, 0, bits, values=True)], [bias])
     coded = CodedTokens.of(on_grid, bits)
     q = torch.randn(2, 6, 4, 16)  # two query heads per KV head
     for got, want in zip(coded(0, q, 0.25), on_grid(0, q, 0.25)):

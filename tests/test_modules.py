@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nectar.attention import reference_attention
+from nectar.kernels import reference_attention
 from nectar.budget import allocate
 from nectar.fused import FusedBank
 from nectar.modules import MLPBank, MLPStack, width_groups
@@ -225,7 +225,7 @@ def test_a_bf16_fit_learns_as_well_as_an_fp32_one():
 
 
 def test_share_power_2_weighs_the_target_by_the_merged_outputs_squared_error():
-    from nectar.attention import blend
+    from nectar.kernels import blend
     from nectar.fit import loss_terms
 
     store = _attention_store(n=64)

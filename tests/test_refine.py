@@ -1,7 +1,7 @@
 """End-to-end refinement must pass gradients through split attention and lower the distillation loss."""
 import torch
 
-from nectar.attention import exact_attention, reference_attention
+from nectar.kernels import exact_attention, reference_attention
 from nectar.capture import capture
 from nectar.config import FitConfig
 from nectar.fit import fit

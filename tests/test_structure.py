@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "nectar"
 PIPELINE = [
     # foundations
-    "errors", "config", "files", "timing", "padding", "templates", "documents", "graphs", "attention", "gguf_tokenizer", "models",
+    "errors", "config", "files", "timing", "padding", "templates", "documents", "graphs", "kernels", "attention", "gguf_tokenizer", "models",
     "semantic",
     "metrics",
     # document side, then decode side
