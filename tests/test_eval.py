@@ -141,6 +141,9 @@ def test_ablation_names_parse_every_tunable_field():
     with pytest.raises(NectarError, match="weight_bits must be 8 or 16"):
         nectar_changes("nectar+weight_bits=4")
     assert nectar_changes("nectar+target_softmax=0") == {"target_softmax": False}  # bool("0") would be True
+    # exact_value_bits defaults to None too, but reads as a whole number of bits
+    assert nectar_changes("nectar+exact_value_bits=8") == {"exact_value_bits": 8}
+    assert type(nectar_changes("nectar+exact_value_bits=8")["exact_value_bits"]) is int
     assert nectar_changes("nectar+target_softmax=true") == {"target_softmax": True}
     with pytest.raises(NectarError, match="not a valid target_softmax"):
         nectar_changes("nectar+target_softmax=maybe")
