@@ -9,8 +9,8 @@ import os
 import sys
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
-from .config import (EXACT_BITS, EXACT_SHARE, EXACT_SHARE_EVEN, HOLDOUTS, MIN_MODULE_WIDTH, WEIGHT_BITS, CompileConfig,
-                     FitConfig, PromptConfig)
+from .config import (EXACT_BITS, EXACT_SHARE, EXACT_SHARE_EVEN, HOLDOUTS, MIN_MODULE_WIDTH, VALUES_4BIT_UP_TO,
+                     WEIGHT_BITS, CompileConfig, FitConfig, PromptConfig)
 from .errors import NectarError
 
 
@@ -180,8 +180,8 @@ def _compile_args(p) -> None:
                    f"measured worse: keys steer the softmax) or 16-bit (default {CompileConfig.exact_bits})")
     p.add_argument("--exact-value-bits", type=int, choices=EXACT_BITS, default=CompileConfig.exact_value_bits,
                    help="their values: 4-bit codes with a scale per token (more tokens in the same bytes; values "
-                   "tolerate rounding), 8-bit with a scale per channel, or 16-bit (default: 4 beside 8-bit keys, "
-                   "else as the keys)")
+                   "tolerate rounding), 8-bit with a scale per channel, or 16-bit (default: 4 beside 8-bit keys "
+                   f"at budgets up to {VALUES_4BIT_UP_TO:g}, else as the keys)")
     p.add_argument("--exact-power", type=float, default=CompileConfig.exact_power,
                    help="which tokens stay exact: those with the most attention over training queries, each "
                    "query's attention raised to this power (1: the mass; 2: tokens some queries attend to "

@@ -34,7 +34,8 @@ from .templates import templates_for
 from .timing import stage as _stage
 
 TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
-RESOLVED = ("exact_share",)  # config fields whose default (None) the workbench decides per model, document and budget
+# Config fields whose default (None) the workbench decides per model, document and budget.
+RESOLVED = ("exact_share", "exact_value_bits")
 PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
 
 

@@ -19,6 +19,12 @@ EXACT_SHARE_EVEN = 0.3
 # 0.5% a share of 0.6 leaves MPL's modules 1 wide (agreement 0.828, KL 0.206), where 0.3 and 0.15 leave them
 # 5 and 8 wide (0.858 / 0.141, 0.855 / 0.142). At 1% and above the 0.6 share keeps them at least this wide.
 MIN_MODULE_WIDTH = 8
+# Exact tokens' values take 4 bits with a scale per token (beside 8-bit keys) up to this budget, 8 bits above.
+# Values enter the output linearly and tolerate rounding that keys do not, so 4 bits hold 31% more tokens in the
+# same bytes: MPL read answer KL 0.129 against 0.143 at 0.5%, 0.018 against 0.023 at 2%. At 10%, where the
+# hardest heads already keep 0.9 of the document, the rounding costs more than the tokens buy: 0.0029 against
+# 0.0025 (docs/results.md).
+VALUES_4BIT_UP_TO = 0.05
 
 
 def _require(ok: bool, message: str) -> None:
@@ -130,9 +136,8 @@ class CompileConfig:
     # each (layer, head): about twice the tokens in the same bytes; MPL at 2%: KL 0.045 -> 0.038) or 16.
     # 4 holds twice 8's tokens but rounds keys by ~10%: MPL at 2% read KL 0.044 against 8's 0.037.
     exact_bits: int = 8
-    # How their values are stored: None takes 4 bits with a scale per token where the keys are 8-bit, and the
-    # keys' bits otherwise. Values enter the output linearly and tolerate rounding that keys do not: 31% more
-    # tokens in the same bytes, and MPL at 2% read answer KL 0.018 against 8-bit values' 0.023 (docs/results.md).
+    # How their values are stored: None takes 4 bits with a scale per token where the keys are 8-bit and the
+    # budget is at most VALUES_4BIT_UP_TO, and the keys' bits otherwise (see there).
     exact_value_bits: int | None = None
     # Which tokens stay exact: those with the most attention summed over training queries, each query's
     # attention raised to this power. 1 sums the mass; 2 favours tokens some queries attend to sharply (a
@@ -207,7 +212,7 @@ class CompileConfig:
         """The bits the exact tokens' values are stored at."""
         if self.exact_value_bits is not None:
             return self.exact_value_bits
-        return 4 if self.exact_bits == 8 else self.exact_bits
+        return 4 if self.exact_bits == 8 and self.budget <= VALUES_4BIT_UP_TO else self.exact_bits
 
     def to_dict(self) -> dict:
         return asdict(self)

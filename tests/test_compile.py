@@ -9,7 +9,7 @@ import nectar
 from nectar.compiler import Workbench
 from nectar.evaluate import warn_if_useless
 from nectar.budget import params_per_module, uniform_exact
-from nectar.config import EXACT_SHARE, EXACT_SHARE_EVEN, MIN_MODULE_WIDTH
+from nectar.config import EXACT_SHARE, EXACT_SHARE_EVEN, MIN_MODULE_WIDTH, VALUES_4BIT_UP_TO
 from nectar.documents import document_ids
 from nectar.models import head_dim, attention_layers
 from nectar.prefill import prefill, split_sinks
@@ -235,8 +235,11 @@ def test_each_budget_of_a_sweep_decides_its_own_default_share(tokenizer):
     bench = Workbench(tiny_llama(), tokenizer, sample_document(3000), replace(FAST, exact_share=None, budget=0.05))
     small = bench.compile(budget=0.02)
     assert bench.config.exact_share == EXACT_SHARE_EVEN > small.manifest["config"]["exact_share"] > 0.0
-    assert small.manifest["defaulted"] == ["exact_share"]
-    assert bench.compile(budget=0.02, exact_share=0.1).manifest["defaulted"] == []
+    assert small.manifest["defaulted"] == ["exact_share", "exact_value_bits"]
+    assert bench.compile(budget=0.02, exact_share=0.1, exact_value_bits=8).manifest["defaulted"] == []
+    # Exact values: 4 bits (a scale per token) at small budgets, where more tokens pay; 8 above.
+    assert small.manifest["config"]["exact_value_bits"] == 4 == replace(FAST, budget=VALUES_4BIT_UP_TO).value_bits
+    assert replace(FAST, budget=0.1).value_bits == 8 and replace(FAST, budget=0.1, exact_value_bits=4).value_bits == 4
 
 
 @pytest.mark.parametrize("holdout", ["chunks", "prompts"])
