@@ -173,7 +173,9 @@ class CodedTokens:
         k = self._codes(layer, k_codes, q.dtype)
         v = self._codes(layer, v_codes, q.dtype, v_scale if by_token else None)
         if q.shape[1] != k_scale.shape[0]:  # query heads grouped over the KV heads (the model passes KV rows)
-            k_scale, v_scale = (x.repeat_interleave(q.shape[1] // x.shape[0], 0) for x in (k_scale, v_scale))
+            groups = q.shape[1] // k_scale.shape[0]
+            k_scale = k_scale.repeat_interleave(groups, 0)
+            v_scale = v_scale if by_token else v_scale.repeat_interleave(groups, 0)
         o, lse = attend(q * k_scale.to(q.dtype), k, v, scaling, self.layer_bias(layer), self.empty[layer])
         return (o if by_token else o * v_scale), lse
 
