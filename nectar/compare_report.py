@@ -54,6 +54,9 @@ def table(report: dict) -> str:
         c = report["ceiling"]
         lines.append(f"the full cache itself in {c['dtype']}: EM {c['exact_match']:.2f}, cos {c['cosine']:.3f} against "
                      "those answers (the most that greedy-answer similarity reads for an all-but-exact method)")
+        if c.get("questions"):
+            a = c["questions"]["answer"]
+            lines.append(f"  teacher-forced, the same rounding reads answer agreement {a['agreement']:.3f}, KL {a['kl']:.4f}")
     lines += cosine_intervals(report)
     return "\n".join(lines)
 

@@ -52,8 +52,11 @@ def next_token_fidelity(
     methods: dict[str, Method],
     batch_size: int = 8,
     progress: bool = True,
+    models: dict | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{method: {"answer"|"question": {"agreement": .., "kl": .., "tokens": ..}}}, teacher-forced on pairs."""
+    """{method: {"answer"|"question": {"agreement": .., "kl": .., "tokens": ..}}}, teacher-forced on pairs.
+    `models` names another model (the same weights in another dtype) that runs a method instead of `model`."""
+    models = models or {}
     sums = {name: {part: [0.0, 0.0, 0] for part in ("question", "answer")} for name in methods}
     # Batches shrink where the vocabulary is large: 16 rows of 100 tokens over Gemma's 262k ids hold 1.7 GB
     # of log-probabilities per copy, and a comparison holds several.
@@ -63,7 +66,7 @@ def next_token_fidelity(
         ids, predicts_q, predicts_a = _batch(pairs[start: start + batch_size])
         ref = _logprobs(model, ids, n, reference)
         for name, method in methods.items():
-            out = _logprobs(model, ids, n, method)
+            out = _logprobs(models.get(name, model), ids, n, method)
             agree = ref.argmax(-1) == out.argmax(-1)
             kl = (ref.exp() * (ref - out)).sum(-1)
             for part, mask in (("question", predicts_q), ("answer", predicts_a)):

@@ -203,6 +203,10 @@ def test_the_ceiling_is_the_compile_models_full_cache_against_the_judge(tokenize
     other = Comparison(wb, None, ["What does assert do?"], tmp_path / "b", config, tiny_llama(seed=1)).run()
     assert same["exact_match"] == 1.0 and same["cosine"] == pytest.approx(1.0, abs=1e-4)
     assert other["ceiling"]["exact_match"] == 0.0 and "the full cache itself in float32" in table(other)
+    # And teacher-forced, in a method's units: the same weights read exact, other weights do not.
+    assert same["questions"]["answer"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert same["questions"]["answer"]["agreement"] == 1.0
+    assert other["ceiling"]["questions"]["answer"]["kl"] > 0.01 and "teacher-forced, the same rounding" in table(other)
     # Each method's answers also read against the ceiling's, question by question.
     row = other["rows"][0]["generation"]
     assert len(row["cosines"]) == len(other["ceiling"]["cosines"]) == 1
