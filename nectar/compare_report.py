@@ -101,6 +101,11 @@ def plot_fidelity(report: dict, path: Path) -> None:
                 continue
             style = {"linewidth": 2.5, "marker": "o"} if name.startswith("nectar") else {"marker": "."}
             ax.plot([r["bytes_ratio"] for r in rows], y, label=name, **style)
+    rounding = (report.get("ceiling") or {}).get("questions")
+    if rounding:  # how close the same model comes in another dtype: what a method nearly exact would read
+        for ax, metric in zip(axes, ("agreement", "kl")):
+            ax.axhline(rounding["answer"][metric], color="black", linestyle=":",
+                       label=f"full cache in {report['ceiling']['dtype']}")
     for ax, label in zip(axes, ("answer-token agreement with the full cache", "KL(full || method), answer tokens")):
         ax.set_xscale("log")
         ax.set_xlabel("bytes kept for the document / full KV cache bytes")

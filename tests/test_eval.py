@@ -195,6 +195,7 @@ def test_the_ceiling_is_the_compile_models_full_cache_against_the_judge(tokenize
     """With a judge of another dtype, eval also reports how the compile model's own full cache answers
     against the judge's answers: the similarity an all-but-exact method can reach."""
     from nectar.compare import Comparison, EvalConfig
+    from nectar.compare_report import plot_fidelity
     from nectar.compiler import Workbench
 
     wb = Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
@@ -207,6 +208,8 @@ def test_the_ceiling_is_the_compile_models_full_cache_against_the_judge(tokenize
     assert same["questions"]["answer"]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert same["questions"]["answer"]["agreement"] == 1.0
     assert other["ceiling"]["questions"]["answer"]["kl"] > 0.01 and "teacher-forced, the same rounding" in table(other)
+    plot_fidelity(other, tmp_path / "with_ceiling.png")  # drawn as a dotted line beside the methods
+    assert (tmp_path / "with_ceiling.png").stat().st_size > 0
     # Each method's answers also read against the ceiling's, question by question.
     row = other["rows"][0]["generation"]
     assert len(row["cosines"]) == len(other["ceiling"]["cosines"]) == 1
