@@ -92,7 +92,7 @@ def plot_fidelity(report: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = dict.fromkeys(r["method"] for r in report["rows"])
-    for name in methods:
+    for name in sorted(methods, key=lambda m: not m.startswith("nectar")):  # nectar first: the same colour always
         rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["bytes_ratio"])
         for ax, metric in zip(axes, ("agreement", "kl")):
             y = [r["questions"]["answer"][metric] for r in rows]
