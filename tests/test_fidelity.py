@@ -380,9 +380,11 @@ def test_coded_tokens_answer_as_the_tokens_they_read_back_as(bits):
         # keys: as close as bf16 itself, not bitwise the same.
         for got, want in zip(coded(layer, q.bfloat16(), 0.25), on_grid(layer, q, 0.25)):
             torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
-    # Memory holds the codes: a byte per number at 8 bits, half a byte at 4, not the model dtype's two.
+    # Memory holds the codes, a byte per number (4-bit ones unpacked: no unpacking at each call), not the
+    # model dtype's two.
     assert [coded.count(layer) for layer in range(3)] == [0, 5, 9]
-    assert sum(c.numel() for c, _ in coded.keys) == sum(x.numel() for x in tokens) * bits // 8
+    assert all(c.dtype == torch.int8 for c, _ in coded.keys + coded.values)
+    assert sum(c.numel() for c, _ in coded.keys) == sum(x.numel() for x in tokens)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
