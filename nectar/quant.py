@@ -118,10 +118,10 @@ ROWS_ABOVE = 0.25  # padding share above which a layer's exact tokens are held a
 
 @dataclass
 class CodedTokens:
-    """Exact tokens held in memory as the file stores them, codes and per-channel scales, read back at each
-    call: an attached document holds about the bytes its file does. 4-bit codes are held one to a byte, not
-    two as the file packs them: unpacking them at every call cost 4% of decode speed (0.75 -> 0.78x no document
-    at batch 1, 0.84 -> 0.88x at 16, pydoc's 2% artifact) for 0.36 MB. Where the KV heads of a layer keep unequal
+    """Exact tokens held in memory as integer codes with their scales, read back at each call: an attached
+    document holds about the bytes its file does. 4-bit codes are held one to a byte, not two as the file packs
+    them: unpacking them at every call cost 4% of decode speed (0.75 -> 0.78x no document at batch 1, 0.84 ->
+    0.88x at 16, pydoc's 2% artifact) for 0.36 MB. Where the KV heads of a layer keep unequal
     numbers of tokens (one of MPL's keeps 1866, its neighbours 22), only each head's real rows are held, end
     to end, and the padding the attention call needs is made at read time, never kept."""
 
