@@ -113,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="eval", help="folder for eval.json, the plots and cached compiles")
     e.add_argument("--no-generate", action="store_true", help="skip greedy generation (faster)")
     e.add_argument("--gap-prompts", type=int, default=16, help="prompts for the per-layer gap probe (0: off)")
+    e.add_argument("--max-new-tokens", type=int, default=40,
+                   help="longest full-cache answer, in tokens: what every method is judged on, teacher-forced and "
+                   "greedy (default 40)")
     _compile_args(e)
     _model_args(e, default=None, dtype="bfloat16")
     e.add_argument("--eval-dtype", default="float32", choices=("float32", "bfloat16"),

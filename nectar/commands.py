@@ -177,7 +177,8 @@ def cmd_eval(args) -> None:
     from .prompts import read_questions
 
     config = EvalConfig(budgets=tuple(args.sweep or ()), methods=tuple(args.methods or EvalConfig.methods),
-                        generate=not args.no_generate, gap_prompts=args.gap_prompts)
+                        generate=not args.no_generate, gap_prompts=args.gap_prompts,
+                        max_new_tokens=args.max_new_tokens)
     questions = read_questions(args.questions) if args.questions else None
     is_artifact = args.target.endswith(".nectar")
     spec = args.document if is_artifact else args.target  # the document's text: read before any model loads

@@ -78,10 +78,12 @@ class EvalConfig:
     methods: tuple[str, ...] = METHODS
     generate: bool = True  # greedy answers against the full cache's (main budget only)
     gap_prompts: int = 16  # prompts for the per-layer gap probe (main budget only; 0: off)
-    max_new_tokens: int = 40
+    max_new_tokens: int = 40  # the full cache's answers: what methods are judged on, teacher-forced and greedy
     batch_size: int = 16
 
     def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise NectarError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         bad = [b for b in self.budgets if not 0.0 < b < 1.0]
         if bad:
             raise NectarError(f"budgets must be in (0, 1), got {', '.join(map(str, bad))}: e.g. 0.01,0.02,0.05")
@@ -107,6 +109,8 @@ class Comparison:
         identity = [workbench.doc_ids, workbench.config.to_dict()] + ([questions] if questions else [])
         self.key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]  # compiled banks
         rows_key = f"{self.key}-{str(self.model.dtype).removeprefix('torch.')}"  # rows: also who judged them
+        if config.max_new_tokens != EvalConfig.max_new_tokens:  # and on how long answers
+            rows_key += f"-{config.max_new_tokens}"
         self.rows_path = out / "rows.json"
         cached = json.loads(self.rows_path.read_text()) if self.rows_path.is_file() else {}
         self.rows: dict = cached if cached.get("key") == rows_key else {"key": rows_key}
@@ -122,7 +126,7 @@ class Comparison:
     def prompts(self) -> list[Prompt]:
         """Made once per output folder (writing prompts and answers is slow), then read back."""
         if "prompts" not in self.rows:
-            prompts = held_out(self.wb, self.artifact, self.questions, self.config.batch_size, self.model, self.full)
+            prompts = held_out(self.wb, self.artifact, self.questions, self.config, self.model, self.full)
             self.rows["prompts"] = [asdict(p) for p in prompts]
             write_json(self.rows_path, self.rows)
         return [Prompt(**p) for p in self.rows["prompts"]]
@@ -279,15 +283,16 @@ def _fit_seconds(timings: dict) -> float:
     return round(sum(v for k, v in timings.items() if k not in shared), 1)
 
 
-def held_out(workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, batch_size: int,
+def held_out(workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, config: EvalConfig,
              judge, full: ExactContext):
-    """The prompts to judge on: the user's questions (answered by the judge with the full cache `full`), or
-    the held-out split."""
+    """The prompts to judge on: the user's questions (answered by the judge with the full cache `full`, up to
+    `config.max_new_tokens` tokens), or the held-out split (answers as long as the compile made them)."""
     tokenizer, template = workbench.tokenizer, workbench.templates["question"]
     if questions:
         prompts = [Prompt("user", q, question_ids=question_ids(tokenizer, template, q)) for q in questions]
         answers = generate_ids(judge, tokenizer, [p.question_ids for p in prompts], workbench.n,
-                               full, max_new_tokens=40, batch_size=batch_size, desc="answer with full cache")
+                               full, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                               desc="answer with full cache")
         for p, a in zip(prompts, answers):
             p.answer_ids = a
         return [p for p in prompts if p.answer_ids]

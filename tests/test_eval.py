@@ -295,3 +295,23 @@ def test_eval_on_a_model_with_sliding_layers(monkeypatch, tokenizer, doc, tmp_pa
     rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     for name in ("knorm", "snapkv"):  # a press keeps its tokens in the global layer, and the tails
         assert tails < rows[name]["bytes_ratio"] < tails + 0.05 * 1.01
+
+
+def test_answers_as_long_as_asked_and_rows_kept_apart(tiny, doc, tmp_path, capsys, tokenizer):
+    """--max-new-tokens sets the full cache's answers every method is judged on; rows judged on other
+    lengths are not reused."""
+    from nectar.compiler import compile
+
+    path = compile(tiny, tokenizer, doc.read_text(), FAST).save(tmp_path / "a.nectar")
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(["What does assert do?", "What is pass?"]))
+    out = tmp_path / "ev"
+    lengths = {}
+    for tokens in (3, 12):
+        code = main(["eval", str(path), "--questions", str(questions), "--out", str(out), "--methods", "no_document",
+                     "--gap-prompts", "0", "--no-generate", "--max-new-tokens", str(tokens)])
+        assert code == 0, capsys.readouterr().err
+        rows = json.loads((out / "rows.json").read_text())
+        lengths[tokens] = [len(p["answer_ids"]) for p in rows["prompts"]]
+    assert max(lengths[3]) == 3 and max(lengths[12]) > 3, lengths
+    assert_one_line_error(run_cli(capsys, "eval", str(path), "--max-new-tokens", "0"), "--max-new-tokens must be")
