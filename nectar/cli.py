@@ -9,8 +9,8 @@ import os
 import sys
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
-from .config import (EXACT_BITS, EXACT_SHARE, EXACT_SHARE_EVEN, HOLDOUTS, MIN_MODULE_WIDTH, VALUES_4BIT_UP_TO,
-                     WEIGHT_BITS, CompileConfig, FitConfig, PromptConfig)
+from .config import (EXACT_BITS, EXACT_BY, EXACT_SHARE, EXACT_SHARE_EVEN, HOLDOUTS, MIN_MODULE_WIDTH,
+                     VALUES_4BIT_UP_TO, WEIGHT_BITS, CompileConfig, FitConfig, PromptConfig)
 from .errors import NectarError
 
 
@@ -189,6 +189,10 @@ def _compile_args(p) -> None:
                    help="which tokens stay exact: those with the most attention over training queries, each "
                    "query's attention raised to this power (1: the mass; 2: tokens some queries attend to "
                    f"sharply, as a quote does; default {CompileConfig.exact_power})")
+    p.add_argument("--exact-by", choices=EXACT_BY, default=CompileConfig.exact_by,
+                   help="rank tokens by that attention alone (mass), or times how far the token's value lies from "
+                   "what the query reads (output: the error leaving it to a module would cause; default "
+                   f"{CompileConfig.exact_by})")
     p.add_argument("--exact-head-cap", type=float, default=CompileConfig.exact_head_cap,
                    help="under --allocation gap, the most of the document one KV head may keep exact (a head "
                    f"that copies text wants much of it; its module learns the rest; default {CompileConfig.exact_head_cap})")

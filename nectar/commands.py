@@ -46,7 +46,7 @@ def _compile_config(args) -> CompileConfig:
                          onpolicy_rounds=args.onpolicy_rounds, refine_steps=args.refine_steps,
                          weight_bits=args.weight_bits, exact_bits=args.exact_bits,
                          exact_value_bits=args.exact_value_bits, exact_power=args.exact_power,
-                         exact_head_cap=args.exact_head_cap,
+                         exact_by=args.exact_by, exact_head_cap=args.exact_head_cap,
                          fit=FitConfig(steps=args.steps, share_power=args.share_power),
                          prompts=PromptConfig.with_total(args.prompts, holdout=args.holdout))
 

@@ -29,7 +29,7 @@ from .probe import SHORT_FIT_EVERY, GapProbe, fit_probe, gap_key
 from .quadrature import QuadratureBank
 from .quant import as_stored
 from .refine import TopK, refine, teacher
-from .selection import most_attended
+from .selection import TokenChoice, choose_tokens
 from .templates import templates_for
 from .timing import stage as _stage
 
@@ -62,7 +62,7 @@ class Workbench:
         self.timings: dict[str, float] = {}
         self._splits: dict[tuple, tuple[ExactContext, ExactContext]] = {}
         self._stores: dict[tuple, tuple[Store, Store]] = {}
-        self._stage_times: dict[tuple, dict[str, float]] = {}  # per split (counts, power): its own capture stages
+        self._stage_times: dict[tuple, dict[str, float]] = {}  # per split (counts, choice): its own capture stages
         self.probe = GapProbe(self)  # where the KL is, for the `gap` allocation
         self._teacher_time: dict[str, float] = {}  # only compiles that refine pay for the teacher
         self._riders: tuple | None = None  # the teacher, collected during a capture
@@ -117,29 +117,30 @@ class Workbench:
         return tuple(counts) if not config.head_gap_layers else tuple(tuple(counts[i: i + kv])
                                                                       for i in range(0, len(counts), kv))
 
-    def split(self, counts: int | tuple[int, ...] = 0, power: float = 1.0) -> tuple[ExactContext, ExactContext]:
-        """(exact tokens: the sinks and the `counts` most attended per head of each layer, attention to the
-        `power` as `CompileConfig.exact_power` says; the rest, which modules learn)."""
-        key = self._key(counts, power)
+    def split(self, counts: int | tuple[int, ...] = 0, choice: TokenChoice = TokenChoice()
+              ) -> tuple[ExactContext, ExactContext]:
+        """(exact tokens: the sinks and the `counts` per head of each layer that rank highest by `choice`; the
+        rest, which modules learn)."""
+        key = self._key(counts, choice)
         if key not in self._splits:
             chosen = None
             if _most(key[0]):
                 with _stage(self._stage_times.setdefault(key, {}), "choose exact tokens"):
-                    chosen = most_attended(self._pilot_queries(), self.full, attention_scaling(self.model),
-                                           self.config.sink_tokens, key[0], power)
+                    chosen = choose_tokens(self._pilot_queries(), self.full, attention_scaling(self.model),
+                                           self.config.sink_tokens, key[0], key[1])
             self._splits[key] = split_exact(self.full, self.config.sink_tokens, chosen)
         return self._splits[key]
 
-    def _key(self, counts: int | tuple[int, ...], power: float) -> tuple:
+    def _key(self, counts: int | tuple[int, ...], choice: TokenChoice = TokenChoice()) -> tuple:
         """What a split and its captures depend on: the counts, and how tokens were chosen if any were."""
         counts = self._counts(counts)
-        return counts, power if _most(counts) else 1.0
+        return counts, choice if _most(counts) else TokenChoice()
 
     def _pilot_queries(self) -> Tensor:
         """Queries that choose the exact tokens. Queries do not depend on which tokens are exact, so the
         probe's capture serves when there is one (rows evenly spread over it); else a few sequences'."""
         pilot = self.pilot_sequences
-        made = [key for key in self._stores if key[0] == self._key(0, 1.0)]
+        made = [key for key in self._stores if key[0] == self._key(0)]
         if not made:
             return capture(self.model, pilot, self.n, self.full, None, self.config.batch_size, "choose exact tokens").q
         q = self._stores[made[0]][0].q
@@ -190,12 +191,12 @@ class Workbench:
         return {kind: sum(p.kind == kind for p in self.prompts) for kind in ("recall", "self_study", "generic", "direct")}
 
     def stores(self, counts: int | tuple[int, ...] = 0, drive=None, timings: dict | None = None,
-               every: int = 1, power: float = 1.0) -> tuple[Store, Store]:
-        """(train, validation) stores for the split with `counts` exact tokens chosen at `power`, on the
+               every: int = 1, choice: TokenChoice = TokenChoice()) -> tuple[Store, Store]:
+        """(train, validation) stores for the split with `counts` exact tokens chosen by `choice`, on the
         model's device (the fit runs where the model does), of every `every`-th sequence. With `drive`,
         queries come from the model running on that bank, are not kept, and their capture is timed into
         `timings`."""
-        key = self._key(counts, power)
+        key = self._key(counts, choice)
         if drive is None and (key, every) in self._stores:
             return self._stores[key, every]
         train, val = self.train_sequences[::every], [p.ids for p in self.val_prompts][::every]
@@ -238,12 +239,12 @@ class Workbench:
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
             self.exact_counts(config) if config.exact_share else self.gaps(config)
             gap_times = dict(self.probe.times[gap_key(config)])
-        counts, power = self.exact_counts(config), config.exact_power
-        train_store, val_store = self.stores(counts, power=power)
-        sinks = as_stored(self.split(counts, power)[0], config.sink_tokens, config.exact_bits, config.value_bits)
-        timings = {**self.timings, **self._stage_times[self._key(counts, power)], **gap_times}
+        counts, choice = self.exact_counts(config), TokenChoice.of(config)
+        train_store, val_store = self.stores(counts, choice=choice)
+        sinks = as_stored(self.split(counts, choice)[0], config.sink_tokens, config.exact_bits, config.value_bits)
+        timings = {**self.timings, **self._stage_times[self._key(counts, choice)], **gap_times}
         if gap_times and _most(counts):  # the probe's own capture, of the document without exact tokens
-            timings["capture (probe)"] = self._stage_times[self._key(0, 1.0)]["capture (probe)"]
+            timings["capture (probe)"] = self._stage_times[self._key(0)]["capture (probe)"]
         with _stage(timings, "fit"):
             bank = self._bank(config, counts, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
@@ -251,7 +252,7 @@ class Workbench:
         for _ in range(config.onpolicy_rounds if config.onpolicy_steps else 0):
             # Queries as the modules below each layer will shape them at inference, targets still exact.
             train_store, val_store = self.stores(counts, drive=bank, timings=timings, every=SHORT_FIT_EVERY,
-                                                 power=power)
+                                                 choice=choice)
             with _stage(timings, "fit on-policy"):
                 steps = replace(config.fit, steps=config.onpolicy_steps, warmup=config.onpolicy_steps // 10)
                 fit_log["onpolicy"] = fit(bank.requires_grad_(True), train_store, val_store, steps, seed=config.seed,
@@ -296,7 +297,7 @@ class Workbench:
             modeled = modeled_layers(cfg)
             bank = self._on_modeled(QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,
                                                               attention_scaling(self.model)))
-            _, rest = self.split(counts, config.exact_power)
+            _, rest = self.split(counts, TokenChoice.of(config))
             keys, values = ([part[layer] for layer in modeled] for part in (rest.keys, rest.values))
             bank.init_from(torch.cat(keys).float().cpu(), torch.cat(values).float().cpu(), seed=config.seed)
             return bank

@@ -9,7 +9,8 @@ VARIANTS = ("mlp", "quadrature")
 ALLOCATIONS = ("uniform", "probe", "gap")
 WEIGHT_BITS = (8, 16)  # module weight storage: int8 with a 16-bit scale per column, or 16-bit (nectar.quant)
 EXACT_BITS = (4, 8, 16)  # exact-token storage: 4-bit codes two to a byte, int8, or 16-bit; a scale per channel
-HOLDOUTS = ("chunks", "prompts")  # what validation holds out of training (PromptConfig.holdout)
+HOLDOUTS = ("chunks", "prompts")
+EXACT_BY = ("mass", "output")  # how exact tokens are ranked (nectar.selection.TokenChoice)  # what validation holds out of training (PromptConfig.holdout)
 # The measured best share of the budget for exact tokens where the gap allocation places them by KV head: at 2%,
 # answer KL 0.035 / 0.028 / 0.025 / 0.029 on MPL and 0.025 / 0.021 / 0.020 on pydoc at 0.3 / 0.45 / 0.6 / 0.75
 # (docs/results.md). Spread evenly (another allocation) each token buys less: there the earlier 0.3 stays.
@@ -143,6 +144,11 @@ class CompileConfig:
     # attention raised to this power. 1 sums the mass; 2 favours tokens some queries attend to sharply (a
     # verbatim quote, a looked-up name), which a module smooths over, above tokens many attend to a little.
     exact_power: float = 1.0
+    # Ranked by that attention alone ("mass"), or times the distance of the token's value from the query's
+    # output ("output"), the error that leaving it to a module would cause (nectar.selection.TokenChoice). At
+    # 2%, hand-written questions read answer KL 0.0175 against 0.0184 on MPL and 0.0166 against 0.0187 on pydoc,
+    # agreement level or better (docs/results.md).
+    exact_by: str = "output"
     # The most of the document (past the sinks) any one KV head keeps exact under the gap allocation: the
     # module must keep something to learn. A head that copies text back wants much of it: MPL's layer 18 head 2
     # keeps 1866 tokens at 0.5, 2466 at 0.9, and MPL at 2% read answer KL 0.023 against 0.025, question KL
@@ -153,7 +159,7 @@ class CompileConfig:
     # 4k document on 2 cores, beside the 8-bit weights' wider fits.
     refine_steps: int = 30
     refine_anchor: float = 1.0  # weight of the per-layer regression loss beside refinement's KL
-    # Budget share for document tokens kept exact, the most attended ones (by layer and, in the hardest layers,
+    # Budget share for document tokens kept exact, chosen as `exact_by` says (by layer and, in the hardest layers,
     # by KV head under the gap allocation).
     # None: EXACT_SHARE (EXACT_SHARE_EVEN under another allocation than gap) where every layer is global, less
     # where that would leave the modules under MIN_MODULE_WIDTH, 0 on models with sliding-window layers (not
@@ -193,6 +199,7 @@ class CompileConfig:
         _require(self.exact_value_bits in (None, *EXACT_BITS),
                  f"exact_value_bits must be 4, 8 or 16, got {self.exact_value_bits}")
         _require(self.exact_power > 0, f"exact_power must be > 0, got {self.exact_power}")
+        _require(self.exact_by in EXACT_BY, f"exact_by must be one of {', '.join(EXACT_BY)}, got '{self.exact_by}'")
         _require(0.0 < self.exact_head_cap < 1.0, f"exact_head_cap must be in (0, 1), got {self.exact_head_cap}")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")

@@ -15,7 +15,7 @@ def summary(artifact, path: str | Path | None = None) -> str:
                  f"{artifact.memory_ratio():.4f} x the KV cache's bytes")
     if m["metrics"].get("exact_tokens"):
         lines.append(f"exact tokens per head: {m['sink_tokens']} sinks (16-bit) and up to "
-                     f"{m['metrics']['exact_tokens']} most attended ({_bits(artifact)})")
+                     f"{m['metrics']['exact_tokens']} chosen ({_bits(artifact)})")
     sliding = [w for w in artifact.windows if w is not None]
     if sliding:
         lines.append(f"sliding-window layers: {len(sliding)} of {len(artifact.windows)} keep their last "

@@ -78,6 +78,7 @@ def test_empty_document(tmp_path, capsys):
                                             (["--weight-bits", "4"], "invalid choice"),
                                             (["--exact-bits", "2"], "invalid choice"),
                                             (["--exact-power", "0"], "exact_power must be > 0"),
+                                            (["--exact-by", "norm"], "invalid choice"),
                                             (["--exact-head-cap", "1"], "exact_head_cap must be in")])
 def test_bad_numbers_are_refused_before_loading(doc, tmp_path, capsys, no_model, flags, pattern):
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", *flags), pattern)

@@ -16,7 +16,7 @@ from nectar.budget import uniform_exact
 from nectar.quant import CodedTokens, pack4, round_tokens, unpack4
 from nectar.compiler import Workbench
 from nectar.prefill import prefill, split_exact
-from nectar.selection import most_attended
+from nectar.selection import TokenChoice, choose_tokens
 from nectar.summary import summary
 from conftest import FAST, assert_same_logits, sample_document, tiny_llama
 
@@ -39,7 +39,7 @@ def test_exact_tokens_and_the_rest_merge_to_the_whole_document():
     torch.manual_seed(0)
     full = prefill(tiny_llama(), torch.randint(3, 300, (50,)))
     q = torch.randn(3 * 2, 40, 16)  # every module's queries
-    chosen = most_attended(q, full, 0.25, skip=4, count=5)
+    chosen = choose_tokens(q, full, 0.25, skip=4, count=5)
     assert all(c.shape == (2, 5) and c.min() >= 4 for c in chosen)
     exact, rest = split_exact(full, 4, chosen)
     _parts_merge_to_the_whole(full, exact, rest, q)
@@ -51,7 +51,7 @@ def test_heads_keep_unequal_exact_tokens_and_the_rest_still_merge_to_the_whole_d
     full = prefill(tiny_llama(), torch.randint(3, 300, (50,)))
     q = torch.randn(3 * 2, 40, 16)
     counts = [(7, 0), (3, 3), (0, 0)]
-    chosen = most_attended(q, full, 0.25, skip=4, count=counts)
+    chosen = choose_tokens(q, full, 0.25, skip=4, count=counts)
     assert [tuple((c >= 0).sum(-1).tolist()) for c in chosen] == [(7, 0), (3, 3), (0, 0)]
     exact, rest = split_exact(full, 4, chosen)
     assert [exact.head_counts(layer) for layer in range(3)] == [[11, 4], [7, 7], [4, 4]]
@@ -98,11 +98,11 @@ def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(bench, tokenizer
     _exact_beside_answers_as_every_token_a_sink(bench, tokenizer, loaded, art, rows=2)
 
 
-def test_chosen_tokens_are_the_most_attended():
+def test_chosen_tokens_are_the_choose_tokens():
     full = prefill(tiny_llama(), torch.randint(3, 300, (50,)))
     target = full.keys[0][:, 20:21] * 10  # queries aligned with token 20's key attend to it most
     q = target.expand(2, 30, 16).repeat(3, 1, 1)
-    assert (most_attended(q, full, 0.25, skip=4, count=1)[0] == 20).all()
+    assert (choose_tokens(q, full, 0.25, skip=4, count=1)[0] == 20).all()
 
 
 def test_exact_power_above_one_prefers_a_sharply_attended_token_to_a_diffusely_attended_one():
@@ -114,15 +114,29 @@ def test_exact_power_above_one_prefers_a_sharply_attended_token_to_a_diffusely_a
     diffuse = torch.tensor([torch.log(torch.tensor(0.4 / 0.6 * 4)).item(), -30.0, 0.0]).expand(10, 3)
     sharp = torch.tensor([0.0, 12.0, 0.0]).expand(3, 3)
     q = torch.cat([diffuse, sharp])[None]
-    assert most_attended(q, full, 1.0, skip=0, count=1)[0].item() == 1
-    assert most_attended(q, full, 1.0, skip=0, count=1, power=2.0)[0].item() == 2
+    assert choose_tokens(q, full, 1.0, skip=0, count=1)[0].item() == 1
+    assert choose_tokens(q, full, 1.0, skip=0, count=1, choice=TokenChoice(power=2.0))[0].item() == 2
 
 
-def test_the_workbench_keeps_a_split_per_exact_power(bench):
-    """Splits are cached by (counts, power): another power chooses its own tokens, the same power reuses its split."""
+def test_ranking_by_output_prefers_a_token_whose_value_stands_out_to_one_read_more():
+    """Every query gives token 1 half its attention and token 2 a fifth; only token 2's value differs from
+    what the query reads (o = 0.2 e1). By mass token 1 stays exact; by output error (0.5 x 0.2 against 0.2 x
+    0.8) token 2 does."""
+    p = torch.tensor([0.1, 0.5, 0.2, 0.1, 0.05, 0.05])
+    values = torch.zeros(1, 6, 3)
+    values[0, 2, 0] = 1.0
+    full = ExactContext([torch.eye(6)[None]], [values])
+    q = p.log().expand(1, 4, 6)
+    assert choose_tokens(q, full, 1.0, skip=0, count=1)[0].item() == 1
+    assert choose_tokens(q, full, 1.0, skip=0, count=1, choice=TokenChoice("output"))[0].item() == 2
+
+
+@pytest.mark.parametrize("other", [TokenChoice(power=4.0), TokenChoice("output")])
+def test_the_workbench_keeps_a_split_per_token_choice(bench, other):
+    """Splits are cached by (counts, choice): another choice ranks its own tokens, the same one reuses its split."""
     counts = bench.exact_counts(replace(bench.config, exact_share=0.3))
-    assert bench.split(counts, 1.0)[0] is bench.split(counts, 1.0)[0]
-    first, second = bench.split(counts, 1.0)[0], bench.split(counts, 4.0)[0]
+    assert bench.split(counts, TokenChoice())[0] is bench.split(counts, TokenChoice())[0]
+    first, second = bench.split(counts, TokenChoice())[0], bench.split(counts, other)[0]
     assert first is not second
     assert not all(torch.equal(a, b) for a, b in zip(first.keys, second.keys))
 
@@ -153,7 +167,7 @@ def test_quantised_exact_tokens_hold_more_in_the_same_bytes(bench, tmp_path, bit
     # 16-bit K and V take 2d numbers a token; 8 + 4 bits with a scale per token 0.75d + 1 (d = 16 here: 2.46x).
     assert tokens[0] >= more * tokens[1] - 4 and tokens[1] > 0
     assert wide.exact_bits == bits and narrow.exact_bits == narrow.exact_value_bits == 16
-    assert f"up to {tokens[0]} most attended ({read})" in summary(wide)
+    assert f"up to {tokens[0]} chosen ({read})" in summary(wide)
     assert wide.memory_ratio() <= FAST.budget and narrow.memory_ratio() <= FAST.budget
     tensors = wide.tensors()
     assert tensors["exact.keys"].dtype == stored and tensors["sinks.keys"].shape[2] == FAST.sink_tokens
@@ -192,7 +206,7 @@ def test_uneven_exact_tokens_and_the_rest_generate_as_the_full_cache(tokenizer):
     model = tiny_llama()
     doc = torch.randint(3, 300, (40,))
     full = prefill(model, doc)
-    chosen = most_attended(torch.randn(3 * 2, 30, 16), full, 0.25, skip=4, count=[0, 7, 2])
+    chosen = choose_tokens(torch.randn(3 * 2, 30, 16), full, 0.25, skip=4, count=[0, 7, 2])
     exact, rest = split_exact(full, 4, chosen)
     assert [k.shape[1] for k in exact.keys] == [4, 11, 6] and not cacheable(model, exact)
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 9)]
@@ -260,10 +274,10 @@ def test_each_onpolicy_round_captures_with_the_latest_modules(bench, monkeypatch
     drivers = []
     real = bench.stores
 
-    def stores(count=0, drive=None, timings=None, every=1, power=1.0):
+    def stores(count=0, drive=None, timings=None, every=1, choice=TokenChoice()):
         if drive is not None:
             drivers.append(drive.target.weights[0].detach().clone())
-        return real(count, drive, timings, every, power)
+        return real(count, drive, timings, every, choice)
 
     monkeypatch.setattr(bench, "stores", stores)
     bench.compile(onpolicy_steps=20, onpolicy_rounds=2)
