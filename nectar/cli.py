@@ -186,8 +186,8 @@ def _compile_args(p) -> None:
                    "tolerate rounding), 8-bit with a scale per channel, or 16-bit (default: 4 beside 8-bit keys "
                    f"at budgets up to {VALUES_4BIT_UP_TO:g}, else as the keys)")
     p.add_argument("--exact-power", type=float, default=CompileConfig.exact_power,
-                   help="which tokens stay exact: those with the most attention over training queries, each "
-                   "query's attention raised to this power (1: the mass; 2: tokens some queries attend to "
+                   help="which tokens stay exact: each training query's attention to a token is raised to this "
+                   "power before they are ranked (1: as it is; 2: favours tokens some queries attend to "
                    f"sharply, as a quote does; default {CompileConfig.exact_power})")
     p.add_argument("--exact-by", choices=EXACT_BY, default=CompileConfig.exact_by,
                    help="rank tokens by that attention alone (mass), or times how far the token's value lies from "

@@ -183,6 +183,9 @@ def test_manifest_survives_json_and_says_what_loading_checks(compiled):
     assert manifest["document"]["tokens"] == compiled[1].n and manifest["model"]["fingerprint"]["weights"]
     # The config as asked, with the bits its exact values were stored at written out.
     assert nectar.CompileConfig.from_dict(manifest["config"]) == replace(FAST, exact_value_bits=FAST.value_bits)
+    # An artifact written before tokens were ranked by output error chose them by attention mass.
+    older = {k: v for k, v in manifest["config"].items() if k != "exact_by"}
+    assert FAST.exact_by == "output" and nectar.CompileConfig.from_dict(older).exact_by == "mass"
 
 
 def test_a_useless_compile_says_so(capsys):
