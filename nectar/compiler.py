@@ -91,14 +91,14 @@ class Workbench:
         for step in range(round(share / 0.05), 0, -1):
             chosen = replace(config, exact_share=round(step * 0.05, 2))
             try:
-                per_module = params_per_module(self.model, self.n, chosen, self.uniform_exact(chosen))
+                per_module = params_per_module(self.model, self.n, chosen, self._uniform_exact(chosen))
             except NectarError:
                 continue
             if min(self.mlp_bank(chosen, per_module).target_widths) >= MIN_MODULE_WIDTH:
                 return chosen.exact_share
         return 0.0
 
-    def uniform_exact(self, config: CompileConfig) -> int:
+    def _uniform_exact(self, config: CompileConfig) -> int:
         return uniform_exact(self.n, config, head_dim(self.model.config))
 
     def exact_counts(self, config: CompileConfig) -> tuple[int, ...]:
@@ -106,7 +106,7 @@ class Workbench:
         tokens, the same in every layer, or under the `gap` allocation in proportion to the KL each layer
         causes, since a layer whose module barely moves the answer needs no exact tokens at all."""
         layers, kv = self.model.config.num_hidden_layers, self.model.config.num_key_value_heads
-        per_layer = self.uniform_exact(config)
+        per_layer = self._uniform_exact(config)
         if not per_layer or config.allocation != "gap":
             return (per_layer,) * layers
         gaps = self.gaps(config)
@@ -234,7 +234,7 @@ class Workbench:
     def compile(self, **changes) -> Artifact:
         """Fit one bank; `changes` override fitting fields of the config (budget, variant, allocation, fit...)."""
         config = self._resolved(replace(self.requested, **changes))
-        params_per_module(self.model, self.n, config, self.uniform_exact(config))  # refused before any work
+        params_per_module(self.model, self.n, config, self._uniform_exact(config))  # refused before any work
         self._refining, gap_times = bool(config.refine_steps), {}
         if config.allocation == "gap" and (config.variant == "mlp" or config.exact_share):
             self.exact_counts(config) if config.exact_share else self.gaps(config)
@@ -245,11 +245,8 @@ class Workbench:
         timings = {**self.timings, **self._stage_times[self._key(counts, choice)], **gap_times}
         if gap_times and _most(counts):  # the probe's own capture, of the document without exact tokens
             timings["capture (probe)"] = self._stage_times[self._key(0)]["capture (probe)"]
-        gaps = None
-        if config.allocation == "gap" and config.widths_beside_exact and _most(counts):
-            gaps = self.probe.gaps_beside_exact(config, self._key(counts, choice), train_store, val_store, timings)
         with _stage(timings, "fit"):
-            bank = self._bank(config, counts, train_store, val_store, gaps).to(self.model.device)
+            bank = self._bank(config, counts, train_store, val_store).to(self.model.device)
             fit_log = fit(bank, train_store, val_store, config.fit, seed=config.seed)
             bank.eval().requires_grad_(False)
         for _ in range(config.onpolicy_rounds if config.onpolicy_steps else 0):
@@ -280,7 +277,7 @@ class Workbench:
                        onpolicy=fit_log.get("onpolicy"), train_tokens=sum(map(len, self.train_sequences)),
                        prompts=self.kinds, exact_tokens=_most(counts), exact_per_layer=[_most(c) for c in counts],
                        exact_per_head=[list(c) for c in counts] if _most(counts) and not isinstance(counts[0], int) else None,
-                       layer_gaps=self.probe.layers.get(gap_key(config)) if gap_times else None, width_gaps=gaps)
+                       layer_gaps=self.probe.layers.get(gap_key(config)) if gap_times else None)
         timings["total"] = round(sum(timings.values()), 1)
         manifest = build_manifest(self.model, self.tokenizer, self.doc_ids, self.templates, bank, config, metrics,
                                   timings)
@@ -293,11 +290,9 @@ class Workbench:
         warn_if_useless(metrics["questions"])
         return artifact
 
-    def _bank(self, config: CompileConfig, counts: tuple[int, ...], train_store: Store, val_store: Store,
-              gaps: list[float] | None = None) -> Bank:
-        """The bank to fit, its widths by the allocation (under `gap`: by `gaps` where given, per modeled layer)."""
+    def _bank(self, config: CompileConfig, counts: tuple[int, ...], train_store: Store, val_store: Store) -> Bank:
         cfg, d = self.model.config, head_dim(self.model.config)
-        per_module = params_per_module(self.model, self.n, config, self.uniform_exact(config))
+        per_module = params_per_module(self.model, self.n, config, self._uniform_exact(config))
         if config.variant == "quadrature":
             modeled = modeled_layers(cfg)
             bank = self._on_modeled(QuadratureBank.for_budget(len(modeled), cfg.num_key_value_heads, d, per_module,
@@ -312,7 +307,7 @@ class Workbench:
         if config.allocation == "gap":
             # The KL a layer causes alone is very skewed (one layer in 30 can carry most of it): its square
             # root, within 0.5x-6x of uniform, moves capacity there without starving the others.
-            gaps = torch.tensor(gaps or self.gaps(config)).clamp_min(0).sqrt().tolist()
+            gaps = torch.tensor(self.gaps(config)).clamp_min(0).sqrt().tolist()
             shares = allocate(gaps, per_module, low=0.5, high=6.0)
         else:
             probe = fit_probe(self.mlp_bank(config, per_module), config, train_store, val_store)

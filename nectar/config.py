@@ -154,9 +154,6 @@ class CompileConfig:
     # keeps 1866 tokens at 0.5, 2466 at 0.9, and MPL at 2% read answer KL 0.023 against 0.025, question KL
     # 0.026 against 0.031 (docs/results.md). pydoc's heads stay under 0.5 at 2%.
     exact_head_cap: float = 0.9
-    # Under the gap allocation with exact tokens, module widths by the KL each layer causes beside its exact
-    # tokens (a second short probe, fitted on the main capture) instead of without them.
-    widths_beside_exact: bool = False
     # End-to-end distillation steps on the answer KL after the per-layer fits (0: off). 30 hold nearly all
     # of its gain (MPL: validation KL 0.255 -> 0.240 at 30 steps, 0.239 at 60) in a 15-minute compile of a
     # 4k document on 2 cores, beside the 8-bit weights' wider fits.
@@ -196,8 +193,6 @@ class CompileConfig:
         _require(self.head_gap_layers >= 0, f"head_gap_layers must be >= 0, got {self.head_gap_layers}")
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")
-        _require(isinstance(self.widths_beside_exact, bool),
-                 f"widths_beside_exact must be true or false, got {self.widths_beside_exact!r}")
         _require(isinstance(self.target_softmax, bool), f"target_softmax must be true or false, got {self.target_softmax!r}")
         _require(self.weight_bits in WEIGHT_BITS, f"weight_bits must be 8 or 16, got {self.weight_bits}")
         _require(self.exact_bits in EXACT_BITS, f"exact_bits must be 4, 8 or 16, got {self.exact_bits}")

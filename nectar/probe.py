@@ -43,7 +43,6 @@ class GapProbe:
         self.bench = bench
         self.layers: dict[tuple, list[float]] = {}  # per probe setting: each modeled layer's KL
         self.heads: dict[tuple, dict[int, list[float]]] = {}  # per (setting, layers): each KV head's KL
-        self.beside: dict[tuple, list[float]] = {}  # per (setting, exact split): each layer's KL beside its tokens
         self.times: dict[tuple, dict[str, float]] = {}
         self._made: dict[tuple, tuple] = {}  # per setting: (its questions, the probe method)
 
@@ -81,23 +80,3 @@ class GapProbe:
                                  window_tails(bench.full), bench.config.batch_size, heads=[h for _, h in cells])
             self.heads[key, config.head_gap_layers] = {i: kls[j * kv:(j + 1) * kv] for j, i in enumerate(hard)}
         return self.heads[key, config.head_gap_layers]
-
-    def gaps_beside_exact(self, config: CompileConfig, split_key: tuple, train_store: Store, val_store: Store,
-                          times: dict) -> list[float]:
-        """Per modeled layer, the answer KL when it alone uses modules fitted briefly beside its exact tokens
-        (the split `split_key` names, whose capture the stores are). The first gaps, measured without exact
-        tokens, place those tokens; once placed, they take most of a hard layer's KL with them (MPL's layer 18
-        keeps 0.9 of the document in one head), and what is left for the modules lies elsewhere."""
-        key = (gap_key(config), split_key)
-        if key not in self.beside:
-            bench = self.bench
-            with stage(times, "probe (beside exact)"):
-                per_module = params_per_module(bench.model, bench.n, config, bench.uniform_exact(config))
-                probe = fit_probe(bench.mlp_bank(config, per_module), config, train_store, val_store)
-            with stage(times, "layer gaps (beside exact)"):
-                self.layer_gaps(config)  # its questions
-                pairs = self._made[gap_key(config)][0]
-                self.beside[key] = layer_gaps(bench.model, pairs, bench.n, bench.full, (probe, bench.split(*split_key)[0]),
-                                              modeled_layers(bench.model.config), window_tails(bench.full),
-                                              bench.config.batch_size)
-        return self.beside[key]

@@ -98,17 +98,6 @@ def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(bench, tokenizer
     _exact_beside_answers_as_every_token_a_sink(bench, tokenizer, loaded, art, rows=2)
 
 
-def test_widths_beside_exact_follow_the_kl_left_once_exact_tokens_are_placed(bench):
-    config = dict(allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=2, widths_beside_exact=True)
-    art = bench.compile(**config)
-    before, beside = bench.gaps(replace(bench.config, **config)), art.manifest["metrics"]["width_gaps"]
-    assert len(beside) == len(before) and beside != before
-    assert {"probe (beside exact)", "layer gaps (beside exact)"} <= set(art.manifest["timings"])
-    widths = art.bank.target_widths
-    assert widths.index(max(widths)) == beside.index(max(beside))
-    assert art.memory_ratio() <= FAST.budget
-
-
 def test_chosen_tokens_are_the_choose_tokens():
     full = prefill(tiny_llama(), torch.randint(3, 300, (50,)))
     target = full.keys[0][:, 20:21] * 10  # queries aligned with token 20's key attend to it most
