@@ -61,6 +61,12 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# A question whose greedy answer reads this far below the ceiling's went elsewhere altogether (on a small model,
+# often one side's answer looping on a phrase): a gap carried by a few such questions is a few branch points, one
+# spread over many is drift.
+FAR_BELOW = 0.3
+
+
 def cosine_intervals(report: dict) -> list[str]:
     """The greedy answers' cosine with its 95% bootstrap interval over questions, and each method's gap to
     the full cache in the compile's dtype, paired question by question: which differences are more than luck."""
@@ -78,6 +84,9 @@ def cosine_intervals(report: dict) -> list[str]:
             gaps = [m - c for m, c in zip(g["cosines"], ceiling)]
             lo, hi = bootstrap_interval(gaps)
             line += f"; against it {sum(gaps) / len(gaps):+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            far = [gap for gap in gaps if gap < -FAR_BELOW]
+            if far:
+                line += f"; {len(far)} of {len(gaps)} questions, each more than {FAR_BELOW} below it, carry {sum(far) / len(gaps):+.3f}"
         lines.append(line)
     return lines
 

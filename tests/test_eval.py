@@ -230,6 +230,18 @@ def test_the_ceiling_is_the_compile_models_full_cache_against_the_judge(tokenize
     assert Comparison(wb, None, ["What does assert do?"], tmp_path / "c", config).run()["ceiling"] is None
 
 
+def test_the_cosine_report_says_how_few_questions_carry_the_gap():
+    from nectar.compare_report import cosine_intervals
+    cosines = [0.9, 0.9, 0.1, 0.9, 0.2]
+    row = {"method": "nectar", "budget": 0.02,
+           "generation": {"cosines": cosines, "cosine": sum(cosines) / 5, "cosine_interval": [0.2, 0.9]}}
+    report = {"rows": [row], "ceiling": {"dtype": "bfloat16", "cosines": [0.95, 0.85, 0.9, 0.9, 0.9]}}
+    line = cosine_intervals(report)[1]
+    assert "against it -0.300" in line and "2 of 5 questions, each more than 0.3 below it, carry -0.300" in line
+    report["ceiling"]["cosines"] = cosines  # level with the ceiling: no question far below it
+    assert "questions" not in cosine_intervals(report)[1]
+
+
 def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_more_questions():
     from nectar.metrics import bootstrap_interval
 
