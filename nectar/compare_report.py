@@ -86,7 +86,8 @@ def cosine_intervals(report: dict) -> list[str]:
             line += f"; against it {sum(gaps) / len(gaps):+.3f} [{lo:+.3f}, {hi:+.3f}]"
             far = [gap for gap in gaps if gap < -FAR_BELOW]
             if far:
-                line += f"; {len(far)} of {len(gaps)} questions, each more than {FAR_BELOW} below it, carry {sum(far) / len(gaps):+.3f}"
+                line += (f"; {len(far)} of {len(gaps)} questions, each more than {FAR_BELOW} below it, "
+                         f"carry {sum(far) / len(gaps):+.3f}")
         lines.append(line)
     return lines
 

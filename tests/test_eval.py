@@ -121,7 +121,8 @@ def test_each_bundled_regression_set_reads_and_has_its_document(path):
     """The hand-written sets are what fidelity is judged on: a repeated or empty question, or a set whose
     document went missing, would silently change what a benchmark measures."""
     assert len(read_questions(path)) >= 30
-    assert (path.parent / path.name.replace(".questions.json", ".txt")).is_file() or path.name.startswith("pydoc")
+    if not path.name.startswith("pydoc"):  # pydoc's text comes from the standard library (pydoc:4096)
+        assert (path.parent / path.name.replace(".questions.json", ".txt")).is_file()
 
 
 def test_a_question_too_long_for_the_window_fails_before_any_compile(tiny, doc, tmp_path, capsys):
