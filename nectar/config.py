@@ -119,6 +119,12 @@ class CompileConfig:
     # Training questions on which the probe measures each layer's KL ("gap"). 16 read answer KL 0.050 against
     # 8's 0.053 on MPL at 2%, agreement level, for 104 s more of a 15-minute compile (docs/results.md).
     probe_prompts: int = 8
+    # Verbatim-recall training prompts the probe also measures, each set's KL taken as a share of its own total
+    # (0: questions only). A head that copies text back costs quoting far more than questions, and by questions
+    # alone keeps few exact tokens on some documents. 4 read answer KL 0.0112 against 0.0166 on pydoc at 2%,
+    # 0.0169 against 0.0176 on MPL, recall KL 0.41 against 1.11 on pydoc, for ~1 min more; off until checked at
+    # the default through `nectar eval` (docs/results.md).
+    probe_recall: int = 0
     # The hardest layers by that KL whose KV heads the probe then measures one by one, so that exact tokens
     # go to the heads that cause it (one head of MPL's layer 18 carried half its answer KL, the layer's two
     # others none). 0: a layer's heads share its tokens alike.
@@ -190,6 +196,7 @@ class CompileConfig:
                  f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
         _require(self.probe_steps >= 1, "probe_steps must be >= 1")
         _require(self.probe_prompts >= 1, f"probe_prompts must be >= 1, got {self.probe_prompts}")
+        _require(self.probe_recall >= 0, f"probe_recall must be >= 0, got {self.probe_recall}")
         _require(self.head_gap_layers >= 0, f"head_gap_layers must be >= 0, got {self.head_gap_layers}")
         _require(self.depth >= 1, "depth must be >= 1")
         _require(0.0 < self.score_share < 1.0, "score_share must be in (0, 1)")

@@ -31,8 +31,26 @@ def fit_probe(probe, config: CompileConfig, train_store: Store, val_store: Store
 
 def gap_key(config: CompileConfig) -> tuple:
     """What a probe depends on beyond the document: two compiles that agree on it share their gaps."""
-    return (config.budget, config.probe_steps, config.probe_prompts, config.depth, config.score_share, config.weight_bits,
-            config.target_softmax, config.seed, repr(config.fit))
+    return (config.budget, config.probe_steps, config.probe_prompts, config.probe_recall, config.depth,
+            config.score_share, config.weight_bits, config.target_softmax, config.seed, repr(config.fit))
+
+
+def _spread(prompts: list, count: int) -> list[tuple]:
+    """`count` prompts' (question, answer) ids, taken evenly through the list."""
+    if not count:
+        return []
+    return [(p.question_ids, p.answer_ids) for p in prompts[:: max(1, len(prompts) // count)][:count]]
+
+
+def mixed_gaps(measure, questions: list[tuple], recall: list[tuple]) -> list[float]:
+    """Each cell's KL on the questions, or with recall prompts each set's share of its own total, averaged and
+    scaled back to the questions' total: recall's KL runs 20-60x the questions', and would drown them unscaled."""
+    on_questions = measure(questions)
+    if not recall:
+        return on_questions
+    on_recall = measure(recall)
+    total_q, total_r = sum(on_questions), sum(on_recall)
+    return [total_q * (q / total_q + r / total_r) / 2 for q, r in zip(on_questions, on_recall)]
 
 
 class GapProbe:
@@ -58,13 +76,13 @@ class GapProbe:
                 per_module = params_per_module(bench.model, bench.n, config)
                 probe = fit_probe(bench.mlp_bank(config, per_module), config, train_store, val_store)
             with stage(times, "layer gaps"):
-                train = [p for p in bench.train_prompts if p.kind in QUESTION_KINDS]
-                pairs = [(p.question_ids, p.answer_ids)
-                         for p in train[:: max(1, len(train) // config.probe_prompts)][: config.probe_prompts]]
-                self._made[key] = pairs, (probe, bench.split(0)[0])
-                self.layers[key] = layer_gaps(bench.model, pairs, bench.n, bench.full, self._made[key][1],
-                                              modeled_layers(bench.model.config), window_tails(bench.full),
-                                              bench.config.batch_size)
+                questions = _spread([p for p in bench.train_prompts if p.kind in QUESTION_KINDS], config.probe_prompts)
+                recall = _spread([p for p in bench.train_prompts if p.kind == "recall"], config.probe_recall)
+                self._made[key] = questions, recall, (probe, bench.split(0)[0])
+                self.layers[key] = mixed_gaps(
+                    lambda pairs: layer_gaps(bench.model, pairs, bench.n, bench.full, self._made[key][2],
+                                             modeled_layers(bench.model.config), window_tails(bench.full),
+                                             bench.config.batch_size), questions, recall)
         return self.layers[key]
 
     def head_gaps(self, config: CompileConfig) -> dict[int, list[float]]:
@@ -74,9 +92,11 @@ class GapProbe:
             kv, modeled = bench.model.config.num_key_value_heads, modeled_layers(bench.model.config)
             hard = sorted(range(len(gaps)), key=gaps.__getitem__, reverse=True)[: config.head_gap_layers]
             cells = [(i, h) for i in hard for h in range(kv)]
-            pairs, method = self._made[key]
+            questions, recall, method = self._made[key]
             with stage(self.times[key], "head gaps"):
-                kls = layer_gaps(bench.model, pairs, bench.n, bench.full, method, [modeled[i] for i, _ in cells],
-                                 window_tails(bench.full), bench.config.batch_size, heads=[h for _, h in cells])
+                kls = mixed_gaps(
+                    lambda pairs: layer_gaps(bench.model, pairs, bench.n, bench.full, method,
+                                             [modeled[i] for i, _ in cells], window_tails(bench.full),
+                                             bench.config.batch_size, heads=[h for _, h in cells]), questions, recall)
             self.heads[key, config.head_gap_layers] = {i: kls[j * kv:(j + 1) * kv] for j, i in enumerate(hard)}
         return self.heads[key, config.head_gap_layers]

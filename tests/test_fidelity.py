@@ -366,6 +366,29 @@ def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monke
         replace(FAST, probe_prompts=0)
     with pytest.raises(NectarError, match="head_gap_layers must be >= 0"):
         replace(FAST, head_gap_layers=-1)
+    with pytest.raises(NectarError, match="probe_recall must be >= 0"):
+        replace(FAST, probe_recall=-1)
+
+
+def test_recall_prompts_join_the_probe_as_a_share_of_their_own_total(tokenizer, monkeypatch):
+    import nectar.probe as probe
+
+    assert probe.mixed_gaps(lambda pairs: [1.0, 3.0], ["q"], []) == [1.0, 3.0]  # off: the questions' KL as it was
+    # Recall's KL, 100x larger, moves the shares without drowning the questions: the total stays theirs.
+    kl = {"q": [3.0, 1.0], "r": [100.0, 300.0]}
+    mixed = probe.mixed_gaps(lambda pairs: kl[pairs[0]], ["q"], ["r"])
+    assert mixed == pytest.approx([4 * (0.75 + 0.25) / 2, 4 * (0.25 + 0.75) / 2])
+    seen, real = [], probe.layer_gaps
+
+    def layer_gaps(model, pairs, *args, **kwargs):
+        seen.append(len(pairs))
+        return real(model, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "layer_gaps", layer_gaps)
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500),
+                      replace(FAST, allocation="gap", probe_prompts=3, probe_recall=2))
+    bench.gaps(bench.config)
+    assert seen == [3, 2]  # the questions, then the recall prompts
 
 
 def test_values_at_4_bits_hold_a_scale_per_token_and_artifacts_from_before_read_as_their_keys(bench, tmp_path):
