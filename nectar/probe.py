@@ -50,6 +50,8 @@ def mixed_gaps(measure, questions: list[tuple], recall: list[tuple]) -> list[flo
         return on_questions
     on_recall = measure(recall)
     total_q, total_r = sum(on_questions), sum(on_recall)
+    if not total_q or not total_r:  # a set that costs nothing anywhere has no shares to give
+        return on_questions
     return [total_q * (q / total_q + r / total_r) / 2 for q, r in zip(on_questions, on_recall)]
 
 
