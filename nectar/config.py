@@ -121,10 +121,10 @@ class CompileConfig:
     probe_prompts: int = 8
     # Verbatim-recall training prompts the probe also measures, each set's KL taken as a share of its own total
     # (0: questions only). A head that copies text back costs quoting far more than questions, and by questions
-    # alone keeps few exact tokens on some documents. 4 read answer KL 0.0112 against 0.0166 on pydoc at 2%,
-    # 0.0169 against 0.0176 on MPL, recall KL 0.41 against 1.11 on pydoc, for ~1 min more; off until checked at
-    # the default through `nectar eval` (docs/results.md).
-    probe_recall: int = 0
+    # alone keeps few exact tokens on some documents. At 2%, 4 read answer KL 0.021 against 0.035 on the zlib
+    # FAQ, 0.011 against 0.017 on pydoc, 0.017 against 0.018 on MPL, agreement level, for ~1.5 min more of the
+    # compile (docs/results.md).
+    probe_recall: int = 4
     # The hardest layers by that KL whose KV heads the probe then measures one by one, so that exact tokens
     # go to the heads that cause it (one head of MPL's layer 18 carried half its answer KL, the layer's two
     # others none). 0: a layer's heads share its tokens alike.
@@ -235,5 +235,6 @@ class CompileConfig:
     def from_dict(cls, data: dict) -> CompileConfig:
         data = dict(data)
         data.setdefault("exact_by", "mass")  # written before ranking by output error: chosen by attention mass
+        data.setdefault("probe_recall", 0)  # written before the probe weighed recall: questions only
         prompts, fit = PromptConfig(**data.pop("prompts")), FitConfig(**data.pop("fit"))
         return cls(**data, prompts=prompts, fit=fit)

@@ -186,6 +186,9 @@ def test_manifest_survives_json_and_says_what_loading_checks(compiled):
     # An artifact written before tokens were ranked by output error chose them by attention mass.
     older = {k: v for k, v in manifest["config"].items() if k != "exact_by"}
     assert FAST.exact_by == "output" and nectar.CompileConfig.from_dict(older).exact_by == "mass"
+    # One written before the gap probe weighed recall prompts measured questions only.
+    older = {k: v for k, v in manifest["config"].items() if k != "probe_recall"}
+    assert FAST.probe_recall == 4 and nectar.CompileConfig.from_dict(older).probe_recall == 0
 
 
 def test_a_useless_compile_says_so(capsys):

@@ -358,7 +358,8 @@ def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monke
         return real(model, pairs, *args, **kwargs)
 
     monkeypatch.setattr(probe, "layer_gaps", layer_gaps)
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), replace(FAST, allocation="gap", probe_prompts=3))
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500),
+                      replace(FAST, allocation="gap", probe_prompts=3, probe_recall=0))
     bench.gaps(bench.config)
     bench.gaps(replace(bench.config, probe_prompts=2))  # another probe setting: measured anew
     assert seen == [3, 2]
