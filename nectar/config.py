@@ -122,8 +122,8 @@ class CompileConfig:
     # Verbatim-recall training prompts the probe also measures, each set's KL taken as a share of its own total
     # (0: questions only). A head that copies text back costs quoting far more than questions, and by questions
     # alone keeps few exact tokens on some documents. At 2%, 4 read answer KL 0.021 against 0.035 on the zlib
-    # FAQ, 0.011 against 0.017 on pydoc, 0.017 against 0.018 on MPL, agreement level, for ~1.5 min more of the
-    # compile (docs/results.md).
+    # FAQ, 0.016 against 0.029 on bzip2(1), 0.011 against 0.017 on pydoc, 0.017 against 0.018 on MPL, agreement
+    # level or up, for ~1.5 min more of the compile (docs/results.md).
     probe_recall: int = 4
     # The hardest layers by that KL whose KV heads the probe then measures one by one, so that exact tokens
     # go to the heads that cause it (one head of MPL's layer 18 carried half its answer KL, the layer's two
