@@ -348,7 +348,9 @@ def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
     assert {"capture (probe)", "capture", "capture on-policy"} <= set(art.manifest["timings"])
 
 
-def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monkeypatch):
+@pytest.fixture
+def gap_batches(monkeypatch):
+    """How many prompts each call of the probe's `layer_gaps` measured, in order."""
     import nectar.probe as probe
 
     seen, real = [], probe.layer_gaps
@@ -358,11 +360,15 @@ def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monke
         return real(model, pairs, *args, **kwargs)
 
     monkeypatch.setattr(probe, "layer_gaps", layer_gaps)
+    return seen
+
+
+def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, gap_batches):
     bench = Workbench(tiny_llama(), tokenizer, sample_document(1500),
                       replace(FAST, allocation="gap", probe_prompts=3, probe_recall=0))
     bench.gaps(bench.config)
     bench.gaps(replace(bench.config, probe_prompts=2))  # another probe setting: measured anew
-    assert seen == [3, 2]
+    assert gap_batches == [3, 2]
     with pytest.raises(NectarError, match="probe_prompts must be >= 1"):
         replace(FAST, probe_prompts=0)
     with pytest.raises(NectarError, match="head_gap_layers must be >= 0"):
@@ -371,7 +377,7 @@ def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, monke
         replace(FAST, probe_recall=-1)
 
 
-def test_recall_prompts_join_the_probe_as_a_share_of_their_own_total(tokenizer, monkeypatch):
+def test_recall_prompts_join_the_probe_as_a_share_of_their_own_total(tokenizer, gap_batches):
     import nectar.probe as probe
 
     assert probe.mixed_gaps(lambda pairs: [1.0, 3.0], ["q"], []) == [1.0, 3.0]  # off: the questions' KL as it was
@@ -379,17 +385,10 @@ def test_recall_prompts_join_the_probe_as_a_share_of_their_own_total(tokenizer, 
     kl = {"q": [3.0, 1.0], "r": [100.0, 300.0]}
     mixed = probe.mixed_gaps(lambda pairs: kl[pairs[0]], ["q"], ["r"])
     assert mixed == pytest.approx([4 * (0.75 + 0.25) / 2, 4 * (0.25 + 0.75) / 2])
-    seen, real = [], probe.layer_gaps
-
-    def layer_gaps(model, pairs, *args, **kwargs):
-        seen.append(len(pairs))
-        return real(model, pairs, *args, **kwargs)
-
-    monkeypatch.setattr(probe, "layer_gaps", layer_gaps)
     bench = Workbench(tiny_llama(), tokenizer, sample_document(1500),
                       replace(FAST, allocation="gap", probe_prompts=3, probe_recall=2))
     bench.gaps(bench.config)
-    assert seen == [3, 2]  # the questions, then the recall prompts
+    assert gap_batches == [3, 2]  # the questions, then the recall prompts
 
 
 def test_values_at_4_bits_hold_a_scale_per_token_and_artifacts_from_before_read_as_their_keys(bench, tmp_path):
