@@ -64,7 +64,7 @@ class GapProbe:
         self.layers: dict[tuple, list[float]] = {}  # per probe setting: each modeled layer's KL
         self.heads: dict[tuple, dict[int, list[float]]] = {}  # per (setting, layers): each KV head's KL
         self.times: dict[tuple, dict[str, float]] = {}
-        self._made: dict[tuple, tuple] = {}  # per setting: (its questions, the probe method)
+        self._made: dict[tuple, tuple] = {}  # per setting: (its questions, its recall prompts, the probe method)
 
     def layer_gaps(self, config: CompileConfig) -> list[float]:
         """Per modeled layer, the answer KL on training questions when it alone uses the probe's modules
@@ -81,10 +81,7 @@ class GapProbe:
                 questions = _spread([p for p in bench.train_prompts if p.kind in QUESTION_KINDS], config.probe_prompts)
                 recall = _spread([p for p in bench.train_prompts if p.kind == "recall"], config.probe_recall)
                 self._made[key] = questions, recall, (probe, bench.split(0)[0])
-                self.layers[key] = mixed_gaps(
-                    lambda pairs: layer_gaps(bench.model, pairs, bench.n, bench.full, self._made[key][2],
-                                             modeled_layers(bench.model.config), window_tails(bench.full),
-                                             bench.config.batch_size), questions, recall)
+                self.layers[key] = self._kl(key, modeled_layers(bench.model.config))
         return self.layers[key]
 
     def head_gaps(self, config: CompileConfig) -> dict[int, list[float]]:
@@ -94,11 +91,15 @@ class GapProbe:
             kv, modeled = bench.model.config.num_key_value_heads, modeled_layers(bench.model.config)
             hard = sorted(range(len(gaps)), key=gaps.__getitem__, reverse=True)[: config.head_gap_layers]
             cells = [(i, h) for i in hard for h in range(kv)]
-            questions, recall, method = self._made[key]
             with stage(self.times[key], "head gaps"):
-                kls = mixed_gaps(
-                    lambda pairs: layer_gaps(bench.model, pairs, bench.n, bench.full, method,
-                                             [modeled[i] for i, _ in cells], window_tails(bench.full),
-                                             bench.config.batch_size, heads=[h for _, h in cells]), questions, recall)
+                kls = self._kl(key, [modeled[i] for i, _ in cells], heads=[h for _, h in cells])
             self.heads[key, config.head_gap_layers] = {i: kls[j * kv:(j + 1) * kv] for j, i in enumerate(hard)}
         return self.heads[key, config.head_gap_layers]
+
+    def _kl(self, key: tuple, layers: list[int], heads: list[int] | None = None) -> list[float]:
+        """The probe method's KL in each of `layers` (or each layer's one head), on the setting's questions mixed
+        with its recall prompts."""
+        bench, (questions, recall, method) = self.bench, self._made[key]
+        return mixed_gaps(lambda pairs: layer_gaps(bench.model, pairs, bench.n, bench.full, method, layers,
+                                                   window_tails(bench.full), bench.config.batch_size, heads=heads),
+                          questions, recall)
