@@ -24,11 +24,9 @@ DEMO_QUESTIONS = (
 
 
 def _load(name: str, dtype: str, device: str = "auto"):
-    import torch
-
     from .models import load_model
 
-    return load_model(name, dtype=getattr(torch, dtype), device=device)
+    return load_model(name, dtype=dtype, device=device)
 
 
 def _load_for(artifact, args):
@@ -145,7 +143,7 @@ def cmd_demo(args) -> None:
     demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps), onpolicy_steps=args.steps // 2,
                          onpolicy_rounds=1, refine_steps=0, allocation="uniform", prompts=PromptConfig(recall=64, self_study=48, generic=48, direct=48))
     start = time.perf_counter()
-    model, tokenizer = _load(args.model, "bfloat16")
+    model, tokenizer = _load(args.model, "auto")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)
     artifact = compile(model, tokenizer, text, demo)
     print(summary(artifact, artifact.save(args.output)) + "\n")
@@ -201,7 +199,8 @@ def cmd_eval(args) -> None:
     else:
         model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
         context = load_text(source, tokenizer, text)
-    judge = model if args.eval_dtype == args.dtype else _load(model.name_or_path, args.eval_dtype, args.device)[0]
+    same = str(model.dtype) == f"torch.{args.eval_dtype}"
+    judge = model if same else _load(model.name_or_path, args.eval_dtype, args.device)[0]
     out = Path(args.out)
     report = Comparison(Workbench(model, tokenizer, context, compiled), artifact, questions, out, config, judge).run()
     print(table(report))

@@ -97,7 +97,7 @@ class EvalConfig:
 class Comparison:
     """`judge` is the model every method answers with, the full-cache reference included: the workbench's
     weights at the dtype `nectar ask` and `serve` answer in (fp32), while the workbench compiles in its own
-    (bf16 is ~3x faster). None: the workbench's model judges too."""
+    (bf16 is ~3x faster where the hardware has it). None: the workbench's model judges too."""
 
     def __init__(self, workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, out: Path,
                  config: EvalConfig, judge=None):
@@ -107,7 +107,9 @@ class Comparison:
         self.kv_heads, self.scaling = cfg.num_key_value_heads, attention_scaling(self.model)
         self.main_budget = artifact.manifest["budget"] if artifact else workbench.config.budget
         self.budgets = sorted(set(config.budgets) | {self.main_budget})
-        identity = [workbench.doc_ids, workbench.config.to_dict()] + ([questions] if questions else [])
+        # Banks compiled in one dtype are not another's: the compile's dtype is part of their key.
+        compiled_in = str(workbench.model.dtype).removeprefix("torch.")
+        identity = [workbench.doc_ids, workbench.config.to_dict(), compiled_in] + ([questions] if questions else [])
         self.key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]  # compiled banks
         rows_key = f"{self.key}-{str(self.model.dtype).removeprefix('torch.')}"  # rows: also who judged them
         if config.max_new_tokens != EvalConfig.max_new_tokens:  # and on how long answers

@@ -106,8 +106,6 @@ _MODELS: dict = {}
 
 def compile_document(path: str, model_name: str, dtype: str, device: str, config: CompileConfig) -> dict:
     """Compile one document where this runs (a Ray worker or this process): {"bytes"} or {"error"}."""
-    import torch
-
     from .compiler import compile
     from .models import load_model
 
@@ -116,7 +114,7 @@ def compile_document(path: str, model_name: str, dtype: str, device: str, config
         text = read_text(Path(path))
         key = (model_name, dtype, device)
         if key not in _MODELS:  # a worker keeps its model for the next document
-            _MODELS[key] = load_model(model_name, dtype=getattr(torch, dtype), device=device)
+            _MODELS[key] = load_model(model_name, dtype=dtype, device=device)
         model, tokenizer = _MODELS[key]
         data = compile(model, tokenizer, text, config).to_bytes()
     except NectarError as e:
@@ -130,7 +128,7 @@ class CorpusJob:
     out: Path
     model: str
     config: CompileConfig
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "cpu"
     use_ray: bool = True
     ray_address: str | None = None

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from .capture import Store
 from .config import FitConfig
 from .metrics import context_share, module_errors
+from .models import has_fast_bf16
 from .schedule import KeepBest, warmup_cosine
 
 
@@ -47,14 +48,6 @@ def _window(store: Store, step: int, batch: int) -> Store:
     else:
         index = torch.cat([torch.arange(start, store.size), torch.arange(start + batch - store.size)])
     return Store(store.q[:, index], store.o_ctx[:, index], store.lse_ctx[:, index], None, store.lse_loc[:, index])
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls run natively on `device` (a CPU without bf16 units emulates them, slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def _bf16(bank, bf16: bool | None) -> tuple[str, bool]:

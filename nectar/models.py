@@ -121,10 +121,12 @@ def resolve(name: str) -> Path:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) in eval mode. fp32 for numerics; bf16 runs prefill about 3x faster on CPU."""
+    """(model, tokenizer) in eval mode. fp32 for numerics; bf16 runs prefill about 3x faster where the hardware
+    has bf16 units; "auto" picks between them (`resolve_dtype`)."""
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     path = resolve(name)
     _quiet()
     with offline():
@@ -146,6 +148,29 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise NectarError(f"device '{device}' asked for, but torch sees no GPU: use --device cpu")
     return resolved
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively on `device` (a CPU without bf16 units emulates them, slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    """"auto" is bf16 where `device` runs it natively and fp32 elsewhere: an AVX2-only CPU emulates bf16
+    matmuls ~30x slower than fp32 ones, where a CPU with AVX512-BF16 or AMX runs them ~3x faster."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise NectarError(f"unknown dtype '{dtype}': use {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return torch.bfloat16 if has_fast_bf16(device) else torch.float32
+    return getattr(torch, dtype)
 
 
 def head_dim(cfg) -> int:

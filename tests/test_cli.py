@@ -179,6 +179,31 @@ def test_bad_device(doc, tmp_path, capsys, device, pattern):
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", "--device", device), pattern)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_where_the_hardware_runs_it(monkeypatch, native):
+    """An AVX2-only CPU emulates bf16 matmuls ~30x slower than fp32: "auto" must not pick them there."""
+    import torch
+
+    from nectar import models
+
+    monkeypatch.setattr(models, "has_fast_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert models.resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert models.resolve_dtype("float32", cpu) == torch.float32 and models.resolve_dtype(torch.bfloat16, cpu) == torch.bfloat16
+
+
+def test_compile_takes_auto_dtype_by_default(doc, tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def load(name, dtype, device="auto"):
+        seen.append(dtype)
+        raise nectar.NectarError("stop here")
+    monkeypatch.setattr("nectar.commands._load", load)
+    assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar"), "stop here")
+    assert seen == ["auto"]
+    assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", "--dtype", "fp16"), "invalid choice")
+
+
 def test_ask_compares_several_questions_with_the_full_cache(saved, cli_model, capsys):
     code, out, err = run_cli(capsys, "ask", saved, "What is a list?", "How does del work?", "--compare",
                              "--max-new-tokens", "8")
