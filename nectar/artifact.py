@@ -20,7 +20,7 @@ from .attention import ExactContext, WithExact
 from .errors import NectarError
 from .files import atomic_path
 from .fused import FusedBank
-from .models import layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
+from .models import dtype_name, layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .modules import MLPBank
 from .quadrature import QuadratureBank
 from .quant import CodedTokens, token_numbers
@@ -270,7 +270,7 @@ def build_manifest(model, tokenizer, doc_ids: list[int], templates: dict, bank: 
             "allocation": config.allocation,
             **bank.sizes(),
             "params_per_module": bank.num_params() // (len(modeled_layers(cfg)) * cfg.num_key_value_heads),
-            "dtype": str(STORE_DTYPE).removeprefix("torch."),
+            "dtype": dtype_name(STORE_DTYPE),
         },
         "config": config.to_dict(),
         "budget": config.budget,

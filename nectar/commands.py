@@ -188,6 +188,7 @@ def cmd_eval(args) -> None:
     from .compare import Comparison
     from .compare_report import table, write_report
     from .compiler import Workbench
+    from .models import resolve_dtype
 
     artifact = Artifact.load(args.target) if is_artifact else None
     if artifact is not None:
@@ -199,7 +200,7 @@ def cmd_eval(args) -> None:
     else:
         model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
         context = load_text(source, tokenizer, text)
-    same = str(model.dtype) == f"torch.{args.eval_dtype}"
+    same = model.dtype == resolve_dtype(args.eval_dtype, model.device)
     judge = model if same else _load(model.name_or_path, args.eval_dtype, args.device)[0]
     out = Path(args.out)
     report = Comparison(Workbench(model, tokenizer, context, compiled), artifact, questions, out, config, judge).run()

@@ -27,7 +27,7 @@ from .errors import NectarError
 from .evaluate import generation_match, layer_errors, layer_gaps, next_token_fidelity
 from .files import write_json
 from .metrics import pooled_kinds
-from .models import attention_scaling, cache_tokens, modeled_layers
+from .models import attention_scaling, cache_tokens, dtype_name, modeled_layers
 from .prefill import prefill, window_tails
 from .prompts import Prompt
 from .templates import question_ids
@@ -35,7 +35,7 @@ from .templates import question_ids
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
 TUNABLE = ("variant", "allocation", "probe_prompts", "probe_recall", "head_gap_layers", "exact_share",
-           "onpolicy_steps", "onpolicy_rounds", "refine_steps", "refine_anchor", "depth", "score_share",
+           "onpolicy_steps", "onpolicy_rounds", "refine_steps", "refine_anchor", "refine_lr", "depth", "score_share",
            "target_softmax", "weight_bits", "exact_bits", "exact_value_bits", "exact_power", "exact_by",
            "exact_head_cap")
 INT_RESOLVED = ("exact_value_bits",)  # fields whose None default resolves to a whole number, not a float
@@ -108,10 +108,10 @@ class Comparison:
         self.main_budget = artifact.manifest["budget"] if artifact else workbench.config.budget
         self.budgets = sorted(set(config.budgets) | {self.main_budget})
         # Banks compiled in one dtype are not another's: the compile's dtype is part of their key.
-        compiled_in = str(workbench.model.dtype).removeprefix("torch.")
+        compiled_in = dtype_name(workbench.model.dtype)
         identity = [workbench.doc_ids, workbench.config.to_dict(), compiled_in] + ([questions] if questions else [])
         self.key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]  # compiled banks
-        rows_key = f"{self.key}-{str(self.model.dtype).removeprefix('torch.')}"  # rows: also who judged them
+        rows_key = f"{self.key}-{dtype_name(self.model.dtype)}"  # rows: also who judged them
         if config.max_new_tokens != EvalConfig.max_new_tokens:  # and on how long answers
             rows_key += f"-{config.max_new_tokens}"
         self.rows_path = out / "rows.json"
@@ -210,7 +210,7 @@ class Comparison:
         if not self.config.generate or self.model is self.wb.model:
             return None
         if "ceiling" not in self.rows:
-            dtype = str(self.wb.model.dtype).removeprefix("torch.")
+            dtype = dtype_name(self.wb.model.dtype)
             answers = self._answers((self.wb.full, None), f"full cache in {dtype}", self.wb.model)
             self.rows["ceiling"] = {"dtype": dtype, **generation_match(answers, self.references())}
         if "questions" not in self.rows["ceiling"]:  # rows written before it was measured gain it here
@@ -275,7 +275,7 @@ class Comparison:
                 write_json(self.rows_path, self.rows)
         rows = [self.rows[f"{m}@{b:g}"] for b in self.budgets for m in self.methods_at(b)]
         return {"document_tokens": self.n, "main_budget": self.main_budget, "budgets": self.budgets,
-                "judge_dtype": str(self.model.dtype).removeprefix("torch."),
+                "judge_dtype": dtype_name(self.model.dtype),
                 "prompts": {k: sum(p.kind == k for p in self.prompts) for k in sorted({p.kind for p in self.prompts})},
                 "rows": rows, "correlation": correlations(rows, self.main_budget), "ceiling": self.ceiling()}
 

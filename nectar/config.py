@@ -165,6 +165,7 @@ class CompileConfig:
     # 4k document on 2 cores, beside the 8-bit weights' wider fits.
     refine_steps: int = 30
     refine_anchor: float = 1.0  # weight of the per-layer regression loss beside refinement's KL
+    refine_lr: float = 3e-4  # Adam's peak rate in refinement (warmup + cosine over its steps)
     # Budget share for document tokens kept exact, chosen as `exact_by` says (by layer and, in the hardest layers,
     # by KV head under the gap allocation).
     # None: EXACT_SHARE (EXACT_SHARE_EVEN under another allocation than gap) where every layer is global, less
@@ -211,6 +212,7 @@ class CompileConfig:
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
         _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")
+        _require(self.refine_lr > 0, f"refine_lr must be > 0, got {self.refine_lr}")
         _require(self.exact_share is None or 0.0 <= self.exact_share < 1.0,
                  f"exact_share must be in [0, 1), got {self.exact_share}: the modules need some of the budget")
         _require(self.onpolicy_steps >= 0, "onpolicy_steps must be >= 0")

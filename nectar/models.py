@@ -173,6 +173,11 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype
     return getattr(torch, dtype)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how configs, keys and reports spell a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 

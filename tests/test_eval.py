@@ -153,6 +153,9 @@ def test_ablation_names_parse_every_tunable_field():
         nectar_changes("nectar+refine_steps=many")
     assert nectar_changes("nectar+weight_bits=16+probe_prompts=16") == {"weight_bits": 16, "probe_prompts": 16}
     assert nectar_changes("nectar+probe_recall=4") == {"probe_recall": 4}
+    assert nectar_changes("nectar+refine_lr=0.001") == {"refine_lr": 0.001}
+    with pytest.raises(NectarError, match="refine_lr must be > 0"):
+        nectar_changes("nectar+refine_lr=0")
     with pytest.raises(NectarError, match="weight_bits must be 8 or 16"):
         nectar_changes("nectar+weight_bits=4")
     assert nectar_changes("nectar+target_softmax=0") == {"target_softmax": False}  # bool("0") would be True
