@@ -204,6 +204,15 @@ def test_compile_takes_auto_dtype_by_default(doc, tmp_path, monkeypatch, capsys)
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", "--dtype", "fp16"), "invalid choice")
 
 
+def test_a_compile_in_fp32_by_auto_says_why_it_is_slow(model, capsys):
+    from nectar.commands import _note_dtype
+
+    _note_dtype(model, "auto")  # a CPU model in fp32: auto found no bf16 units
+    assert "no bf16 units" in capsys.readouterr().out
+    _note_dtype(model, "float32")  # asked for: nothing to explain
+    assert capsys.readouterr().out == ""
+
+
 def test_ask_compares_several_questions_with_the_full_cache(saved, cli_model, capsys):
     code, out, err = run_cli(capsys, "ask", saved, "What is a list?", "How does del work?", "--compare",
                              "--max-new-tokens", "8")
