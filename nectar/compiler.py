@@ -323,8 +323,12 @@ class Workbench:
 
     def mlp_bank(self, config: CompileConfig, params: int | list[int]) -> MLPBank:
         cfg, shape = self.model.config, (config.depth, config.score_share, config.weight_bits, config.target_softmax)
-        return self._on_modeled(MLPBank.for_budget(len(modeled_layers(cfg)), cfg.num_key_value_heads,
-                                                   head_dim(cfg), params, *shape))
+        # Initialised from the config's seed, not from whatever drew on the global generator before: a bank
+        # compiled second in one workbench (an ablation in `nectar eval`) starts where it would alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return self._on_modeled(MLPBank.for_budget(len(modeled_layers(cfg)), cfg.num_key_value_heads,
+                                                       head_dim(cfg), params, *shape))
 
     def _on_modeled(self, bank: Bank) -> Bank:
         """A bank for the model's global layers only, called by model layer (None: every layer has modules)."""

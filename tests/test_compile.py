@@ -265,3 +265,15 @@ def test_validation_holds_out_prompts_by_its_holdout(tokenizer, holdout):
 def test_an_unknown_holdout_is_refused():
     with pytest.raises(nectar.NectarError, match="holdout must be one of chunks, prompts"):
         nectar.PromptConfig(holdout="questions")
+
+
+def test_a_second_compile_in_one_workbench_fits_the_same_bank(tokenizer):
+    """Bank initialisation draws from the config's seed, not from the global generator that earlier stages
+    advanced: an ablation compiled after another in `nectar eval` differs by its change alone."""
+    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
+    first = bench.compile().bank.state_dict()
+    torch.rand(1000)  # whatever else draws in between
+    second = bench.compile().bank.state_dict()
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
