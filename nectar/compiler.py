@@ -265,8 +265,7 @@ class Workbench:
                 val_seqs = [p.ids for p in self.val_prompts]
                 fit_log["refine"] = refine(self.model, bank, sinks, self.train_sequences, train_teacher, val_seqs,
                                            val_teacher, self.n, config.refine_steps, config.refine_lr,
-                                           seed=config.seed,
-                                           anchor=train_store, anchor_weight=config.refine_anchor,
+                                           seed=config.seed, anchor=train_store, anchor_weight=config.refine_anchor,
                                            share_power=config.fit.share_power)
         bank.round_weights()  # evaluate what the artifact will hold
         with _stage(timings, "evaluate"):
