@@ -35,9 +35,9 @@ from .templates import question_ids
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
 TUNABLE = ("variant", "allocation", "probe_prompts", "probe_recall", "head_gap_layers", "exact_share",
-           "onpolicy_steps", "onpolicy_rounds", "refine_steps", "refine_anchor", "refine_lr", "depth", "score_share",
-           "target_softmax", "weight_bits", "exact_bits", "exact_value_bits", "exact_power", "exact_by",
-           "exact_head_cap")
+           "onpolicy_steps", "onpolicy_rounds", "refine_steps", "refine_anchor", "refine_lr", "refine_recall",
+           "depth", "score_share", "target_softmax", "weight_bits", "exact_bits", "exact_value_bits", "exact_power",
+           "exact_by", "exact_head_cap")
 INT_RESOLVED = ("exact_value_bits",)  # fields whose None default resolves to a whole number, not a float
 FIT_TUNABLE = ("steps", "share_power")  # FitConfig fields, which an ablation changes inside the base config's fit
 

@@ -28,7 +28,7 @@ from .prefill import prefill, split_exact
 from .probe import SHORT_FIT_EVERY, GapProbe, fit_probe, gap_key
 from .quadrature import QuadratureBank
 from .quant import as_stored
-from .refine import TopK, refine, teacher
+from .refine import TopK, kind_weights, refine, teacher
 from .selection import TokenChoice, choose_tokens
 from .templates import templates_for
 from .timing import stage as _stage
@@ -262,11 +262,11 @@ class Workbench:
             train_teacher, val_teacher = self.teachers
             timings.update(self._teacher_time)
             with _stage(timings, "refine"):
-                val_seqs = [p.ids for p in self.val_prompts]
-                fit_log["refine"] = refine(self.model, bank, sinks, self.train_sequences, train_teacher, val_seqs,
-                                           val_teacher, self.n, config.refine_steps, config.refine_lr,
-                                           seed=config.seed, anchor=train_store, anchor_weight=config.refine_anchor,
-                                           share_power=config.fit.share_power)
+                fit_log["refine"] = refine(self.model, bank, sinks, self.train_sequences, train_teacher,
+                                           [p.ids for p in self.val_prompts], val_teacher, self.n, config.refine_steps,
+                                           config.refine_lr, seed=config.seed, anchor=train_store,
+                                           anchor_weight=config.refine_anchor, share_power=config.fit.share_power,
+                                           weights=kind_weights(config.refine_recall, self.train_prompts, self.val_prompts))
         bank.round_weights()  # evaluate what the artifact will hold
         with _stage(timings, "evaluate"):
             metrics = validation_metrics(self.model, bank, sinks, self.full, self.n, self.val_prompts,

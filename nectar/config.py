@@ -166,6 +166,10 @@ class CompileConfig:
     refine_steps: int = 30
     refine_anchor: float = 1.0  # weight of the per-layer regression loss beside refinement's KL
     refine_lr: float = 3e-4  # Adam's peak rate in refinement (warmup + cosine over its steps)
+    # Weight of recall prompts' tokens in refinement's KL, beside 1 for the question kinds. Quoting's KL runs
+    # 10-30x the questions' (pydoc at 2%: 0.37 against 0.01-0.04), so at 1 recall's third of the prompts
+    # carries ~90% of the loss and the questions, which greedy answers are made of, little of the gradient.
+    refine_recall: float = 1.0
     # Budget share for document tokens kept exact, chosen as `exact_by` says (by layer and, in the hardest layers,
     # by KV head under the gap allocation).
     # None: EXACT_SHARE (EXACT_SHARE_EVEN under another allocation than gap) where every layer is global, less
@@ -213,6 +217,7 @@ class CompileConfig:
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
         _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")
         _require(self.refine_lr > 0, f"refine_lr must be > 0, got {self.refine_lr}")
+        _require(self.refine_recall >= 0, f"refine_recall must be >= 0, got {self.refine_recall}")
         _require(self.exact_share is None or 0.0 <= self.exact_share < 1.0,
                  f"exact_share must be in [0, 1), got {self.exact_share}: the modules need some of the budget")
         _require(self.onpolicy_steps >= 0, "onpolicy_steps must be >= 0")

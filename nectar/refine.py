@@ -48,10 +48,10 @@ def teacher(model, seqs: list[list[int]], n: int, context, sinks: ExactContext |
     return collect.out
 
 
-def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int) -> Tensor:
+def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int, weights: list[float] | None = None) -> Tensor:
     """KL(teacher || model) over the teacher's top-k tokens plus one bucket for all the others, at every
     position: the KL that `eval` reports on answers, short of the tail's shape (a renormalised top-k target would ignore the tail's mass
-    and reward over-confidence)."""
+    and reward over-confidence). `weights`: each sequence's tokens' weight in the mean (default 1)."""
     ids, valid = right_pad(seqs)
     ids = ids.to(model.device)
     with bound(model, bank, sinks):
@@ -62,7 +62,16 @@ def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int) -> Tensor:
     top_lp = torch.stack([torch.nn.functional.pad(t[1].float(), (0, 0, 0, width - len(t[1])), value=-1e4)
                           for t in teacher]).to(logp.device)
     student = logp.gather(-1, top_ids.to(logp.device))
-    return _kl_with_tail(top_lp, student)[valid.to(logp.device)].mean()
+    kl, valid = _kl_with_tail(top_lp, student), valid.to(logp.device)
+    if weights is None:
+        return kl[valid].mean()
+    w = torch.tensor(weights, device=logp.device).unsqueeze(1).expand_as(kl)[valid]
+    return (kl[valid] * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def kind_weights(recall: float, *prompt_sets) -> tuple[list[float], ...]:
+    """Per prompt of each set, its tokens' weight in refinement's KL: `recall` for recall prompts, else 1."""
+    return tuple([recall if p.kind == "recall" else 1.0 for p in prompts] for prompts in prompt_sets)
 
 
 def _kl_with_tail(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
@@ -79,24 +88,27 @@ def _kl_with_tail(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
 def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[int]], teacher: Teacher,
            val: list[list[int]], val_teacher: Teacher, n: int, steps: int, lr: float = 3e-4,
            batch_size: int = 8, eval_every: int = 30, seed: int = 0, progress: bool = True,
-           anchor: Store | None = None, anchor_weight: float = 0.0, share_power: float = 1.0) -> dict:
+           anchor: Store | None = None, anchor_weight: float = 0.0, share_power: float = 1.0,
+           weights: tuple[list[float], list[float]] | None = None) -> dict:
     """Adam on the bank's parameters only; keeps the state best on validation KL.
 
     With `anchor` (captured queries and their exact attention), the per-layer regression loss joins the KL,
     weighted by `anchor_weight` (its target error by the document's share to `share_power`): the few hundred
     prompts of the KL alone let modules drift from the attention they stand in for, which helps the prompts
-    and hurts questions worded otherwise."""
+    and hurts questions worded otherwise. `weights`: per (train, val) sequence, its tokens' weight in the KL."""
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     bank.train().requires_grad_(True)
     opt = torch.optim.Adam(bank.parameters(), lr=lr)
     rng = torch.Generator().manual_seed(seed)
+    train_w, val_w = weights or ([1.0] * len(train), [1.0] * len(val))
 
     def val_loss() -> float:
         with torch.no_grad():
-            losses = [_distill_loss(model, bank, sinks, val[i: i + 16], val_teacher[i: i + 16], n).item()
-                      for i in range(0, len(val), 16)]
-        return sum(losses) / len(losses)
+            # Batch means weighted by their tokens' total weight: the weighted mean over all of validation.
+            parts = [(_distill_loss(model, bank, sinks, val[i: i + 16], val_teacher[i: i + 16], n, val_w[i: i + 16]).item(),
+                      sum(w * len(s) for w, s in zip(val_w[i: i + 16], val[i: i + 16]))) for i in range(0, len(val), 16)]
+        return sum(loss * w for loss, w in parts) / max(sum(w for _, w in parts), 1e-12)
 
     start = val_loss()
     best, history = KeepBest(bank, score=start), [{"step": 0, "val": start}]
@@ -105,7 +117,8 @@ def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[in
             for group in opt.param_groups:
                 group["lr"] = warmup_cosine(step, steps, lr)
             pick = torch.randint(len(train), (batch_size,), generator=rng).tolist()
-            loss = _distill_loss(model, bank, sinks, [train[i] for i in pick], [teacher[i] for i in pick], n)
+            loss = _distill_loss(model, bank, sinks, [train[i] for i in pick], [teacher[i] for i in pick], n,
+                                 [train_w[i] for i in pick])
             if anchor is not None and anchor_weight > 0:
                 rows = torch.randint(anchor.size, (ANCHOR_ROWS,), generator=rng)
                 target, score = loss_terms(bank, anchor.rows(rows), share_power)

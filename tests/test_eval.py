@@ -156,6 +156,9 @@ def test_ablation_names_parse_every_tunable_field():
     assert nectar_changes("nectar+refine_lr=0.001") == {"refine_lr": 0.001}
     with pytest.raises(NectarError, match="refine_lr must be > 0"):
         nectar_changes("nectar+refine_lr=0")
+    assert nectar_changes("nectar+refine_recall=0.1") == {"refine_recall": 0.1}
+    with pytest.raises(NectarError, match="refine_recall must be >= 0"):
+        nectar_changes("nectar+refine_recall=-1")
     with pytest.raises(NectarError, match="weight_bits must be 8 or 16"):
         nectar_changes("nectar+weight_bits=4")
     assert nectar_changes("nectar+target_softmax=0") == {"target_softmax": False}  # bool("0") would be True

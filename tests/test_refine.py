@@ -95,3 +95,30 @@ def test_a_capture_collects_the_teacher_of_a_separate_pass():
         assert ids.shape == want_ids.shape
         torch.testing.assert_close(lp, want_lp, atol=1e-4, rtol=1e-4)
         assert (ids[:, 0] == want_ids[:, 0]).all()
+
+
+def test_weighted_distillation_loss_is_the_weighted_token_mean():
+    """Weights 1 give the plain mean; weight 0 on a sequence leaves the loss of the others alone, whatever its
+    length: how refinement keeps recall's large KL from drowning the questions'."""
+    from nectar.refine import _distill_loss
+
+    model, seqs, sinks, store, _, train_teacher, _ = _tiny_task()
+    bank = MLPBank(3, 2, 16, 8, 8, 1)
+    pair = [seqs[0], seqs[1][:12]]  # unequal lengths: the pads must weigh nothing
+    teachers = [train_teacher[0], (train_teacher[1][0][:12], train_teacher[1][1][:12])]
+    with torch.no_grad():
+        plain, ones, first = (_distill_loss(model, bank, sinks, pair, teachers, 200, w)
+                              for w in (None, [1.0, 1.0], [1.0, 0.0]))
+        alone = _distill_loss(model, bank, sinks, pair[:1], teachers[:1], 200)
+    torch.testing.assert_close(ones, plain)
+    torch.testing.assert_close(first, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(first, plain)
+
+
+def test_kind_weights_weigh_recall_alone():
+    from types import SimpleNamespace
+
+    from nectar.refine import kind_weights
+
+    train = [SimpleNamespace(kind=k) for k in ("recall", "self_study", "direct", "recall")]
+    assert kind_weights(0.1, train, train[:1]) == ([0.1, 1.0, 1.0, 0.1], [0.1])
