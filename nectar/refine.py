@@ -106,9 +106,13 @@ def refine(model, bank: MLPBank, sinks: ExactContext | None, train: list[list[in
     def val_loss() -> float:
         with torch.no_grad():
             # Batch means weighted by their tokens' total weight: the weighted mean over all of validation.
-            parts = [(_distill_loss(model, bank, sinks, val[i: i + 16], val_teacher[i: i + 16], n, val_w[i: i + 16]).item(),
-                      sum(w * len(s) for w, s in zip(val_w[i: i + 16], val[i: i + 16]))) for i in range(0, len(val), 16)]
-        return sum(loss * w for loss, w in parts) / max(sum(w for _, w in parts), 1e-12)
+            total, mass = 0.0, 0.0
+            for i in range(0, len(val), 16):
+                rows = slice(i, i + 16)
+                weight = sum(w * len(s) for w, s in zip(val_w[rows], val[rows]))
+                total += weight * _distill_loss(model, bank, sinks, val[rows], val_teacher[rows], n, val_w[rows]).item()
+                mass += weight
+        return total / max(mass, 1e-12)
 
     start = val_loss()
     best, history = KeepBest(bank, score=start), [{"step": 0, "val": start}]
