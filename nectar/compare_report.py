@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .files import write_json
+from .evaluate import DECIDED_LOGITS
 from .metrics import bootstrap_interval
 from .plots import log_if_positive, pyplot
 
@@ -57,8 +58,23 @@ def table(report: dict) -> str:
         if c.get("questions"):
             a = c["questions"]["answer"]
             lines.append(f"  teacher-forced, the same rounding reads answer agreement {a['agreement']:.3f}, KL {a['kl']:.4f}")
+    lines += decided_lines(report)
     lines += cosine_intervals(report)
     return "\n".join(lines)
+
+
+def decided_lines(report: dict) -> list[str]:
+    """Answer agreement where the full cache had decided: a method's flips elsewhere are near-ties."""
+    rows = [r for r in report["rows"] if r["questions"]["answer"].get("decided_agreement") is not None]
+    if not rows:
+        return []
+    lines = [f"answer agreement where the full cache's top two lie >= {DECIDED_LOGITS} logit apart (greedy answers "
+             "part elsewhere, at near-ties):"]
+    for r in rows:
+        a = r["questions"]["answer"]
+        lines.append(f"  {r['method']} at {r['budget']:g}: {a['decided_agreement']:.3f} over {a['decided_tokens']} "
+                     f"of {a['tokens']} tokens")
+    return lines
 
 
 # A question whose greedy answer reads this far below the ceiling's went elsewhere altogether (on a small model,

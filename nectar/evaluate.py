@@ -22,6 +22,11 @@ from .padding import right_pad, right_padded_positions
 Method = tuple[ContextProvider, "ExactContext | None"]
 QUESTION_KINDS = ("self_study", "generic", "direct")  # answered in the model's words; recall quotes verbatim
 LOGIT_NUMBERS = 2**27  # log-probabilities held per forward pass: 512 MB of fp32, whatever the vocabulary
+# A position where the full cache's top two tokens lie at least this many logits apart is one it has decided.
+# Nearly every flip of nectar's sits below it (2%: 47 of 54 on pydoc, 90 of 97 on MPL; docs/results.md), where a
+# tenth of a logit turns the greedy answer and costs the KL almost nothing: agreement on decided positions says
+# how often nectar errs where the answer was not a coin toss.
+DECIDED_LOGITS = 0.5
 
 
 def _batch(pairs: list[tuple[list[int], list[int]]]):
@@ -57,7 +62,8 @@ def next_token_fidelity(
     """{method: {"answer"|"question": {"agreement": .., "kl": .., "tokens": ..}}}, teacher-forced on pairs.
     `models` names another model (the same weights in another dtype) that runs a method instead of `model`."""
     models = models or {}
-    sums = {name: {part: [0.0, 0.0, 0] for part in ("question", "answer")} for name in methods}
+    # per part: agreeing tokens, KL sum, tokens, agreeing decided tokens, decided tokens
+    sums = {name: {part: [0.0, 0.0, 0, 0.0, 0] for part in ("question", "answer")} for name in methods}
     # Batches shrink where the vocabulary is large: 16 rows of 100 tokens over Gemma's 262k ids hold 1.7 GB
     # of log-probabilities per copy, and a comparison holds several.
     longest = max((len(q) + len(a) for q, a in pairs), default=1)
@@ -65,6 +71,7 @@ def next_token_fidelity(
     for start in tqdm(range(0, len(pairs), batch_size), desc="evaluate", disable=not progress, leave=False):
         ids, predicts_q, predicts_a = _batch(pairs[start: start + batch_size])
         ref = _logprobs(model, ids, n, reference)
+        sure = decided(ref)
         for name, method in methods.items():
             out = _logprobs(models.get(name, model), ids, n, method)
             agree = ref.argmax(-1) == out.argmax(-1)
@@ -74,10 +81,21 @@ def next_token_fidelity(
                 acc[0] += agree[mask].float().sum().item()
                 acc[1] += kl[mask].sum().item()
                 acc[2] += int(mask.sum())
-    return {
-        name: {part: {"agreement": a / max(t, 1), "kl": k / max(t, 1), "tokens": t} for part, (a, k, t) in parts.items()}
-        for name, parts in sums.items()
-    }
+                acc[3] += agree[mask & sure].float().sum().item()
+                acc[4] += int((mask & sure).sum())
+    return {name: {part: _fidelity(*acc) for part, acc in parts.items()} for name, parts in sums.items()}
+
+
+def decided(logprobs: torch.Tensor, margin: float = DECIDED_LOGITS) -> torch.Tensor:
+    """Positions whose top two tokens lie at least `margin` logits apart (log-probs differ as logits do)."""
+    top = logprobs.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1] >= margin
+
+
+def _fidelity(agree: float, kl: float, tokens: int, agree_decided: float, decided_tokens: int) -> dict:
+    return {"agreement": agree / max(tokens, 1), "kl": kl / max(tokens, 1), "tokens": tokens,
+            "decided_agreement": agree_decided / decided_tokens if decided_tokens else None,
+            "decided_tokens": decided_tokens}
 
 
 class OneLayer:

@@ -56,10 +56,16 @@ def module_errors(predict: Predict, store, block: int | None = None, chunk: int 
 
 
 def pooled(parts: list[dict]) -> dict:
-    """Token-weighted agreement and KL over several {"agreement", "kl", "tokens"} results."""
+    """Token-weighted agreement and KL over several {"agreement", "kl", "tokens"} results, and agreement on
+    decided positions where every part has it."""
     tokens = sum(p["tokens"] for p in parts)
     out = {m: sum(p[m] * p["tokens"] for p in parts) / max(tokens, 1) for m in ("agreement", "kl")}
     out["tokens"] = tokens
+    if parts and all("decided_tokens" in p for p in parts):
+        decided = sum(p["decided_tokens"] for p in parts)
+        agree = sum((p["decided_agreement"] or 0.0) * p["decided_tokens"] for p in parts)
+        out["decided_agreement"] = agree / decided if decided else None  # none decided: nothing to agree on
+        out["decided_tokens"] = decided
     return out
 
 

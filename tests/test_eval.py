@@ -56,6 +56,9 @@ def test_eval_compares_every_method_and_caches(tiny, doc, tmp_path, capsys, monk
     assert (out / "fidelity_vs_bytes.png").stat().st_size > 0 and (out / "error_vs_gap.png").stat().st_size > 0
     stdout = capsys.readouterr().out
     assert "streaming_llm" in stdout and "Spearman" in stdout
+    answer = rows[("nectar", 0.05)]["questions"]["answer"]
+    assert 0 <= answer["decided_tokens"] <= answer["tokens"]
+    assert answer["decided_agreement"] is None if not answer["decided_tokens"] else 0 <= answer["decided_agreement"] <= 1
 
     # A re-run refits nothing and re-evaluates nothing.
     import nectar.compiler as compiler
@@ -228,6 +231,7 @@ def test_the_ceiling_is_the_compile_models_full_cache_against_the_judge(tokenize
     # And teacher-forced, in a method's units: the same weights read exact, other weights do not.
     assert same["questions"]["answer"]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert same["questions"]["answer"]["agreement"] == 1.0
+    assert same["questions"]["answer"]["decided_agreement"] in (None, 1.0)  # a random tiny model decides little
     assert other["ceiling"]["questions"]["answer"]["kl"] > 0.01 and "teacher-forced, the same rounding" in table(other)
     plot_fidelity(other, tmp_path / "with_ceiling.png")  # drawn as a dotted line beside the methods
     assert (tmp_path / "with_ceiling.png").stat().st_size > 0
@@ -348,3 +352,23 @@ def test_answers_as_long_as_asked_and_rows_kept_apart(tiny, doc, tmp_path, capsy
         lengths[tokens] = [len(p["answer_ids"]) for p in rows["prompts"]]
     assert max(lengths[3]) == 3 and max(lengths[12]) > 3, lengths
     assert_one_line_error(run_cli(capsys, "eval", str(path), "--max-new-tokens", "0"), "--max-new-tokens must be")
+
+
+def test_decided_positions_are_those_whose_top_two_lie_a_margin_apart():
+    """Log-probs differ as logits do: the margin reads the same before and after the softmax, and pooling
+    weighs each part's decided agreement by its decided tokens."""
+    from nectar.evaluate import decided
+    from nectar.metrics import pooled
+
+    logits = torch.tensor([[2.0, 1.9, 0.0], [3.0, 1.0, 2.4], [0.0, 0.0, 5.0]])
+    assert decided(torch.log_softmax(logits, -1)).tolist() == [False, True, True]
+    assert decided(logits, margin=0.05).tolist() == [True, True, True]
+    parts = [{"agreement": 0.5, "kl": 0.1, "tokens": 10, "decided_agreement": 1.0, "decided_tokens": 2},
+             {"agreement": 1.0, "kl": 0.0, "tokens": 10, "decided_agreement": 0.5, "decided_tokens": 6}]
+    out = pooled(parts)
+    assert out["decided_tokens"] == 8 and out["decided_agreement"] == pytest.approx(5 / 8)
+    assert "decided_agreement" not in pooled([{"agreement": 1.0, "kl": 0.0, "tokens": 3}])  # rows from before
+    assert pooled([{**parts[0], "decided_agreement": None, "decided_tokens": 0}])["decided_agreement"] is None
+    report = {"rows": [{"method": "nectar", "budget": 0.02, "questions": {"answer": out}}]}
+    from nectar.compare_report import decided_lines
+    assert decided_lines(report)[1] == "  nectar at 0.02: 0.625 over 8 of 20 tokens"
