@@ -357,6 +357,7 @@ def test_answers_as_long_as_asked_and_rows_kept_apart(tiny, doc, tmp_path, capsy
 def test_decided_positions_are_those_whose_top_two_lie_a_margin_apart():
     """Log-probs differ as logits do: the margin reads the same before and after the softmax, and pooling
     weighs each part's decided agreement by its decided tokens."""
+    from nectar.compare_report import decided_lines
     from nectar.evaluate import decided
     from nectar.metrics import pooled
 
@@ -370,5 +371,4 @@ def test_decided_positions_are_those_whose_top_two_lie_a_margin_apart():
     assert "decided_agreement" not in pooled([{"agreement": 1.0, "kl": 0.0, "tokens": 3}])  # rows from before
     assert pooled([{**parts[0], "decided_agreement": None, "decided_tokens": 0}])["decided_agreement"] is None
     report = {"rows": [{"method": "nectar", "budget": 0.02, "questions": {"answer": out}}]}
-    from nectar.compare_report import decided_lines
     assert decided_lines(report)[1] == "  nectar at 0.02: 0.625 over 8 of 20 tokens"
