@@ -61,7 +61,8 @@ def next_token_fidelity(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{method: {"answer"|"question": {"agreement": .., "kl": .., "tokens": .., "decided_agreement": ..,
     "decided_tokens": ..}}}, teacher-forced on pairs; decided: where the reference's top two lie DECIDED_LOGITS
-    apart (None where none do). `models` names another model (the same weights in another dtype) that runs a method instead of `model`."""
+    apart (None where none do). `models` names another model (the same weights in another dtype) that runs a
+    method instead of `model`."""
     models = models or {}
     # per part: agreeing tokens, KL sum, tokens, agreeing decided tokens, decided tokens
     sums = {name: {part: [0.0, 0.0, 0, 0.0, 0] for part in ("question", "answer")} for name in methods}
