@@ -26,8 +26,10 @@ def summary(artifact, path: str | Path | None = None) -> str:
     lines.append(f"validation: o_ctx rel err {val['o_rel']:.3f}, |lse err| {val['lse_abs']:.3f}, "
                  f"merged rel err {val['merged_rel']:.4f}")
     for name, a in m["metrics"].get("questions", {}).items():
+        decided = "" if a.get("decided_agreement") is None else (
+            f"; {a['decided_agreement']:.3f} where the full cache had decided ({a['decided_tokens']} tokens)")
         lines.append(f"  questions, {name:>11}: agreement {a['agreement']:.3f}, KL {a['kl']:.4f} ({a['tokens']} "
-                     "answer tokens of questions)")
+                     f"answer tokens of questions){decided}")
     for kind, methods in m["metrics"]["fidelity"].items():
         for name, parts in methods.items():
             a = parts["answer"]

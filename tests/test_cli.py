@@ -151,6 +151,21 @@ def test_info_prints_summary(saved, compiled, capsys):
     assert f"{art.manifest['modules']['weight_bits']}-bit weights" in out
 
 
+def test_info_names_agreement_where_the_full_cache_had_decided(compiled):
+    """Printed where the manifest has it (compiles from 2026-12-05 on), left out where it does not."""
+    import copy
+
+    from nectar.summary import summary
+
+    art = copy.copy(compiled[1])
+    art.manifest = copy.deepcopy(art.manifest)
+    questions = art.manifest["metrics"]["questions"]["nectar"]
+    questions.update(decided_agreement=0.99, decided_tokens=120)
+    assert "; 0.990 where the full cache had decided (120 tokens)" in summary(art)
+    questions.update(decided_agreement=None, decided_tokens=0)
+    assert "where the full cache had decided" not in summary(art)
+
+
 def test_info_json_into_a_closed_pipe_is_quiet(saved):
     """`nectar info --json | head -1`: the reader leaving early is not an error."""
     shell = f"{shutil.which('python3') and sys.executable} -m nectar.cli info --json {saved} | head -1"
