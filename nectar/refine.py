@@ -63,9 +63,7 @@ def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int, weights: l
                           for t in teacher]).to(logp.device)
     student = logp.gather(-1, top_ids.to(logp.device))
     kl, valid = _kl_with_tail(top_lp, student), valid.to(logp.device)
-    if weights is None:
-        return kl[valid].mean()
-    w = torch.tensor(weights, device=logp.device).unsqueeze(1).expand_as(kl)[valid]
+    w = torch.tensor(weights or [1.0] * len(seqs), device=logp.device).unsqueeze(1).expand_as(kl)[valid]
     return (kl[valid] * w).sum() / w.sum().clamp_min(1e-12)
 
 
