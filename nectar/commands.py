@@ -29,13 +29,13 @@ def _load(name: str, dtype: str, device: str = "auto"):
     return load_model(name, dtype=dtype, device=device)
 
 
-def _note_dtype(model, requested: str) -> None:
+def _note_dtype(model, requested: str, expect: str = "a 4k-token document at 2%: ~50 min on 2 cores, against ~11") -> None:
     """Say why a compile will be slow before it starts: "auto" chose fp32 on a CPU without bf16 units."""
     from .models import dtype_name
 
     if requested == "auto" and model.device.type == "cpu" and dtype_name(model.dtype) == "float32":
         print("[nectar] this CPU has no bf16 units (AVX512-BF16 or AMX): compiling in fp32, ~4-5x slower than on one "
-              "that has them (a 4k-token document at 2%: ~50 min on 2 cores, against ~11)", flush=True)
+              f"that has them ({expect})", flush=True)
 
 
 def _load_for(artifact, args):
@@ -154,6 +154,7 @@ def cmd_demo(args) -> None:
                          onpolicy_rounds=1, refine_steps=0, allocation="uniform", prompts=PromptConfig(recall=64, self_study=48, generic=48, direct=48))
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "auto")
+    _note_dtype(model, "auto", expect="the demo: ~14 min on 2 cores, against ~4")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)
     artifact = compile(model, tokenizer, text, demo)
     print(summary(artifact, artifact.save(args.output)) + "\n")

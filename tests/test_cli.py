@@ -224,6 +224,8 @@ def test_a_compile_in_fp32_by_auto_says_why_it_is_slow(model, capsys):
 
     _note_dtype(model, "auto")  # a CPU model in fp32: auto found no bf16 units
     assert "no bf16 units" in capsys.readouterr().out
+    _note_dtype(model, "auto", expect="the demo: ~14 min")  # the demo says what it will take
+    assert "(the demo: ~14 min)" in capsys.readouterr().out
     _note_dtype(model, "float32")  # asked for: nothing to explain
     assert capsys.readouterr().out == ""
 
