@@ -101,9 +101,9 @@ def _fidelity(agree: float, kl: float, tokens: int, agree_decided: float, decide
 
 
 class Replay:
-    """The exact document part, kept per layer for the batch in flight. A cell that swaps layer l sees the
-    reference's hidden states below l, so there it reads the reference's outputs back instead of attending
-    over the whole document again: on a 4k document that attention is about half a forward pass."""
+    """The exact document part, kept per layer for the batch in flight. A cell that swaps layer l (or one head
+    of it) sees the reference's hidden states up to l, so there it reads the reference's outputs back instead
+    of attending over the whole document again: on a 4k document that attention is about half a forward pass."""
 
     def __init__(self, full):
         self.full, self.outputs = full, {}
@@ -115,19 +115,23 @@ class Replay:
 
 class OneLayer:
     """A provider that is `provider` at one layer (or one KV head of it) and the exact document elsewhere;
-    below that layer read back from `below` (a `Replay` the reference just ran through) where given."""
+    up to that layer read back from `below` (a `Replay` the reference just ran through) where given."""
 
     def __init__(self, layer: int, provider, full, head: int | None = None, below: Replay | None = None):
         self.layer, self.provider, self.full, self.head, self.below = layer, provider, full, head, below
 
-    def __call__(self, layer, q, scaling):
-        if layer < self.layer and self.below is not None:
+    def _exact(self, layer, q, scaling):
+        """Up to the cell's own layer the queries are the reference's, and so are the outputs `below` kept."""
+        if self.below is not None and layer <= self.layer:
             return self.below.outputs[layer]
+        return self.full(layer, q, scaling)
+
+    def __call__(self, layer, q, scaling):
         if layer != self.layer:
-            return self.full(layer, q, scaling)
+            return self._exact(layer, q, scaling)
         if self.head is None:
             return self.provider(layer, q, scaling)
-        (o, lse), (mo, mlse) = self.full(layer, q, scaling), self.provider(layer, q, scaling)
+        (o, lse), (mo, mlse) = self._exact(layer, q, scaling), self.provider(layer, q, scaling)
         h = slice(self.head, self.head + 1)
         return torch.cat([o[:, :h.start], mo[:, h], o[:, h.stop:]], 1), torch.cat([lse[:, :h.start], mlse[:, h],
                                                                                      lse[:, h.stop:]], 1)
@@ -139,7 +143,7 @@ def layer_gaps(model, pairs, n: int, full, method: Method, layers: list[int], ta
     with `heads`, only that KV head of layer l (one head per entry of `layers`).
 
     One call with every layer as a method: the full-cache reference runs once per batch, not per layer, and
-    (`replay`) its document part serves each cell below the cell's layer, where the queries are its own.
+    (`replay`) its document part serves each cell up to the cell's layer, where the queries are its own.
     """
     provider, reference = document_part(method), Replay(full) if replay else full
     cells = list(zip(layers, heads or [None] * len(layers)))
