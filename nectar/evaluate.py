@@ -149,7 +149,8 @@ def layer_gaps(model, pairs, n: int, full, method: Method, layers: list[int], ta
     cells = list(zip(layers, heads or [None] * len(layers)))
     below = reference if replay else None
     swapped = {str(i): (OneLayer(layer, provider, full, head, below), tails) for i, (layer, head) in enumerate(cells)}
-    fid = next_token_fidelity(model, pairs, n, (reference, None), swapped, batch_size)
+    # The reference reads sliding layers' tails from `tails`, as the cells do: a Replay holds none itself.
+    fid = next_token_fidelity(model, pairs, n, (reference, tails), swapped, batch_size)
     return [fid[str(i)]["answer"]["kl"] for i in range(len(cells))]
 
 
