@@ -2,7 +2,7 @@
 
     python benchmarks/profile_probe.py [--n 4096] [--pairs 8] [--repeats 2]
 
-A cell that swaps layer l reads the reference's document attention back below l instead of attending over
+A cell that swaps layer l reads the reference's document attention back up to l instead of attending over
 the document again. The cost depends on shapes only, so random prompts of the training prompts' size (a 30-token
 question, a 40-token answer) on the default model in fp32 stand in for real ones, and no-document-plus-sinks
 stands in for the probe's modules. Prints each run's seconds, min / median per mode, and that the KLs agree.

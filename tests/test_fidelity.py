@@ -473,7 +473,7 @@ def test_the_screening_nnls_finds_the_exact_solution():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding layers around one global layer
-def test_gap_cells_read_the_reference_back_below_their_layer_with_the_same_kl(family):
+def test_gap_cells_read_the_reference_back_up_to_their_layer_with_the_same_kl(family):
     """The probe's fast path (up to a cell's layer, the reference's outputs read back) against every layer
     attending over the document again."""
     from nectar.attention import NoContext
