@@ -16,7 +16,7 @@ import torch
 
 from nectar.compare import Comparison, EvalConfig
 from nectar.compare_report import table, write_report
-from nectar.compiler import Workbench
+from nectar.workspace import Workspace
 from nectar.config import CompileConfig
 from nectar.documents import load_text, parse_source
 from nectar.models import load_model
@@ -51,7 +51,7 @@ def main():
     text = load_text(parse_source(args.document), tokenizer)
     out = Path(args.out)
     judge = model if args.eval_dtype == "bfloat16" else load_model("smollm2-135m", dtype=torch.float32)[0]
-    report = Comparison(Workbench(model, tokenizer, text, config), None, questions, out, evaluation, judge).run()
+    report = Comparison(Workspace(model, tokenizer, text, config), None, questions, out, evaluation, judge).run()
     print(table(report))
     print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
 

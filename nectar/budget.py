@@ -14,9 +14,10 @@ from .models import head_dim
 from .quant import token_numbers
 
 
-def params_per_module(model, n: int, config: CompileConfig, exact: int = 0) -> int:
-    """Numbers per (layer, KV head) module so that modules + exact K/V = budget x the document's KV."""
-    d = head_dim(model.config)
+def params_per_module(cfg, n: int, config: CompileConfig, exact: int = 0) -> int:
+    """Numbers per (layer, KV head) module, on a model of config `cfg`, so that modules + exact K/V = budget x
+    the document's KV."""
+    d = head_dim(cfg)
     per_module = config.budget * 2 * n * d - config.sink_tokens * 2 * d - exact_numbers(exact, d, config)
     if per_module < 4 * d:
         raise NectarError(f"budget {config.budget} leaves no room for modules beside {config.sink_tokens + exact} "

@@ -198,7 +198,7 @@ def cmd_eval(args) -> None:
     from .artifact import Artifact
     from .compare import Comparison
     from .compare_report import table, write_report
-    from .compiler import Workbench
+    from .workspace import Workspace
     from .models import resolve_dtype
 
     artifact = Artifact.load(args.target) if is_artifact else None
@@ -215,7 +215,7 @@ def cmd_eval(args) -> None:
     same = model.dtype == resolve_dtype(args.eval_dtype, model.device)
     judge = model if same else _load(model.name_or_path, args.eval_dtype, args.device)[0]
     out = Path(args.out)
-    report = Comparison(Workbench(model, tokenizer, context, compiled), artifact, questions, out, config, judge).run()
+    report = Comparison(Workspace(model, tokenizer, context, compiled), artifact, questions, out, config, judge).run()
     print(table(report))
     print("wrote " + ", ".join(str(p) for p in write_report(report, out)))
 

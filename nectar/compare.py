@@ -1,6 +1,6 @@
 """`nectar eval`: a compiled document against every other stand-in for its KV cache, at the same bytes.
 
-One Workbench holds the document, its prompts and captures; each method at each budget is a context
+One Workspace holds the document, its prompts and captures; each method at each budget is a context
 provider answered by the same batched code path, against the full cache on the same held-out prompts.
 Compiled banks and finished rows are cached under the output folder, so a re-run only does what is new.
 """
@@ -20,7 +20,7 @@ from .artifact import Artifact
 from .attention import ExactContext, NoContext
 from .capture import capture
 from .compare_report import correlations
-from .compiler import Workbench
+from .compiler import compile_bank
 from .config import CompileConfig, FitConfig
 from .decode import generate_ids, generate_text
 from .errors import NectarError
@@ -30,6 +30,7 @@ from .metrics import pooled_kinds
 from .models import attention_scaling, cache_tokens, dtype_name, modeled_layers
 from .prefill import prefill, window_tails
 from .prompts import Prompt
+from .workspace import Workspace
 from .templates import question_ids
 
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
@@ -95,21 +96,22 @@ class EvalConfig:
 
 
 class Comparison:
-    """`judge` is the model every method answers with, the full-cache reference included: the workbench's
-    weights at the dtype `nectar ask` and `serve` answer in (fp32), while the workbench compiles in its own
-    (bf16 is ~3x faster where the hardware has it). None: the workbench's model judges too."""
+    """`judge` is the model every method answers with, the full-cache reference included: the workspace's
+    weights at the dtype `nectar ask` and `serve` answer in (fp32), while the workspace compiles in its own
+    (bf16 is ~3x faster where the hardware has it). None: the workspace's model judges too."""
 
-    def __init__(self, workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, out: Path,
+    def __init__(self, workspace: Workspace, artifact: Artifact | None, questions: list[str] | None, out: Path,
                  config: EvalConfig, judge=None):
-        self.wb, self.artifact, self.questions, self.out, self.config = workbench, artifact, questions, out, config
-        self.model, self.tokenizer, self.n = judge or workbench.model, workbench.tokenizer, workbench.n
+        self.ws, self.artifact, self.questions, self.out, self.config = workspace, artifact, questions, out, config
+        self.doc = workspace.document
+        self.model, self.tokenizer, self.n = judge or self.doc.model, self.doc.tokenizer, self.doc.n
         cfg = self.model.config
         self.kv_heads, self.scaling = cfg.num_key_value_heads, attention_scaling(self.model)
-        self.main_budget = artifact.manifest["budget"] if artifact else workbench.config.budget
+        self.main_budget = artifact.manifest["budget"] if artifact else workspace.config.budget
         self.budgets = sorted(set(config.budgets) | {self.main_budget})
         # Banks compiled in one dtype are not another's: the compile's dtype is part of their key.
-        compiled_in = dtype_name(workbench.model.dtype)
-        identity = [workbench.doc_ids, workbench.config.to_dict(), compiled_in] + ([questions] if questions else [])
+        compiled_in = dtype_name(self.doc.model.dtype)
+        identity = [self.doc.ids, workspace.config.to_dict(), compiled_in] + ([questions] if questions else [])
         self.key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]  # compiled banks
         rows_key = f"{self.key}-{dtype_name(self.model.dtype)}"  # rows: also who judged them
         if config.max_new_tokens != EvalConfig.max_new_tokens:  # and on how long answers
@@ -123,13 +125,13 @@ class Comparison:
     @cached_property
     def full(self) -> ExactContext:
         """The document's exact K/V as the judge computes them."""
-        return self.wb.full if self.model is self.wb.model else prefill(self.model, torch.tensor(self.wb.doc_ids))
+        return self.doc.full if self.model is self.doc.model else prefill(self.model, torch.tensor(self.doc.ids))
 
     @cached_property
     def prompts(self) -> list[Prompt]:
         """Made once per output folder (writing prompts and answers is slow), then read back."""
         if "prompts" not in self.rows:
-            prompts = held_out(self.wb, self.artifact, self.questions, self.config, self.model, self.full)
+            prompts = held_out(self.ws, self.artifact, self.questions, self.config, self.model, self.full)
             self.rows["prompts"] = [asdict(p) for p in prompts]
             write_json(self.rows_path, self.rows)
         return [Prompt(**p) for p in self.rows["prompts"]]
@@ -146,14 +148,14 @@ class Comparison:
             return (NoContext(), None), 0.0
         tails = window_tails(full)  # sliding layers: their window's tail, exact, whatever the method
         if name == "streaming_llm":
-            context = baselines.streaming_llm(full, budget, self.wb.config.sink_tokens)
+            context = baselines.streaming_llm(full, budget, self.ws.config.sink_tokens)
         elif name == "attention_matching":
             # Fitted on the queries nectar trains on, so that both see the same data.
-            queries = self.wb.stores(0)[0].q
+            queries = self.ws.capture(0)[0].q
             context = baselines.attention_matching(full, queries, budget, self.scaling)
             return (context, tails), self._ratio(baselines.matched_bytes(context, self.n), tails)
         else:
-            context = baselines.press(self.model, self.wb.doc_ids, name, budget)
+            context = baselines.press(self.model, self.doc.ids, name, budget)
             if tails is not None:  # what it kept in sliding layers is not used: their tails are, as for all
                 context = baselines.global_layers(context, full.windows)
         return (context, tails), self._ratio(baselines.context_tokens(context) / self.n, tails)
@@ -176,8 +178,8 @@ class Comparison:
         print(f"[nectar] compiling {name} at budget {budget:g}")
         changes = nectar_changes(name)
         if "fit" in changes:  # fit fields change within the fit this evaluation compiles with (its --steps)
-            changes["fit"] = replace(self.wb.config.fit, **changes["fit"])
-        art = self.wb.compile(budget=budget, **changes)
+            changes["fit"] = replace(self.ws.config.fit, **changes["fit"])
+        art = compile_bank(self.ws, budget=budget, **changes)
         art.save(path)
         return art
 
@@ -207,11 +209,11 @@ class Comparison:
     def ceiling(self) -> dict | None:
         """The full cache itself on the compile's model (bf16) against the judge's answers: greedy answers
         flip on near-ties, so this is what answer similarity reads for a method that is exact up to rounding."""
-        if not self.config.generate or self.model is self.wb.model:
+        if not self.config.generate or self.model is self.doc.model:
             return None
         if "ceiling" not in self.rows:
-            dtype = dtype_name(self.wb.model.dtype)
-            answers = self._answers((self.wb.full, None), f"full cache in {dtype}", self.wb.model)
+            dtype = dtype_name(self.doc.model.dtype)
+            answers = self._answers((self.doc.full, None), f"full cache in {dtype}", self.doc.model)
             self.rows["ceiling"] = {"dtype": dtype, **generation_match(answers, self.references())}
         if "questions" not in self.rows["ceiling"]:  # rows written before it was measured gain it here
             self.rows["ceiling"]["questions"] = self._rounding_fidelity()
@@ -222,8 +224,8 @@ class Comparison:
         """Teacher-forced agreement and KL of the compile's model, its own full cache included, against the
         judge's: what the greedy answers' similarity reads for, in the units a method's rows use."""
         pairs = [(p.question_ids, p.answer_ids) for p in self.prompts if p.kind in self.question_kinds]
-        fidelity = next_token_fidelity(self.model, pairs, self.n, (self.full, None), {"ceiling": (self.wb.full, None)},
-                                       self.config.batch_size, models={"ceiling": self.wb.model})
+        fidelity = next_token_fidelity(self.model, pairs, self.n, (self.full, None), {"ceiling": (self.doc.full, None)},
+                                       self.config.batch_size, models={"ceiling": self.doc.model})
         return fidelity["ceiling"]
 
     def evaluate(self, name: str, budget: float) -> dict:
@@ -271,7 +273,7 @@ class Comparison:
                 start = time.perf_counter()
                 self.rows[key] = self.evaluate(name, budget)
                 self.rows[key]["seconds"] = round(time.perf_counter() - start, 1)
-                self.rows[key]["workbench_timings"] = dict(self.wb.timings)
+                self.rows[key]["shared_timings"] = dict(self.doc.timings)
                 write_json(self.rows_path, self.rows)
         rows = [self.rows[f"{m}@{b:g}"] for b in self.budgets for m in self.methods_at(b)]
         return {"document_tokens": self.n, "main_budget": self.main_budget, "budgets": self.budgets,
@@ -286,14 +288,15 @@ def _fit_seconds(timings: dict) -> float:
     return round(sum(v for k, v in timings.items() if k not in shared), 1)
 
 
-def held_out(workbench: Workbench, artifact: Artifact | None, questions: list[str] | None, config: EvalConfig,
+def held_out(workspace: Workspace, artifact: Artifact | None, questions: list[str] | None, config: EvalConfig,
              judge, full: ExactContext):
     """The prompts to judge on: the user's questions (answered by the judge with the full cache `full`, up to
     `config.max_new_tokens` tokens), or the held-out split (answers as long as the compile made them)."""
-    tokenizer, template = workbench.tokenizer, workbench.templates["question"]
+    doc = workspace.document
+    tokenizer, template = doc.tokenizer, doc.templates["question"]
     if questions:
         prompts = [Prompt("user", q, question_ids=question_ids(tokenizer, template, q)) for q in questions]
-        answers = generate_ids(judge, tokenizer, [p.question_ids for p in prompts], workbench.n,
+        answers = generate_ids(judge, tokenizer, [p.question_ids for p in prompts], doc.n,
                                full, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                desc="answer with full cache")
         for p, a in zip(prompts, answers):
@@ -303,4 +306,4 @@ def held_out(workbench: Workbench, artifact: Artifact | None, questions: list[st
         val = artifact.manifest["metrics"]["val_set"]
         return [Prompt(v["kind"], v["question"], answer_ids=v["answer_ids"],
                        question_ids=question_ids(tokenizer, template, v["question"])) for v in val]
-    return workbench.val_prompts
+    return workspace.training.val

@@ -2,21 +2,24 @@
 
 Modules fitted briefly at uniform width stand in for one layer at a time, every other layer on the exact
 document, and the next-token KL on training questions says how much that layer costs the answer. In the
-hardest layers each KV head is then measured alone: a layer's heads differ by orders of magnitude (on
-MPL one head of layer 18 carried half the answer KL, its two others none), and exact tokens go by head.
+hardest layers each KV head is then measured alone: a layer's heads differ by orders of magnitude, and
+exact tokens go by head. Everything it measures comes in as arguments: the model, the document's exact
+prefill, the training prompts and a capture of them.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from .attention import ExactContext
 from .budget import params_per_module
 from .capture import Store
 from .config import CompileConfig
 from .evaluate import QUESTION_KINDS, layer_gaps
 from .fit import fit
 from .models import modeled_layers
+from .plan import mlp_bank
 from .prefill import window_tails
-from .timing import stage
+from .prompts import Prompt
 
 SHORT_FIT_EVERY = 2  # the probe's and an on-policy refit's 150 steps visit every other sequence's rows often enough
 
@@ -55,51 +58,44 @@ def mixed_gaps(measure, questions: list[tuple], recall: list[tuple]) -> list[flo
     return [total_q * (q / total_q + r / total_r) / 2 for q, r in zip(on_questions, on_recall)]
 
 
+@dataclass(eq=False)
 class GapProbe:
-    """One workbench's probes, each made once per probe setting: every bank of a budget sweep or ablation
-    that allocates by it shares it."""
+    """A short fit's modules and the training prompts they are measured on: the KL of any layer (or one of
+    its KV heads) standing on them alone, every other layer exact."""
 
-    def __init__(self, bench):
-        self.bench = bench
-        self.layers: dict[tuple, list[float]] = {}  # per probe setting: each modeled layer's KL
-        self.heads: dict[tuple, dict[int, list[float]]] = {}  # per (setting, layers): each KV head's KL
-        self.times: dict[tuple, dict[str, float]] = {}
-        self._made: dict[tuple, tuple] = {}  # per setting: (its questions, its recall prompts, the probe method)
+    model: object
+    full: ExactContext
+    n: int
+    method: tuple  # (the probe's bank, the sink tokens beside it)
+    questions: list[tuple]
+    recall: list[tuple]
+    batch_size: int
 
-    def layer_gaps(self, config: CompileConfig) -> list[float]:
-        """Per modeled layer, the answer KL on training questions when it alone uses the probe's modules
-        (beside the sink tokens)."""
-        key, bench = gap_key(config), self.bench
-        if key not in self.layers:
-            times = self.times.setdefault(key, {})
-            # With no exact tokens the main fit's capture serves; else the probe's own, of fewer sequences.
-            train_store, val_store = bench.stores(0, every=SHORT_FIT_EVERY if config.exact_share else 1)
-            with stage(times, "probe"):
-                per_module = params_per_module(bench.model, bench.n, config)
-                probe = fit_probe(bench.mlp_bank(config, per_module), config, train_store, val_store)
-            with stage(times, "layer gaps"):
-                questions = _spread([p for p in bench.train_prompts if p.kind in QUESTION_KINDS], config.probe_prompts)
-                recall = _spread([p for p in bench.train_prompts if p.kind == "recall"], config.probe_recall)
-                self._made[key] = questions, recall, (probe, bench.split(0)[0])
-                self.layers[key] = self._kl(key, modeled_layers(bench.model.config))
-        return self.layers[key]
+    @classmethod
+    def fit(cls, model, full: ExactContext, n: int, sinks: ExactContext, train_prompts: list[Prompt],
+            stores: tuple[Store, Store], config: CompileConfig, batch_size: int) -> GapProbe:
+        """The probe of `config`'s setting: fitted on `stores`, a capture of the document beside `sinks` alone."""
+        per_module = params_per_module(model.config, n, config)
+        bank = fit_probe(mlp_bank(config, model.config, per_module), config, *stores)
+        questions = _spread([p for p in train_prompts if p.kind in QUESTION_KINDS], config.probe_prompts)
+        recall = _spread([p for p in train_prompts if p.kind == "recall"], config.probe_recall)
+        return cls(model, full, n, (bank, sinks), questions, recall, batch_size)
 
-    def head_gaps(self, config: CompileConfig) -> dict[int, list[float]]:
-        """For the `head_gap_layers` modeled layers of largest KL, the KL each of their KV heads causes alone."""
-        gaps, key, bench = self.layer_gaps(config), gap_key(config), self.bench
-        if (key, config.head_gap_layers) not in self.heads:
-            kv, modeled = bench.model.config.num_key_value_heads, modeled_layers(bench.model.config)
-            hard = sorted(range(len(gaps)), key=gaps.__getitem__, reverse=True)[: config.head_gap_layers]
-            cells = [(i, h) for i in hard for h in range(kv)]
-            with stage(self.times[key], "head gaps"):
-                kls = self._kl(key, [modeled[i] for i, _ in cells], heads=[h for _, h in cells])
-            self.heads[key, config.head_gap_layers] = {i: kls[j * kv:(j + 1) * kv] for j, i in enumerate(hard)}
-        return self.heads[key, config.head_gap_layers]
+    def kls(self, layers: list[int], heads: list[int] | None = None) -> list[float]:
+        """The KL in each of `layers` (or each layer's one head), on the questions mixed with the recall prompts."""
+        return mixed_gaps(lambda pairs: layer_gaps(self.model, pairs, self.n, self.full, self.method, layers,
+                                                   window_tails(self.full), self.batch_size, heads=heads),
+                          self.questions, self.recall)
 
-    def _kl(self, key: tuple, layers: list[int], heads: list[int] | None = None) -> list[float]:
-        """The probe method's KL in each of `layers` (or each layer's one head), on the setting's questions mixed
-        with its recall prompts."""
-        bench, (questions, recall, method) = self.bench, self._made[key]
-        return mixed_gaps(lambda pairs: layer_gaps(bench.model, pairs, bench.n, bench.full, method, layers,
-                                                   window_tails(bench.full), bench.config.batch_size, heads=heads),
-                          questions, recall)
+    def layer_gaps(self) -> list[float]:
+        """Per modeled layer, the answer KL when it alone uses the probe's modules (beside the sink tokens)."""
+        return self.kls(modeled_layers(self.model.config))
+
+    def head_gaps(self, layer_gaps: list[float], count: int) -> dict[int, list[float]]:
+        """For the `count` modeled layers of largest KL, the KL each of their KV heads causes alone."""
+        kv, modeled = self.model.config.num_key_value_heads, modeled_layers(self.model.config)
+        hard = sorted(range(len(layer_gaps)), key=layer_gaps.__getitem__, reverse=True)[:count]
+        cells = [(i, h) for i in hard for h in range(kv)]
+        kls = self.kls([modeled[i] for i, _ in cells], heads=[h for _, h in cells])
+        return {i: kls[j * kv:(j + 1) * kv] for j, i in enumerate(hard)}
+

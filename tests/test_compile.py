@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import nectar
-from nectar.compiler import Workbench
+from nectar.compiler import compile_bank
+from nectar.plan import mlp_bank
+from nectar.workspace import Workspace
 from nectar.evaluate import warn_if_useless
 from nectar.budget import params_per_module, uniform_exact
 from nectar.config import EXACT_SHARE, EXACT_SHARE_EVEN, MIN_MODULE_WIDTH, VALUES_4BIT_UP_TO
@@ -199,10 +201,10 @@ def test_a_useless_compile_says_so(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_workbench_counts_prompt_kinds_without_side_effects(tokenizer):
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
-    assert bench.kinds == {"recall": 12, "self_study": bench.kinds["self_study"], "generic": 6, "direct": 0}
-    assert sum(bench.kinds.values()) == len(bench.prompts)
+def test_a_training_set_counts_its_prompt_kinds(tokenizer):
+    training = Workspace(tiny_llama(), tokenizer, sample_document(1500), FAST).training
+    assert training.kinds == {"recall": 12, "self_study": training.kinds["self_study"], "generic": 6, "direct": 0}
+    assert sum(training.kinds.values()) == len(training.prompts)
 
 
 def test_attention_layers_found_in_order(compiled):
@@ -212,37 +214,37 @@ def test_attention_layers_found_in_order(compiled):
 def test_the_default_exact_share_is_decided_per_model_and_document(tokenizer):
     """The manifest holds the share used: the default where it fits, none where the budget cannot hold it."""
     default = replace(FAST, exact_share=None, budget=0.05)
-    long = Workbench(tiny_llama(), tokenizer, sample_document(3000), default)
-    short = Workbench(tiny_llama(), tokenizer, sample_document(400), replace(default, budget=0.012))
+    long = Workspace(tiny_llama(), tokenizer, sample_document(3000), default)
+    short = Workspace(tiny_llama(), tokenizer, sample_document(400), replace(default, budget=0.012))
     assert long.config.exact_share == EXACT_SHARE_EVEN and short.config.exact_share == 0.0  # FAST: uniform
-    gap = Workbench(tiny_llama(), tokenizer, sample_document(3000), replace(default, allocation="gap"))
+    gap = Workspace(tiny_llama(), tokenizer, sample_document(3000), replace(default, allocation="gap"))
     assert gap.config.exact_share == EXACT_SHARE  # more where the gap allocation places them by KV head
 
 
-def _uniform_width(bench: Workbench, share: float) -> int:
-    config = replace(bench.config, exact_share=share)
-    return min(bench.mlp_bank(config, params_per_module(bench.model, bench.n, config,
-                                                         uniform_exact(bench.n, config, head_dim(bench.model.config)))).target_widths)
+def _uniform_width(ws: Workspace, share: float) -> int:
+    config, cfg = replace(ws.config, exact_share=share), ws.model.config
+    numbers = params_per_module(cfg, ws.n, config, uniform_exact(ws.n, config, head_dim(cfg)))
+    return min(mlp_bank(config, cfg, numbers).target_widths)
 
 
 def test_a_small_budget_gives_exact_tokens_no_more_than_keeps_the_modules_useful(tokenizer):
     """At 2% of this document the full default share would leave the modules narrower than MIN_MODULE_WIDTH:
     the share steps down to the largest that keeps them that wide, and not below it."""
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(3000), replace(FAST, exact_share=None, budget=0.02,
+    ws = Workspace(tiny_llama(), tokenizer, sample_document(3000), replace(FAST, exact_share=None, budget=0.02,
                                                                              allocation="gap"))
-    share = bench.config.exact_share
-    assert 0.0 < share < EXACT_SHARE and _uniform_width(bench, EXACT_SHARE) < MIN_MODULE_WIDTH
-    assert _uniform_width(bench, share) >= MIN_MODULE_WIDTH > _uniform_width(bench, round(share + 0.05, 2))
+    share = ws.config.exact_share
+    assert 0.0 < share < EXACT_SHARE and _uniform_width(ws, EXACT_SHARE) < MIN_MODULE_WIDTH
+    assert _uniform_width(ws, share) >= MIN_MODULE_WIDTH > _uniform_width(ws, round(share + 0.05, 2))
 
 
 def test_each_budget_of_a_sweep_decides_its_own_default_share(tokenizer):
-    """A workbench made at one budget and asked for another decides the default share at that budget, and the
+    """A workspace made at one budget and asked for another decides the default share at that budget, and the
     artifact says the share was a default, so that an evaluation's sweep from it decides again."""
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(3000), replace(FAST, exact_share=None, budget=0.05))
-    small = bench.compile(budget=0.02)
-    assert bench.config.exact_share == EXACT_SHARE_EVEN > small.manifest["config"]["exact_share"] > 0.0
+    ws = Workspace(tiny_llama(), tokenizer, sample_document(3000), replace(FAST, exact_share=None, budget=0.05))
+    small = compile_bank(ws, budget=0.02)
+    assert ws.config.exact_share == EXACT_SHARE_EVEN > small.manifest["config"]["exact_share"] > 0.0
     assert small.manifest["defaulted"] == ["exact_share", "exact_value_bits"]
-    assert bench.compile(budget=0.02, exact_share=0.1, exact_value_bits=8).manifest["defaulted"] == []
+    assert compile_bank(ws, budget=0.02, exact_share=0.1, exact_value_bits=8).manifest["defaulted"] == []
     # Exact values: 4 bits (a scale per token) at small budgets, where more tokens pay; 8 above.
     assert small.manifest["config"]["exact_value_bits"] == 4 == replace(FAST, budget=VALUES_4BIT_UP_TO).value_bits
     assert replace(FAST, budget=0.1).value_bits == 8 and replace(FAST, budget=0.1, exact_value_bits=4).value_bits == 4
@@ -251,15 +253,15 @@ def test_each_budget_of_a_sweep_decides_its_own_default_share(tokenizer):
 @pytest.mark.parametrize("holdout", ["chunks", "prompts"])
 def test_validation_holds_out_prompts_by_its_holdout(tokenizer, holdout):
     config = replace(FAST, prompts=replace(FAST.prompts, holdout=holdout, val_fraction=0.2, chunk_tokens=256))
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), config)
-    train, val = bench.train_prompts, bench.val_prompts
-    assert len(train) + len(val) == len(bench.prompts) and not {id(p) for p in train} & {id(p) for p in val}
+    ws = Workspace(tiny_llama(), tokenizer, sample_document(1500), config)
+    train, val = ws.training.train, ws.training.val
+    assert len(train) + len(val) == len(ws.training.prompts) and not {id(p) for p in train} & {id(p) for p in val}
     train_chunks, val_chunks = {p.chunk for p in train}, {p.chunk for p in val}
     if holdout == "chunks":  # no held-out chunk is ever trained on
         assert val_chunks and not train_chunks & val_chunks
     else:  # every chunk of the document trains, and every kind is validated
-        assert train_chunks == {p.chunk for p in bench.prompts}
-        assert {p.kind for p in val} == {p.kind for p in bench.prompts}
+        assert train_chunks == {p.chunk for p in ws.training.prompts}
+        assert {p.kind for p in val} == {p.kind for p in ws.training.prompts}
 
 
 def test_an_unknown_holdout_is_refused():
@@ -267,13 +269,13 @@ def test_an_unknown_holdout_is_refused():
         nectar.PromptConfig(holdout="questions")
 
 
-def test_a_second_compile_in_one_workbench_fits_the_same_bank(tokenizer):
+def test_a_second_compile_in_one_workspace_fits_the_same_bank(tokenizer):
     """Bank initialisation draws from the config's seed, not from the global generator that earlier stages
     advanced: an ablation compiled after another in `nectar eval` differs by its change alone."""
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
-    first = bench.compile().bank.state_dict()
+    ws = Workspace(tiny_llama(), tokenizer, sample_document(1500), FAST)
+    first = compile_bank(ws).bank.state_dict()
     torch.rand(1000)  # whatever else draws in between
-    second = bench.compile().bank.state_dict()
+    second = compile_bank(ws).bank.state_dict()
     assert first.keys() == second.keys()
     for name in first:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)

@@ -178,38 +178,39 @@ def test_ablation_names_parse_every_tunable_field():
         nectar_changes("nectar+share_power=-1")
 
 
-def test_a_fit_ablation_keeps_the_rest_of_the_evaluations_fit(tmp_path):
+def test_a_fit_ablation_keeps_the_rest_of_the_evaluations_fit(tmp_path, monkeypatch):
     from nectar.compare import Comparison
     from nectar.config import CompileConfig, FitConfig
 
-    class Workbench:  # stops at the compile, whose arguments are the point
+    class Workspace:  # only its config is read before the compile, whose arguments are the point
         config = CompileConfig(fit=FitConfig(steps=60, eval_every=20))
 
-        def compile(self, **changes):
-            raise StopIteration(changes)
+    def compile_bank(ws, **changes):
+        raise StopIteration(changes)
 
+    monkeypatch.setattr("nectar.compare.compile_bank", compile_bank)
     comparison = Comparison.__new__(Comparison)  # only what _compiled reads
-    comparison.wb, comparison.artifact, comparison.out, comparison.key = Workbench(), None, tmp_path, "k"
+    comparison.ws, comparison.artifact, comparison.out, comparison.key = Workspace(), None, tmp_path, "k"
     with pytest.raises(StopIteration) as stop:
         comparison._compiled("nectar+share_power=2", 0.02)
     assert stop.value.value["fit"] == FitConfig(steps=60, eval_every=20, share_power=2.0)
 
 
-def test_the_judge_answers_for_every_method_while_the_workbench_compiles(tokenizer, tmp_path):
+def test_the_judge_answers_for_every_method_while_the_workspace_compiles(tokenizer, tmp_path):
     """`nectar eval` compiles in one dtype and judges in another (fp32, as `ask` answers): the reference
     answers, the full cache and every method's numbers come from the judge."""
     from nectar.compare import Comparison, EvalConfig
-    from nectar.compiler import Workbench
     from nectar.prefill import prefill
+    from nectar.workspace import Workspace
 
     model = tiny_llama()
     judge = tiny_llama(seed=1)  # other weights, so that whose numbers they are shows
-    wb = Workbench(model, tokenizer, sample_document(1500), FAST)
+    ws = Workspace(model, tokenizer, sample_document(1500), FAST)
     config = EvalConfig(methods=("no_document",), generate=False, gap_prompts=0)
-    mine = Comparison(wb, None, ["What does assert do?"], tmp_path / "a", config, judge)
-    torch.testing.assert_close(mine.full.keys[0], prefill(judge, torch.tensor(wb.doc_ids)).keys[0])
-    theirs = Comparison(wb, None, ["What does assert do?"], tmp_path / "b", config)
-    assert mine.full is not wb.full and theirs.full is wb.full
+    mine = Comparison(ws, None, ["What does assert do?"], tmp_path / "a", config, judge)
+    torch.testing.assert_close(mine.full.keys[0], prefill(judge, torch.tensor(ws.document.ids)).keys[0])
+    theirs = Comparison(ws, None, ["What does assert do?"], tmp_path / "b", config)
+    assert mine.full is not ws.document.full and theirs.full is ws.document.full
     assert mine.prompts[0].answer_ids != theirs.prompts[0].answer_ids  # the judge wrote the reference answer
     rows = [c.run()["rows"][0]["questions"]["answer"]["kl"] for c in (mine, theirs)]
     assert rows[0] != rows[1]
@@ -220,9 +221,9 @@ def test_the_ceiling_is_the_compile_models_full_cache_against_the_judge(tokenize
     against the judge's answers: the similarity an all-but-exact method can reach."""
     from nectar.compare import Comparison, EvalConfig
     from nectar.compare_report import plot_fidelity
-    from nectar.compiler import Workbench
+    from nectar.workspace import Workspace
 
-    wb = Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
+    wb = Workspace(tiny_llama(), tokenizer, sample_document(1500), FAST)
     config = EvalConfig(methods=("no_document",), gap_prompts=0, max_new_tokens=6)
     same = Comparison(wb, None, ["What does assert do?"], tmp_path / "a", config, tiny_llama()).run()["ceiling"]
     other = Comparison(wb, None, ["What does assert do?"], tmp_path / "b", config, tiny_llama(seed=1)).run()

@@ -14,7 +14,8 @@ from nectar.baselines import attention_matching, matched_bytes
 from nectar.models import head_dim
 from nectar.budget import uniform_exact
 from nectar.quant import CodedTokens, pack4, round_tokens, unpack4
-from nectar.compiler import Workbench
+from nectar.compiler import compile_bank, plan_of
+from nectar.workspace import Workspace
 from nectar.prefill import prefill, split_exact
 from nectar.selection import TokenChoice, choose_tokens
 from nectar.summary import summary
@@ -22,8 +23,8 @@ from conftest import FAST, assert_same_logits, sample_document, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def bench(tokenizer):
-    return Workbench(tiny_llama(), tokenizer, sample_document(1500), FAST)
+def ws(tokenizer):
+    return Workspace(tiny_llama(), tokenizer, sample_document(1500), FAST)
 
 
 def _parts_merge_to_the_whole(full, exact, rest, q):
@@ -71,19 +72,19 @@ def test_heads_keep_unequal_exact_tokens_and_the_rest_still_merge_to_the_whole_d
     torch.testing.assert_close(folded[1].reshape(b, 2, -1), lse, atol=1e-5, rtol=1e-5)
 
 
-def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(bench, tokenizer, tmp_path):
+def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(ws, tokenizer, tmp_path):
     config = dict(allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=2)
-    art = bench.compile(**config)
+    art = compile_bank(ws, **config)
     per_head = art.manifest["metrics"]["exact_per_head"]
-    layer_gaps = bench.gaps(replace(bench.config, **config))
-    measured = bench.probe.head_gaps(replace(bench.config, **config))
+    gaps = ws.probe(replace(ws.config, **config), heads=True)
+    layer_gaps, measured = gaps.layers, gaps.heads
     assert len(measured) == 2 and set(measured) <= set(range(len(layer_gaps)))
     assert "head gaps" in art.manifest["timings"]
     assert any(len(set(c)) > 1 for c in per_head)  # heads of one layer keep unequal numbers
     hardest = max(measured, key=lambda i: max(measured[i]))
     top = max(range(len(per_head[hardest])), key=measured[hardest].__getitem__)
     assert per_head[hardest][top] == max(per_head[hardest])
-    assert sum(map(sum, per_head)) <= len(per_head) * len(per_head[0]) * uniform_exact(bench.n, replace(FAST, **config), head_dim(bench.model.config))
+    assert sum(map(sum, per_head)) <= len(per_head) * len(per_head[0]) * uniform_exact(ws.n, replace(FAST, **config), head_dim(ws.model.config))
     assert art.memory_ratio() <= FAST.budget  # bytes count real tokens, not a head's padding
     worst = layer_gaps.index(max(layer_gaps))  # `info` names each head's tokens in the hardest layer
     assert f"{worst} ({max(layer_gaps):.3f}; exact tokens by KV head {'/'.join(map(str, per_head[worst]))})" in summary(art)
@@ -92,10 +93,10 @@ def test_exact_tokens_by_head_go_where_the_kl_is_and_round_trip(bench, tokenizer
     assert loaded.nbytes() == art.nbytes() and path.stat().st_size < art.nbytes() + 64_000
     assert [loaded.sinks.head_counts(i) for i in range(len(per_head))] == \
         [[FAST.sink_tokens + c for c in counts] for counts in per_head]
-    assert_same_logits(bench.model, tokenizer, loaded, art)
-    provider, sinks = loaded.providers(bench.model)
-    assert isinstance(provider.exact, CodedTokens) and cacheable(bench.model, sinks)
-    _exact_beside_answers_as_every_token_a_sink(bench, tokenizer, loaded, art, rows=2)
+    assert_same_logits(ws.model, tokenizer, loaded, art)
+    provider, sinks = loaded.providers(ws.model)
+    assert isinstance(provider.exact, CodedTokens) and cacheable(ws.model, sinks)
+    _exact_beside_answers_as_every_token_a_sink(ws, tokenizer, loaded, art, rows=2)
 
 
 def test_chosen_tokens_are_the_choose_tokens():
@@ -132,25 +133,25 @@ def test_ranking_by_output_prefers_a_token_whose_value_stands_out_to_one_read_mo
 
 
 @pytest.mark.parametrize("other", [TokenChoice(power=4.0), TokenChoice("output")])
-def test_the_workbench_keeps_a_split_per_token_choice(bench, other):
+def test_the_workbench_keeps_a_split_per_token_choice(ws, other):
     """Splits are cached by (counts, choice): another choice ranks its own tokens, the same one reuses its split."""
-    counts = bench.exact_counts(replace(bench.config, exact_share=0.3))
-    assert bench.split(counts, TokenChoice())[0] is bench.split(counts, TokenChoice())[0]
-    first, second = bench.split(counts, TokenChoice())[0], bench.split(counts, other)[0]
+    counts = plan_of(ws, replace(ws.config, exact_share=0.3)).counts
+    assert ws.split(counts, TokenChoice())[0] is ws.split(counts, TokenChoice())[0]
+    first, second = ws.split(counts, TokenChoice())[0], ws.split(counts, other)[0]
     assert first is not second
     assert not all(torch.equal(a, b) for a, b in zip(first.keys, second.keys))
 
 
-def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
-    art = bench.compile(exact_share=0.3)
-    assert art.manifest["metrics"]["exact_tokens"] == uniform_exact(bench.n, replace(FAST, exact_share=0.3), head_dim(bench.model.config)) > 0
+def test_exact_share_keeps_the_budget_and_beats_no_document(ws, tmp_path):
+    art = compile_bank(ws, exact_share=0.3)
+    assert art.manifest["metrics"]["exact_tokens"] == uniform_exact(ws.n, replace(FAST, exact_share=0.3), head_dim(ws.model.config)) > 0
     assert art.sinks.keys[0].shape[1] == FAST.sink_tokens + art.manifest["metrics"]["exact_tokens"]
     assert art.memory_ratio() <= FAST.budget
     for fid in art.manifest["metrics"]["fidelity"].values():
         assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
     loaded = nectar.Artifact.load(art.save(tmp_path / "e.nectar"))
     torch.testing.assert_close(loaded.sinks.keys[1], art.sinks.keys[1].float(), atol=1e-2, rtol=1e-2)
-    provider, sinks = loaded.providers(bench.model)  # 8-bit tokens stay coded, even when every layer keeps as many
+    provider, sinks = loaded.providers(ws.model)  # 8-bit tokens stay coded, even when every layer keeps as many
     assert isinstance(provider, WithExact) and isinstance(provider.exact, CodedTokens)
     assert [k.shape[1] for k in sinks.keys] == [FAST.sink_tokens] * len(sinks.keys)
 
@@ -160,9 +161,9 @@ def test_exact_share_keeps_the_budget_and_beats_no_document(bench, tmp_path):
     (8, None, 2.4, torch.int8, "8-bit keys, 4-bit values"),  # the default: values 4-bit, a scale per token
     (4, 4, 3.5, torch.uint8, "4-bit"),
 ])
-def test_quantised_exact_tokens_hold_more_in_the_same_bytes(bench, tmp_path, bits, value_bits, more, stored, read):
-    wide = bench.compile(exact_share=0.3, exact_bits=bits, exact_value_bits=value_bits)
-    narrow = bench.compile(exact_share=0.3, exact_bits=16, exact_value_bits=16)
+def test_quantised_exact_tokens_hold_more_in_the_same_bytes(ws, tmp_path, bits, value_bits, more, stored, read):
+    wide = compile_bank(ws, exact_share=0.3, exact_bits=bits, exact_value_bits=value_bits)
+    narrow = compile_bank(ws, exact_share=0.3, exact_bits=16, exact_value_bits=16)
     tokens = [a.manifest["metrics"]["exact_tokens"] for a in (wide, narrow)]
     # 16-bit K and V take 2d numbers a token; 8 + 4 bits with a scale per token 0.75d + 1 (d = 16 here: 2.46x).
     assert tokens[0] >= more * tokens[1] - 4 and tokens[1] > 0
@@ -173,7 +174,7 @@ def test_quantised_exact_tokens_hold_more_in_the_same_bytes(bench, tmp_path, bit
     assert tensors["exact.keys"].dtype == stored and tensors["sinks.keys"].shape[2] == FAST.sink_tokens
     assert ("exact.values.row_scale" in tensors) == (wide.exact_value_bits == 4)  # one scale per value token
     # 4-bit codes go two to a byte: the file holds the bytes the budget counts.
-    assert tensors["exact.keys"].shape[-1] == bench.model.config.head_dim * bits // 8
+    assert tensors["exact.keys"].shape[-1] == ws.model.config.head_dim * bits // 8
     # What the compile evaluated is what the file reads back: the tokens already sit on their grid.
     loaded = nectar.Artifact.load(wide.save(tmp_path / "w.nectar"))
     for a, b in zip(loaded.sinks.keys + loaded.sinks.values, wide.sinks.keys + wide.sinks.values):
@@ -214,79 +215,78 @@ def test_uneven_exact_tokens_and_the_rest_generate_as_the_full_cache(tokenizer):
     assert generate_ids(model, tokenizer, prompts, len(doc), rest, exact, max_new_tokens=6) == want
 
 
-def test_no_head_keeps_more_of_the_document_exact_than_the_cap(bench):
-    config = replace(bench.config, allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=2)
-    loose = bench.exact_counts(config)
-    top, even = max(map(max, loose)), uniform_exact(bench.n, config, head_dim(bench.model.config))
+def test_no_head_keeps_more_of_the_document_exact_than_the_cap(ws):
+    config = replace(ws.config, allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=2)
+    loose = plan_of(ws, config).counts
+    top, even = max(map(max, loose)), uniform_exact(ws.n, config, head_dim(ws.model.config))
     assert top > even + 1  # the KL is uneven enough for a cap between the two to bind
     cap = (top + even) // 2
-    tight = bench.exact_counts(replace(config, exact_head_cap=cap / (bench.n - config.sink_tokens)))
+    tight = plan_of(ws, replace(config, exact_head_cap=cap / (ws.n - config.sink_tokens))).counts
     assert max(map(max, tight)) <= cap < top
     assert sum(map(sum, tight)) >= sum(map(sum, loose)) - len(loose) * len(loose[0])  # the rest moves elsewhere
     with pytest.raises(NectarError, match="exact_head_cap must be in"):
         replace(FAST, exact_head_cap=1.0)
 
 
-def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(bench, tokenizer, tmp_path):
+def test_gap_allocation_puts_the_exact_tokens_where_the_kl_is(ws, tokenizer, tmp_path):
     config = dict(allocation="gap", exact_share=0.3, probe_steps=20, head_gap_layers=0)
-    art = bench.compile(**config)
+    art = compile_bank(ws, **config)
     counts = art.manifest["metrics"]["exact_per_layer"]
-    gaps = bench.gaps(replace(bench.config, **config))
+    gaps = ws.probe(replace(ws.config, **config)).layers
     assert len(set(counts)) > 1 and counts.index(max(counts)) == gaps.index(max(gaps))
-    assert sum(counts) <= len(counts) * uniform_exact(bench.n, replace(FAST, **config), head_dim(bench.model.config))
+    assert sum(counts) <= len(counts) * uniform_exact(ws.n, replace(FAST, **config), head_dim(ws.model.config))
     assert [k.shape[1] for k in art.sinks.keys] == [FAST.sink_tokens + c for c in counts]
     assert art.memory_ratio() <= FAST.budget
     top = gaps.index(max(gaps))
     assert f"{top} ({max(gaps):.3f}; {counts[top]} exact tokens per head)" in summary(art)
     loaded = nectar.Artifact.load(art.save(tmp_path / "gap.nectar"))
     assert [k.shape[1] for k in loaded.sinks.keys] == [k.shape[1] for k in art.sinks.keys]
-    assert_same_logits(bench.model, tokenizer, loaded, art)
-    provider, sinks = loaded.providers(bench.model)  # sinks alike in every layer: a prefix cache holds them
-    assert isinstance(provider, WithExact) and cacheable(bench.model, sinks)
+    assert_same_logits(ws.model, tokenizer, loaded, art)
+    provider, sinks = loaded.providers(ws.model)  # sinks alike in every layer: a prefix cache holds them
+    assert isinstance(provider, WithExact) and cacheable(ws.model, sinks)
     assert isinstance(provider.exact, CodedTokens)  # 8-bit tokens stay 8-bit in memory
-    assert loaded.resident_bytes(bench.model) < 2 * loaded.nbytes()
-    _exact_beside_answers_as_every_token_a_sink(bench, tokenizer, loaded, art, rows=1)
+    assert loaded.resident_bytes(ws.model) < 2 * loaded.nbytes()
+    _exact_beside_answers_as_every_token_a_sink(ws, tokenizer, loaded, art, rows=1)
 
 
-def _exact_beside_answers_as_every_token_a_sink(bench, tokenizer, loaded, art, rows: int):
+def _exact_beside_answers_as_every_token_a_sink(ws, tokenizer, loaded, art, rows: int):
     """Exact tokens held beside the modules give the logits of prepending them all as sinks, and `ask`
     answers from the loaded file as from the compile's own artifact."""
-    provider, sinks = loaded.providers(bench.model)
+    provider, sinks = loaded.providers(ws.model)
     ids, positions = torch.randint(3, 300, (rows, 6)), loaded.n + torch.arange(6).expand(rows, 6)
-    with torch.no_grad(), bound(bench.model, provider, sinks=sinks):
-        beside = bench.model(input_ids=ids, position_ids=positions).logits
-    with torch.no_grad(), bound(bench.model, loaded.bank, sinks=loaded.sinks):
-        prepended = bench.model(input_ids=ids, position_ids=positions).logits
+    with torch.no_grad(), bound(ws.model, provider, sinks=sinks):
+        beside = ws.model(input_ids=ids, position_ids=positions).logits
+    with torch.no_grad(), bound(ws.model, loaded.bank, sinks=loaded.sinks):
+        prepended = ws.model(input_ids=ids, position_ids=positions).logits
     torch.testing.assert_close(beside, prepended, atol=1e-4, rtol=1e-4)
     questions = ["What is assert?", "When does the else clause run?"]
-    assert nectar.ask(bench.model, tokenizer, loaded, questions, max_new_tokens=6) == \
-        nectar.ask(bench.model, tokenizer, art, questions, max_new_tokens=6)
+    assert nectar.ask(ws.model, tokenizer, loaded, questions, max_new_tokens=6) == \
+        nectar.ask(ws.model, tokenizer, art, questions, max_new_tokens=6)
 
 
-def test_onpolicy_refit_runs_after_the_fit_and_keeps_the_best(bench):
-    art = bench.compile(onpolicy_steps=20)
+def test_onpolicy_refit_runs_after_the_fit_and_keeps_the_best(ws):
+    art = compile_bank(ws, onpolicy_steps=20)
     timings = art.manifest["timings"]
     assert "capture on-policy" in timings and "fit on-policy" in timings
     assert art.manifest["metrics"]["onpolicy"]["steps"] >= 1
 
 
-def test_each_onpolicy_round_captures_with_the_latest_modules(bench, monkeypatch):
+def test_each_onpolicy_round_captures_with_the_latest_modules(ws, monkeypatch):
     drivers = []
-    real = bench.stores
+    real = ws.capture_driven
 
-    def stores(count=0, drive=None, timings=None, every=1, choice=TokenChoice()):
-        if drive is not None:
-            drivers.append(drive.target.weights[0].detach().clone())
-        return real(count, drive, timings, every, choice)
+    def capture_driven(counts, choice, bank, timings):
+        drivers.append(bank.target.weights[0].detach().clone())
+        return real(counts, choice, bank, timings)
 
-    monkeypatch.setattr(bench, "stores", stores)
-    bench.compile(onpolicy_steps=20, onpolicy_rounds=2)
+    monkeypatch.setattr(ws, "capture_driven", capture_driven)
+    compile_bank(ws, onpolicy_steps=20, onpolicy_rounds=2)
     assert len(drivers) == 2 and not torch.equal(*drivers)  # the second round sees the first round's refit
 
 
-def test_more_exact_tokens_than_the_budget_holds_is_refused(bench):
+def test_more_exact_tokens_than_the_budget_holds_is_refused(ws):
     with pytest.raises(nectar.NectarError, match="exact tokens"):
-        bench.compile(budget=0.003, exact_share=0.9)
+        compile_bank(ws, budget=0.003, exact_share=0.9)
     with pytest.raises(nectar.NectarError, match="exact_share"):
         nectar.CompileConfig(exact_share=1.0)
 
@@ -324,25 +324,25 @@ def test_attention_matching_beats_a_window_of_the_same_bytes():
 def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
     """The exact tokens are chosen with the probe's queries, and the teacher comes from a capture: neither
     needs a pass of its own."""
-    import nectar.compiler as compiler
+    import nectar.workspace as workspace
 
-    real = compiler.capture
+    real = workspace.capture
     descs, sizes = [], []
 
     def capture(*args, **kwargs):
         descs.append(args[6] if len(args) > 6 else kwargs.get("desc"))
-        sizes.append((descs[-1], len(args[1]), "drive" in kwargs or len(args) > 7 and args[7] is not None))
+        sizes.append((descs[-1], len(args[1]), kwargs.get("drive") is not None))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(compiler, "capture", capture)
-    monkeypatch.setattr(compiler, "teacher", lambda *a, **k: pytest.fail("a separate teacher pass"))
+    monkeypatch.setattr(workspace, "capture", capture)
+    monkeypatch.setattr(workspace, "teacher", lambda *a, **k: pytest.fail("a separate teacher pass"))
     config = replace(FAST, allocation="gap", exact_share=0.3, probe_steps=20, refine_steps=4)
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500), config)
-    art = bench.compile()
+    ws = Workspace(tiny_llama(), tokenizer, sample_document(1500), config)
+    art = compile_bank(ws)
     assert "choose exact tokens" not in descs and "teacher" not in art.manifest["timings"]
     assert len(set(art.manifest["metrics"]["exact_per_layer"])) > 1 and art.manifest["metrics"]["refine"]
     # The short fits (probe, on-policy refit) capture every other training sequence; the main fit all.
-    train = len(bench.train_sequences)
+    train = len(ws.training.train_sequences)
     assert [size for desc, size, _ in sizes if desc == "capture train"] == [(train + 1) // 2, train, (train + 1) // 2]
     # Each capture is timed under its own stage (values round to 0.1 s, so a tiny model's may read 0.0).
     assert {"capture (probe)", "capture", "capture on-policy"} <= set(art.manifest["timings"])
@@ -364,10 +364,10 @@ def gap_batches(monkeypatch):
 
 
 def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, gap_batches):
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500),
-                      replace(FAST, allocation="gap", probe_prompts=3, probe_recall=0))
-    bench.gaps(bench.config)
-    bench.gaps(replace(bench.config, probe_prompts=2))  # another probe setting: measured anew
+    ws = Workspace(tiny_llama(), tokenizer, sample_document(1500),
+                   replace(FAST, allocation="gap", probe_prompts=3, probe_recall=0))
+    ws.probe(ws.config)
+    ws.probe(replace(ws.config, probe_prompts=2))  # another probe setting: measured anew
     assert gap_batches == [3, 2]
     with pytest.raises(NectarError, match="probe_prompts must be >= 1"):
         replace(FAST, probe_prompts=0)
@@ -385,20 +385,20 @@ def test_recall_prompts_join_the_probe_as_a_share_of_their_own_total(tokenizer, 
     kl = {"q": [3.0, 1.0], "r": [100.0, 300.0]}
     mixed = probe.mixed_gaps(lambda pairs: kl[pairs[0]], ["q"], ["r"])
     assert mixed == pytest.approx([4 * (0.75 + 0.25) / 2, 4 * (0.25 + 0.75) / 2])
-    bench = Workbench(tiny_llama(), tokenizer, sample_document(1500),
-                      replace(FAST, allocation="gap", probe_prompts=3, probe_recall=2))
-    bench.gaps(bench.config)
+    ws = Workspace(tiny_llama(), tokenizer, sample_document(1500),
+                   replace(FAST, allocation="gap", probe_prompts=3, probe_recall=2))
+    ws.probe(ws.config)
     assert gap_batches == [3, 2]  # the questions, then the recall prompts
 
 
-def test_values_at_4_bits_hold_a_scale_per_token_and_artifacts_from_before_read_as_their_keys(bench, tmp_path):
-    art = bench.compile(exact_share=0.3)  # the default: 8-bit keys, 4-bit values with a scale per token
+def test_values_at_4_bits_hold_a_scale_per_token_and_artifacts_from_before_read_as_their_keys(ws, tmp_path):
+    art = compile_bank(ws, exact_share=0.3)  # the default: 8-bit keys, 4-bit values with a scale per token
     assert art.exact_value_bits == 4 and art.manifest["config"]["exact_value_bits"] == 4
     s = art.manifest["sink_tokens"]
     values = art.sinks.values[1][:, s:].float()
     scales = values.abs().amax(-1, keepdim=True) / 7  # each token's own grid: 7 levels each side
     torch.testing.assert_close(values / scales, (values / scales).round(), atol=2e-2, rtol=0)
-    old = nectar.Artifact.load(bench.compile(exact_share=0.3, exact_value_bits=8).save(tmp_path / "old.nectar"))
+    old = nectar.Artifact.load(compile_bank(ws, exact_share=0.3, exact_value_bits=8).save(tmp_path / "old.nectar"))
     del old.manifest["config"]["exact_value_bits"]  # as written before values had bits of their own
     assert old.exact_value_bits == old.exact_bits == 8
 

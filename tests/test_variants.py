@@ -1,9 +1,10 @@
-"""Every way to build a bank (variant x allocation x refinement, on every device), from one shared Workbench
+"""Every way to build a bank (variant x allocation x refinement, on every device), from one shared Workspace
 per device: each meets its budget, beats no document, round-trips through a file and gives the same logits."""
 import pytest
 
 import nectar
-from nectar.compiler import Workbench
+from nectar.compiler import compile_bank
+from nectar.workspace import Workspace
 from conftest import DEVICES, FAST, assert_same_logits, sample_document, tiny_llama
 
 MATRIX = [(variant, allocation, refine) for variant in ("mlp", "quadrature") for allocation in ("uniform", "probe")
@@ -11,13 +12,13 @@ MATRIX = [(variant, allocation, refine) for variant in ("mlp", "quadrature") for
 
 
 @pytest.fixture(scope="module", params=DEVICES)
-def bench(request, tokenizer):
-    return Workbench(tiny_llama().to(request.param), tokenizer, sample_document(1500), FAST)
+def ws(request, tokenizer):
+    return Workspace(tiny_llama().to(request.param), tokenizer, sample_document(1500), FAST)
 
 
 @pytest.mark.parametrize("variant, allocation, refine", MATRIX, ids=["-".join(map(str, m)) for m in MATRIX])
-def test_bank_meets_budget_beats_no_document_and_round_trips(bench, variant, allocation, refine, tmp_path, tokenizer):
-    art = bench.compile(variant=variant, allocation=allocation, probe_steps=20, refine_steps=refine)
+def test_bank_meets_budget_beats_no_document_and_round_trips(ws, variant, allocation, refine, tmp_path, tokenizer):
+    art = compile_bank(ws, variant=variant, allocation=allocation, probe_steps=20, refine_steps=refine)
     assert art.memory_ratio() <= FAST.budget
     for fid in art.manifest["metrics"]["fidelity"].values():
         assert fid["nectar"]["answer"]["kl"] < fid["no_document"]["answer"]["kl"]
@@ -25,32 +26,31 @@ def test_bank_meets_budget_beats_no_document_and_round_trips(bench, variant, all
     if refine:
         log = art.manifest["metrics"]["refine"]
         assert log["val_best"] <= log["val_start"] and len(log["history"]) > 1
-    assert_same_logits(bench.model, tokenizer, nectar.Artifact.load(art.save(tmp_path / "v.nectar")), art)
+    assert_same_logits(ws.model, tokenizer, nectar.Artifact.load(art.save(tmp_path / "v.nectar")), art)
 
 
 @pytest.mark.parametrize("allocation", ["probe", "gap"])
-def test_allocation_spends_the_same_bytes_unevenly(bench, allocation):
-    uniform = bench.compile()
-    probe = bench.compile(allocation=allocation, probe_steps=20)
+def test_allocation_spends_the_same_bytes_unevenly(ws, allocation):
+    uniform = compile_bank(ws)
+    probe = compile_bank(ws, allocation=allocation, probe_steps=20)
     widths = probe.manifest["modules"]["target_widths"]
     assert len(set(widths)) > 1
     assert probe.bank.num_params() <= uniform.bank.num_params()
     assert probe.bank.num_params() >= uniform.bank.num_params() * 0.9
 
 
-def test_workbench_captures_once_for_every_fit(bench, monkeypatch):
+def test_a_workspace_captures_once_for_every_fit(ws, monkeypatch):
     """Only the on-policy capture, which depends on the fitted bank, is made again for a new fit."""
-    bench.compile()
-    import nectar.compiler as compiler
+    compile_bank(ws)
+    import nectar.workspace as workspace
 
-    real = compiler.capture
+    real, drives = workspace.capture, []
 
-    def capture(*args, **kwargs):
-        drive = args[7] if len(args) > 7 else kwargs.get("drive")
-        if drive is None:
-            pytest.fail("captured again")
-        return real(*args, **kwargs)
+    def capture(*args, drive=None, **kwargs):
+        drives.append(drive)
+        return real(*args, drive=drive, **kwargs)
 
-    monkeypatch.setattr(compiler, "capture", capture)
-    monkeypatch.setattr(compiler.P, "build_prompts", lambda *a, **k: pytest.fail("prompted again"))
-    bench.compile(budget=0.05)
+    monkeypatch.setattr(workspace, "capture", capture)
+    monkeypatch.setattr(workspace.P, "build_prompts", lambda *a, **k: pytest.fail("prompted again"))
+    compile_bank(ws, budget=0.05)
+    assert drives and all(d is not None for d in drives)  # on-policy only, driven by the new bank
