@@ -9,8 +9,9 @@ import os
 import sys
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
-from .config import (EXACT_BITS, EXACT_BY, EXACT_SHARE, EXACT_SHARE_EVEN, HOLDOUTS, MIN_MODULE_WIDTH,
-                     VALUES_4BIT_UP_TO, WEIGHT_BITS, CompileConfig, FitConfig, PromptConfig)
+from dataclasses import fields
+
+from .config import CompileConfig, describe
 from .errors import NectarError
 
 
@@ -50,12 +51,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a document into an artifact",
-                       description="Compile a document (in bf16 where the hardware runs it natively, ~3x faster than fp32; else fp32). The "
-                       "questions it is compiled for follow the model's chat template; a base model with no chat "
-                       "template (gemma3-270m is one) gets a plain layout: the document, then "
-                       "'\\n\\nQuestion: ...\\nAnswer:'. Known models: smollm2-135m (default), gemma3-270m "
-                       "(32k context; its sliding-window layers keep their last 511 tokens exact, modules learn "
-                       "the global ones).")
+                       description="Compile a document. The questions it is compiled for follow the model's chat "
+                       "template; a base model with no chat template (gemma3-270m) gets the document, then "
+                       "'\\n\\nQuestion: ...\\nAnswer:'. Known models: smollm2-135m (default), gemma3-270m (32k "
+                       "context; its sliding-window layers keep their window's tail exact, modules learn the global "
+                       "ones). Every other setting: --set FIELD=VALUE (--set help lists them).")
     c.add_argument("document", nargs="+", help="UTF-8 text file, or pydoc[:TOKENS] for CPython's help topics; "
                    "several files, folders or globs compile a corpus into --out")
     c.add_argument("-o", "--output", help="artifact path for one document, e.g. manual.nectar")
@@ -64,10 +64,6 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--no-ray", action="store_true", help="compile a corpus in this process, one document at a time")
     c.add_argument("--ray-address", help="HOST:PORT of a Ray cluster's head (default: start a local one)")
     c.add_argument("--cpus-per-task", type=_at_least_one, default=1, help="CPUs each corpus task asks Ray for")
-    c.add_argument("--variant", default="mlp", help="module kind: mlp (default) or quadrature")
-    c.add_argument("--allocation", default="gap",
-                   help="capacity per layer: gap (default: by the next-token KL each layer causes alone with a short "
-                   "probe fit's modules), probe (by that fit's per-layer error) or uniform (fastest)")
     _compile_args(c)
     _model_args(c, default="smollm2-135m", dtype="auto")
     c.set_defaults(run=cmd_compile)
@@ -149,69 +145,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _help(name: str, cls=CompileConfig) -> str:
+    """A config field's meaning and default, as its metadata says (nectar.config)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f"{f.metadata['meaning']} (default {f.default})"
+
+
+class _Settings(argparse.Action):
+    """--set FIELD=VALUE, repeatable; --set help lists every field and exits."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value == "help":
+            print("Config fields, set with --set FIELD=VALUE (repeatable):\n" + describe())
+            parser.exit()
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), value])  # never the shared default list
+
+
 def _compile_args(p) -> None:
-    p.add_argument("--budget", type=float, default=0.02, help="module bytes / KV-cache bytes (default 0.02)")
-    p.add_argument("--steps", type=_at_least_one, default=1000, help="fitting steps (default 1000)")
-    p.add_argument("--share-power", type=float, default=FitConfig.share_power,
-                   help="the fit weighs each query's output error by the document's share of the merged output "
-                   f"to this power (default {FitConfig.share_power}; 2: the merged output's squared error)")
-    p.add_argument("--prompts", type=_at_least_one, default=416,
-                   help="training prompts: 4/13 recall, 3/13 each self-study, generic and direct (default 416)")
-    p.add_argument("--holdout", choices=HOLDOUTS, default=PromptConfig.holdout,
-                   help="what validation holds out of training: whole chunks of the document, or a share of the "
-                   f"prompts at random, so that every chunk trains (default {PromptConfig.holdout})")
-    p.add_argument("--exact-share", type=float, default=None,
-                   help="share of the budget spent on document tokens kept exact, those training queries attend "
-                   "to most; under --allocation gap they go to the layers, and in the hardest layers to the KV heads, "
-                   f"in proportion to the answer KL each causes (default {EXACT_SHARE}, {EXACT_SHARE_EVEN} under another "
-                   f"allocation, less where a small budget would leave the modules under {MIN_MODULE_WIDTH} wide; 0 on models "
-                   "with sliding-window layers)")
-    p.add_argument("--onpolicy-steps", type=int, default=CompileConfig.onpolicy_steps,
-                   help="refit steps on queries captured with the fitted modules in place, as they will be at "
-                   f"inference (default {CompileConfig.onpolicy_steps}; 0: off)")
-    p.add_argument("--onpolicy-rounds", type=_at_least_one, default=CompileConfig.onpolicy_rounds,
-                   help="capture-and-refit rounds, each on queries the previous round's modules shape "
-                   f"(default {CompileConfig.onpolicy_rounds})")
-    p.add_argument("--refine-steps", type=int, default=CompileConfig.refine_steps,
-                   help="end-to-end steps on the answer KL against the full cache, after the per-layer fits: "
-                   f"~2 min on a 4k document (default {CompileConfig.refine_steps}; 0: off)")
-    p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=CompileConfig.weight_bits,
-                   help="module weights stored as int8 with a scale per column (8: ~1.6x the width in the same "
-                   f"bytes) or 16-bit (default {CompileConfig.weight_bits})")
-    p.add_argument("--exact-bits", type=int, choices=EXACT_BITS, default=CompileConfig.exact_bits,
-                   help="exact tokens' keys past the sinks stored as 4- or 8-bit codes with a scale per channel (4 "
-                   f"measured worse: keys steer the softmax) or 16-bit (default {CompileConfig.exact_bits})")
-    p.add_argument("--exact-value-bits", type=int, choices=EXACT_BITS, default=CompileConfig.exact_value_bits,
-                   help="their values: 4-bit codes with a scale per token (more tokens in the same bytes; values "
-                   "tolerate rounding), 8-bit with a scale per channel, or 16-bit (default: 4 beside 8-bit keys "
-                   f"at budgets up to {VALUES_4BIT_UP_TO:g}, else as the keys)")
-    p.add_argument("--exact-power", type=float, default=CompileConfig.exact_power,
-                   help="which tokens stay exact: each training query's attention to a token is raised to this "
-                   "power before they are ranked (1: as it is; 2: favours tokens some queries attend to "
-                   f"sharply, as a quote does; default {CompileConfig.exact_power})")
-    p.add_argument("--exact-by", choices=EXACT_BY, default=CompileConfig.exact_by,
-                   help="rank tokens by that attention alone (mass), or times how far the token's value lies from "
-                   "what the query reads (output: the error leaving it to a module would cause; default "
-                   f"{CompileConfig.exact_by})")
-    p.add_argument("--exact-head-cap", type=float, default=CompileConfig.exact_head_cap,
-                   help="under --allocation gap, the most of the document one KV head may keep exact (a head "
-                   f"that copies text wants much of it; its module learns the rest; default {CompileConfig.exact_head_cap})")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts, splits and fitting (default 0)")
-    p.add_argument("--truncate", action="store_true", help="cut a document too long for the model (says how much)")
+    p.add_argument("--budget", type=float, default=CompileConfig.budget, help=_help("budget"))
+    p.add_argument("--seed", type=int, default=CompileConfig.seed, help=_help("seed"))
+    p.add_argument("--truncate", action="store_true", help=_help("truncate"))
+    p.add_argument("--set", action=_Settings, default=[], metavar="FIELD=VALUE",
+                   help="any other config field, e.g. --set variant=quadrature --set fit.steps=600 --set prompts=208; "
+                   "--set help lists them")
 
 
 def _model_args(p, default, dtype) -> None:
     p.add_argument("--model", default=default, help="model name or local folder (default: the artifact's)")
     p.add_argument("--dtype", default=dtype, choices=("auto", "float32", "bfloat16"),
                    help=f"model dtype (default {dtype}" + ("; auto: bfloat16 where the GPU or CPU runs it natively "
-                   "(AVX512-BF16, AMX), about 3x faster than float32 there, and float32 where it would be emulated)"
-                   if dtype == "auto" else ")"))
+                   "(AVX512-BF16, AMX), float32 where it would be emulated)" if dtype == "auto" else ")"))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU if there is one)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         code = args.run(args) or 0
         sys.stdout.flush()
     except NectarError as e:

@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .config import CompileConfig, FitConfig, PromptConfig
+from .config import CompileConfig, FitConfig, PromptConfig, parse_settings, with_changes
 from .documents import early_text, load_text, parse_source
 from .errors import NectarError
 from .files import check_writable
@@ -47,15 +47,8 @@ def _load_for(artifact, args):
 
 def _compile_config(args) -> CompileConfig:
     """The CompileConfig the flags ask for: built (and so validated) before anything slow runs."""
-    return CompileConfig(budget=args.budget, variant=getattr(args, "variant", "mlp"),
-                         allocation=getattr(args, "allocation", CompileConfig.allocation), seed=args.seed, truncate=args.truncate,
-                         exact_share=args.exact_share, onpolicy_steps=args.onpolicy_steps,
-                         onpolicy_rounds=args.onpolicy_rounds, refine_steps=args.refine_steps,
-                         weight_bits=args.weight_bits, exact_bits=args.exact_bits,
-                         exact_value_bits=args.exact_value_bits, exact_power=args.exact_power,
-                         exact_by=args.exact_by, exact_head_cap=args.exact_head_cap,
-                         fit=FitConfig(steps=args.steps, share_power=args.share_power),
-                         prompts=PromptConfig.with_total(args.prompts, holdout=args.holdout))
+    base = CompileConfig(budget=args.budget, seed=args.seed, truncate=args.truncate)
+    return with_changes(base, parse_settings(args.set))
 
 
 def cmd_compile(args) -> int:

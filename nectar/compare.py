@@ -21,7 +21,7 @@ from .attention import ExactContext, NoContext
 from .capture import capture
 from .compare_report import correlations
 from .compiler import compile_bank
-from .config import CompileConfig, FitConfig
+from .config import CompileConfig, parse_settings, with_changes
 from .decode import generate_ids, generate_text
 from .errors import NectarError
 from .evaluate import generation_match, layer_errors, layer_gaps, next_token_fidelity
@@ -35,43 +35,25 @@ from .templates import question_ids
 
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
 METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
-TUNABLE = ("variant", "allocation", "probe_prompts", "probe_recall", "head_gap_layers", "exact_share",
-           "onpolicy_steps", "onpolicy_rounds", "refine_steps", "refine_anchor", "refine_lr", "refine_recall",
-           "depth", "score_share", "target_softmax", "weight_bits", "exact_bits", "exact_value_bits", "exact_power",
-           "exact_by", "exact_head_cap")
-INT_RESOLVED = ("exact_value_bits",)  # fields whose None default resolves to a whole number, not a float
-FIT_TUNABLE = ("steps", "share_power")  # FitConfig fields, which an ablation changes inside the base config's fit
+# What the compiles of one evaluation share, and so no ablation may change: the document's prompts and splits.
+SHARED = ("prompts", "seed", "sink_tokens", "batch_size", "generate_batch", "document_template",
+          "question_template", "truncate", "keep_document")
 
 
 def nectar_changes(name: str) -> dict | None:
     """The CompileConfig changes a nectar method asks for: a named one, or `nectar+FIELD=VALUE+...` for an
-    ablation (e.g. nectar+exact_share=0); None for a method that is not nectar."""
+    ablation in `--set`'s grammar (e.g. nectar+exact_share=0); None for a method that is not nectar."""
     if name in NECTAR:
         return NECTAR[name]
     if not name.startswith("nectar+"):
         return None
-    changes, fit_changes = {}, {}
-    for part in name.split("+")[1:]:
-        key, _, value = part.partition("=")
-        if key not in TUNABLE + FIT_TUNABLE or not value:
-            raise NectarError(f"'{part}' in method {name}: write FIELD=VALUE with FIELD one of "
-                              f"{', '.join(TUNABLE + FIT_TUNABLE)}")
-        default = getattr(FitConfig() if key in FIT_TUNABLE else CompileConfig(), key)
-        # None: a float field resolved at compile time; bool("0") would be True, so booleans parse by name.
-        kind = (int if key in INT_RESOLVED else float) if default is None else (
-            _boolean if isinstance(default, bool) else type(default))
-        try:
-            (fit_changes if key in FIT_TUNABLE else changes)[key] = kind(value)
-        except ValueError:
-            raise NectarError(f"'{value}' is not a valid {key} in method {name}") from None
-    CompileConfig(**changes, fit=FitConfig(**fit_changes))  # validates the values
-    return {**changes, "fit": fit_changes} if fit_changes else changes
-
-
-def _boolean(value: str) -> bool:
-    if value.lower() not in ("0", "1", "true", "false"):
-        raise ValueError(value)
-    return value.lower() in ("1", "true")
+    changes = parse_settings(name.split("+")[1:])
+    shared = [key for key in changes if key in SHARED]
+    if shared:
+        raise NectarError(f"{', '.join(shared)} in method {name}: every compile of an evaluation shares it; "
+                          "set it for all with --set")
+    with_changes(CompileConfig(), changes)  # validates the values
+    return changes
 
 
 @dataclass

@@ -1,7 +1,14 @@
-"""Typed, validated configuration. Every check raises NectarError with what to change."""
+"""Typed, validated configuration, each field described once.
+
+Every field carries its meaning and the reason for its default in `field(metadata=...)`: the CLI's help,
+`nectar compile --set help` and docs/options.md are generated from them, and each reason links to an entry
+of docs/decisions.md with the alternatives, the numbers and the command behind it. `--set FIELD=VALUE`
+(and `nectar eval`'s `nectar+FIELD=VALUE` methods) parse here, so both speak one grammar. Every check
+raises NectarError with what to change.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import NectarError
 
@@ -11,21 +18,15 @@ WEIGHT_BITS = (8, 16)  # module weight storage: int8 with a 16-bit scale per col
 EXACT_BITS = (4, 8, 16)  # exact-token storage: 4-bit codes two to a byte, int8, or 16-bit; a scale per channel
 HOLDOUTS = ("chunks", "prompts")  # what validation holds out of training (PromptConfig.holdout)
 EXACT_BY = ("mass", "output")  # how exact tokens are ranked (nectar.selection.TokenChoice)
-# The measured best share of the budget for exact tokens where the gap allocation places them by KV head: at 2%,
-# answer KL 0.035 / 0.028 / 0.025 / 0.029 on MPL and 0.025 / 0.021 / 0.020 on pydoc at 0.3 / 0.45 / 0.6 / 0.75
-# (docs/results.md). Spread evenly (another allocation) each token buys less: there the earlier 0.3 stays.
-EXACT_SHARE = 0.6
-EXACT_SHARE_EVEN = 0.3
-# The default share shrinks (in steps of 0.05) until the modules keep at least this width in a uniform bank: at
-# 0.5% a share of 0.6 leaves MPL's modules 1 wide (agreement 0.828, KL 0.206), where 0.3 and 0.15 leave them
-# 5 and 8 wide (0.858 / 0.141, 0.855 / 0.142). At 1% and above the 0.6 share keeps them at least this wide.
-MIN_MODULE_WIDTH = 8
-# Exact tokens' values take 4 bits with a scale per token (beside 8-bit keys) up to this budget, 8 bits above.
-# Values enter the output linearly and tolerate rounding that keys do not, so 4 bits hold 31% more tokens in the
-# same bytes: MPL read answer KL 0.129 against 0.143 at 0.5%, 0.018 against 0.023 at 2%, 0.005 against 0.006 at
-# 5%. At 10%, where the hardest heads already keep 0.9 of the document, the rounding costs more than the tokens
-# buy: 0.0029 against 0.0025 (docs/results.md).
-VALUES_4BIT_UP_TO = 0.05
+EXACT_SHARE = 0.6  # the exact tokens' default share of the budget under the gap allocation (decisions.md#exact-share)
+EXACT_SHARE_EVEN = 0.3  # ... and under another allocation, where each token buys less
+MIN_MODULE_WIDTH = 8  # the default share shrinks until modules keep this width (decisions.md#exact-share)
+VALUES_4BIT_UP_TO = 0.05  # exact values take 4 bits up to this budget (decisions.md#exact-value-bits)
+
+
+def knob(default=MISSING, meaning: str = "", why: str = "", see: str = "", factory=MISSING):
+    """A config field with its meaning, the reason for its default, and the decisions.md entry behind it."""
+    return field(default=default, default_factory=factory, metadata={"meaning": meaning, "why": why, "see": see})
 
 
 def _require(ok: bool, message: str) -> None:
@@ -35,26 +36,18 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass
 class PromptConfig:
-    """How many training prompts of each kind, and their shape.
+    """How many training prompts of each kind, and their shape (nectar.prompts)."""
 
-    recall: quote or continue a span; self_study: a question the model writes about a chunk; generic:
-    summarise / explain / list a term; direct: a short question about a term, as a person words it. Answers
-    are `answer_tokens` long; the document is cut into chunks of `chunk_tokens`, and `val_fraction` of the
-    prompts are held out for validation: by whole chunks (`holdout="chunks"`), or at random (`"prompts"`).
-    """
-
-    recall: int = 128
-    self_study: int = 96
-    generic: int = 96
-    direct: int = 96
-    answer_tokens: int = 40
-    chunk_tokens: int = 256
-    val_fraction: float = 0.15
-    # Held-out chunks measure generalisation to unseen text, but the modules then never see queries about
-    # ~15% of the document, which a user's questions do reach. The document is fixed and known; what a
-    # user brings that training did not see is new questions, which held-out prompts measure. Measured
-    # neutral at 2% (mean of MPL and pydoc: 0.935 / KL 0.039 against 0.933 / 0.039, docs/results.md).
-    holdout: str = "chunks"
+    recall: int = knob(128, "prompts that quote or continue a span of the document")
+    self_study: int = knob(96, "questions the model writes itself about a chunk, answered with the full cache")
+    generic: int = knob(96, "summarise / explain / list prompts about a term of a chunk")
+    direct: int = knob(96, "short questions about a term, worded as a person asks them")
+    answer_tokens: int = knob(40, "length of each training answer, in tokens")
+    chunk_tokens: int = knob(256, "the document is cut into chunks of this many tokens for prompts and validation")
+    val_fraction: float = knob(0.15, "share of the prompts held out for validation")
+    holdout: str = knob("chunks", "what validation holds out: whole chunks of the document, or prompts at random",
+                        "unseen text measures generalisation; holding prompts out instead measured neutral",
+                        "holdout")
 
     def __post_init__(self):
         counts = (self.recall, self.self_study, self.generic, self.direct)
@@ -78,25 +71,20 @@ class PromptConfig:
 class FitConfig:
     """AdamW on all modules at once: warmup + cosine, an EMA of the weights, early stop on validation."""
 
-    # 600 steps: level on MPL at 2%, but pydoc read 0.946 / KL 0.028 against 1000's 0.954 / 0.024.
-    steps: int = 1000
-    batch: int = 1024
-    # Tiny standardised networks train far faster than the usual 3e-3 allows: on the default model, 4e-2
-    # reaches in 1000 steps the error 3e-3 needs 3000 for, and flat from 2e-2 to 8e-2 (docs/results.md).
-    lr: float = 4e-2
-    warmup: int = 100
-    weight_decay: float = 0.0
-    ema: float = 0.995
-    eval_every: int = 100
-    patience: int = 4
-    # Training matmuls in bfloat16 (weights, optimiser, loss and validation stay fp32): 1.5x faster steps on
-    # a CPU with bf16 units (docs/results.md). None: on where the hardware has them, off where it would emulate.
-    bf16: bool | None = None
-    # The target error's weight is the document's share w of the merged output to this power. The merged
-    # output's error is w times the target's, so 2 is its squared error; but 2 starves low-share queries,
-    # where the merged output's relative error grows: MPL at 2% read KL 0.059 against 1's 0.056, and 0.5 was
-    # level with 1 (0.055; docs/results.md).
-    share_power: float = 1.0
+    steps: int = knob(1000, "fitting steps of the module bank", "fewer cost KL on pydoc", "fit-steps")
+    batch: int = knob(1024, "queries per fitting step")
+    lr: float = knob(4e-2, "AdamW's peak learning rate",
+                     "tiny standardised networks train far faster than the usual 3e-3 allows", "fit-lr")
+    warmup: int = knob(100, "linear warmup steps")
+    weight_decay: float = knob(0.0, "AdamW's weight decay")
+    ema: float = knob(0.995, "decay of the exponential moving average of the weights that is kept")
+    eval_every: int = knob(100, "steps between validations")
+    patience: int = knob(4, "validations without improvement before the fit stops early")
+    bf16: bool | None = knob(None, "training matmuls in bfloat16 (None: where the hardware runs them natively)",
+                             "faster steps on a CPU with bf16 units; weights, optimiser and loss stay fp32", "fit-bf16")
+    share_power: float = knob(1.0, "the target error's weight is the document's share of the merged output to "
+                              "this power", "2 (the merged output's squared error) starves low-share queries",
+                              "share-power")
 
     def __post_init__(self):
         _require(self.share_power >= 0, f"share_power must be >= 0, got {self.share_power}")
@@ -110,91 +98,64 @@ class FitConfig:
 class CompileConfig:
     """What `nectar.compile` builds. `budget` is module bytes / document KV-cache bytes, same dtype."""
 
-    budget: float = 0.02
-    variant: str = "mlp"
-    # Capacity per layer: equal; by a short probe fit's per-layer error ("probe"); or by the next-token KL
-    # each layer causes when it alone uses the probe's modules ("gap").
-    allocation: str = "gap"
-    probe_steps: int = 150  # fitting steps of that probe
-    # Training questions on which the probe measures each layer's KL ("gap"). 16 read answer KL 0.050 against
-    # 8's 0.053 on MPL at 2%, agreement level, for 104 s more of a 15-minute compile (docs/results.md).
-    probe_prompts: int = 8
-    # Verbatim-recall training prompts the probe also measures, each set's KL taken as a share of its own total
-    # (0: questions only). A head that copies text back costs quoting far more than questions, and by questions
-    # alone keeps few exact tokens on some documents. At 2%, 4 read answer KL 0.021 against 0.035 on the zlib
-    # FAQ, 0.016 against 0.029 on bzip2(1), 0.011 against 0.017 on pydoc, 0.017 against 0.018 on MPL, agreement
-    # level or up, for ~1.5 min more of the compile (docs/results.md).
-    probe_recall: int = 4
-    # The hardest layers by that KL whose KV heads the probe then measures one by one, so that exact tokens
-    # go to the heads that cause it (one head of MPL's layer 18 carried half its answer KL, the layer's two
-    # others none). 0: a layer's heads share its tokens alike.
-    head_gap_layers: int = 8
-    seed: int = 0
-    depth: int = 2  # hidden layers per network
-    score_share: float = 0.4  # fraction of each module's parameters given to the score network
-    # The target network's first hidden layer as a softmax over its units, attention over learned pseudo-keys,
-    # instead of a GELU. 6% less output error on a fixed capture, but at 2% MPL read 0.922 / KL 0.055 against
-    # 0.912 / 0.053 and pydoc 0.939 / 0.026 against 0.954 / 0.024: off (docs/results.md).
-    target_softmax: bool = False
-    # How module weights are stored: 8 (int8, a 16-bit scale per column: ~1.6x the width in the same bytes;
-    # the modules are capacity-bound and rounding costs them ~nothing) or 16 (docs/results.md).
-    weight_bits: int = 8
-    # How the exact tokens past the sinks are stored: 8 (int8 keys and values, a 16-bit scale per channel of
-    # each (layer, head): about twice the tokens in the same bytes; MPL at 2%: KL 0.045 -> 0.038) or 16.
-    # 4 holds twice 8's tokens but rounds keys by ~10%: MPL at 2% read KL 0.044 against 8's 0.037.
-    exact_bits: int = 8
-    # How their values are stored: None takes 4 bits with a scale per token where the keys are 8-bit and the
-    # budget is at most VALUES_4BIT_UP_TO, and the keys' bits otherwise (see there).
-    exact_value_bits: int | None = None
-    # Which tokens stay exact: those with the most attention summed over training queries, each query's
-    # attention raised to this power. 1 sums the mass; 2 favours tokens some queries attend to sharply (a
-    # verbatim quote, a looked-up name), which a module smooths over, above tokens many attend to a little.
-    exact_power: float = 1.0
-    # Ranked by that attention alone ("mass"), or times the distance of the token's value from the query's
-    # output ("output"), the error that leaving it to a module would cause (nectar.selection.TokenChoice). At
-    # 2%, hand-written questions read answer KL 0.0175 against 0.0184 on MPL, 0.0166 against 0.0187 on pydoc and
-    # 0.0291 against 0.0342 on bzip2, agreement level or better; level at 10% (docs/results.md).
-    exact_by: str = "output"
-    # The most of the document (past the sinks) any one KV head keeps exact under the gap allocation: the
-    # module must keep something to learn. A head that copies text back wants much of it: MPL's layer 18 head 2
-    # keeps 1866 tokens at 0.5, 2466 at 0.9, and MPL at 2% read answer KL 0.023 against 0.025, question KL
-    # 0.026 against 0.031 (docs/results.md). pydoc's heads stay under 0.5 at 2%.
-    exact_head_cap: float = 0.9
-    # End-to-end distillation steps on the answer KL after the per-layer fits (0: off). 30 hold nearly all
-    # of its gain (MPL: validation KL 0.255 -> 0.240 at 30 steps, 0.239 at 60) in a 15-minute compile of a
-    # 4k document on 2 cores, beside the 8-bit weights' wider fits.
-    refine_steps: int = 30
-    refine_anchor: float = 1.0  # weight of the per-layer regression loss beside refinement's KL
-    refine_lr: float = 3e-4  # Adam's peak rate in refinement (warmup + cosine over its steps)
-    # Weight of recall prompts' tokens in refinement's KL, beside 1 for the question kinds. Quoting's KL runs
-    # 10-30x the questions' (pydoc at 2%: 0.37 against 0.01-0.04), so at 1 recall's third of the prompts
-    # carries ~90% of the loss. MPL at 2%: 0.1 / 0.3 read answer KL 0.0168 / 0.0170 against 0.0176 on the
-    # hand-written questions, greedy cosine 0.808 / 0.814 against 0.820, quoting's KL 3-7% worse: within
-    # noise, so 1 stays (docs/results.md).
-    refine_recall: float = 1.0
-    # Budget share for document tokens kept exact, chosen as `exact_by` says (by layer and, in the hardest layers,
-    # by KV head under the gap allocation).
-    # None: EXACT_SHARE (EXACT_SHARE_EVEN under another allocation than gap) where every layer is global, less
-    # where that would leave the modules under MIN_MODULE_WIDTH, 0 on models with sliding-window layers (not
-    # supported yet).
-    exact_share: float | None = None
-    # Refit steps on queries captured with the fitted modules driving the model (0: off); most of a round's
-    # gain comes in its first 100 steps (MPL, second round: validation error 0.0474 at 100, 0.0469 at 300).
-    onpolicy_steps: int = 150
-    # Capture-and-refit rounds, each on queries shaped by the previous round's modules. A second round bought
-    # nothing measurable (MPL at 2%: 0.920 / KL 0.037 with one or two) for ~2 min of a 4k compile on 2 cores.
-    onpolicy_rounds: int = 1
-    sink_tokens: int = 4  # first document tokens kept exact: attention sinks, which carry much of the mass
-    document_template: str | None = None  # "...{document}..."; None: derived from the chat template
-    question_template: str | None = None  # "...{question}..."; None: derived from the chat template
-    keep_document: bool = True  # store the token ids (not used at inference; lets `ask --compare` run)
-    truncate: bool = False  # cut a too-long document instead of refusing it
-    batch_size: int = 16  # prompts per forward pass during capture
-    # Prompts decoded together while writing and answering training prompts: a CPU decode step costs little
-    # more for 64 rows than for 16 (answering 64 questions after MPL-2.0: 1.55x faster at 64, docs/results.md).
-    generate_batch: int = 64
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
+    budget: float = knob(0.02, "module and exact-token bytes / the document's KV-cache bytes, same dtype")
+    variant: str = knob("mlp", "module kind: mlp (two small networks per KV head) or quadrature (learned nodes)",
+                        "the MLP is the paper's stronger variant", "variant")
+    allocation: str = knob("gap", "capacity per layer: gap (by the next-token KL each layer causes alone), "
+                           "probe (by a short fit's per-layer error) or uniform",
+                           "the KL a layer causes is what the answer feels", "allocation")
+    probe_steps: int = knob(150, "fitting steps of the short probe fit behind the gap and probe allocations")
+    probe_prompts: int = knob(8, "training questions on which the gap probe measures each layer's KL",
+                              "16 bought little for more time", "probe-prompts")
+    probe_recall: int = knob(4, "verbatim-recall prompts the gap probe also measures (0: questions only)",
+                             "a head that copies text costs quoting far more than questions", "probe-recall")
+    head_gap_layers: int = knob(8, "hardest layers whose KV heads the gap probe measures one by one",
+                                "a layer's heads differ by orders of magnitude", "exact-by-head")
+    seed: int = knob(0, "seed of prompts, splits and fitting")
+    depth: int = knob(2, "hidden layers per network")
+    score_share: float = knob(0.4, "share of each module's numbers given to the score network")
+    target_softmax: bool = knob(False, "the target network's first layer as a softmax over learned pseudo-keys",
+                                "less output error on a fixed capture, but worse answers", "target-softmax")
+    weight_bits: int = knob(8, "module weights stored as int8 with a scale per column (8) or 16-bit",
+                            "the modules are capacity-bound and rounding costs them almost nothing", "weight-bits")
+    exact_bits: int = knob(8, "exact tokens' keys stored as 4- or 8-bit codes with a scale per channel, or 16-bit",
+                           "twice 16-bit's tokens; 4 bits round keys, which steer the softmax, too far", "exact-bits")
+    exact_value_bits: int | None = knob(None, "exact tokens' values: 4, 8 or 16 bits (None: 4 beside 8-bit keys "
+                                        "at budgets up to VALUES_4BIT_UP_TO, else as the keys)",
+                                        "values enter linearly and tolerate rounding that keys do not",
+                                        "exact-value-bits")
+    exact_power: float = knob(1.0, "each training query's attention to a token is raised to this power before "
+                              "tokens are ranked", "sharper powers chose no better", "exact-power")
+    exact_by: str = knob("output", "rank tokens by attention alone (mass), or times how far the token's value "
+                         "lies from what the query reads (output)",
+                         "the error that leaving a token to a module would cause", "exact-by")
+    exact_head_cap: float = knob(0.9, "the most of the document one KV head may keep exact under the gap allocation",
+                                 "a head that copies text wants much of it; its module learns the rest",
+                                 "exact-head-cap")
+    refine_steps: int = knob(30, "end-to-end distillation steps on the answer KL after the fits (0: off)",
+                             "most of its gain comes early", "refine")
+    refine_anchor: float = knob(1.0, "weight of the per-layer regression loss beside refinement's KL")
+    refine_lr: float = knob(3e-4, "Adam's peak rate in refinement", "other rates and lengths were within noise",
+                            "refine")
+    refine_recall: float = knob(1.0, "weight of recall prompts' tokens in refinement's KL",
+                                "lower weights traded quoting for answers within noise", "refine-recall")
+    exact_share: float | None = knob(None, "budget share for document tokens kept exact (None: EXACT_SHARE under "
+                                     "gap, EXACT_SHARE_EVEN otherwise, less where modules would fall under "
+                                     "MIN_MODULE_WIDTH, 0 on sliding-window models)",
+                                     "exact tokens bought most of the fidelity", "exact-share")
+    onpolicy_steps: int = knob(150, "refit steps on queries captured with the fitted modules in place (0: off)",
+                               "most of a round's gain comes in its first 100 steps", "onpolicy")
+    onpolicy_rounds: int = knob(1, "capture-and-refit rounds", "a second round bought nothing measurable", "onpolicy")
+    sink_tokens: int = knob(4, "first document tokens kept exact", "attention sinks carry much of the mass")
+    document_template: str | None = knob(None, "'...{document}...' around the document (None: the chat template's)")
+    question_template: str | None = knob(None, "'...{question}...' around a question (None: the chat template's)")
+    keep_document: bool = knob(True, "store the document's token ids in the artifact (lets `ask --compare` run)")
+    truncate: bool = knob(False, "cut a document too long for the model instead of refusing it")
+    batch_size: int = knob(16, "prompts per forward pass during capture")
+    generate_batch: int = knob(64, "prompts decoded together while writing and answering training prompts",
+                               "a CPU decode step costs little more for 64 rows than for 16", "generate-batch")
+    prompts: PromptConfig = knob(meaning="training prompts (nectar.prompts)", factory=PromptConfig)
+    fit: FitConfig = knob(meaning="the module fit (nectar.fit)", factory=FitConfig)
 
     def __post_init__(self):
         _require(0.0 < self.budget < 1.0, f"budget must be in (0, 1), got {self.budget}: e.g. 0.02 for 2% of the KV cache")
@@ -247,3 +208,96 @@ class CompileConfig:
         data.setdefault("probe_recall", 0)  # written before the probe weighed recall: questions only
         prompts, fit = PromptConfig(**data.pop("prompts")), FitConfig(**data.pop("fit"))
         return cls(**data, prompts=prompts, fit=fit)
+
+
+# -- settings: FIELD=VALUE, the one grammar of `--set` and of `nectar eval`'s nectar+FIELD=VALUE methods ------
+_PARTS = {"fit": FitConfig, "prompts": PromptConfig}
+
+
+def _where(name: str) -> tuple[str | None, str]:
+    """(the part a field lives in, None for CompileConfig itself; its name). Fit and prompt fields may be
+    written bare (steps=600) or dotted (fit.steps=600): no name is in two places."""
+    part, dot, key = name.partition(".")
+    if dot:
+        if part not in _PARTS or key not in _names(_PARTS[part]):
+            raise NectarError(f"no config field {name}: see `nectar compile --set help`")
+        return part, key
+    if name in _names(CompileConfig) and name not in _PARTS:
+        return None, name
+    for part, cls in _PARTS.items():
+        if name in _names(cls):
+            return part, name
+    raise NectarError(f"no config field {name}: see `nectar compile --set help`")
+
+
+def _names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _parse(cls, key: str, text: str):
+    """`text` as the type of `cls`'s field `key`: its annotation names it ("int | None", "bool", ...)."""
+    kinds = [k.strip() for k in next(f.type for f in fields(cls) if f.name == key).split("|")]
+    if "None" in kinds and text.lower() == "none":
+        return None
+    kind = kinds[0]
+    try:
+        if kind == "bool":
+            if text.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true")
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except ValueError:
+        raise NectarError(f"'{text}' is not a valid {key}: it takes {' or '.join(kinds)}") from None
+
+
+def parse_settings(items: list[str]) -> dict:
+    """`["FIELD=VALUE", ...]` as changes to a CompileConfig: {field: value, "fit": {...}, "prompts": {...}}.
+    `prompts=N` sets the total number of training prompts in the default mix."""
+    changes: dict = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq or not name or not text:
+            raise NectarError(f"'{item}': write FIELD=VALUE, e.g. budget=0.05 or fit.steps=600")
+        if name == "prompts":
+            if not text.strip().isdigit():
+                raise NectarError(f"'{text}' is not a valid prompts: it takes a whole number of training prompts")
+            changes.setdefault("prompts", {})["total"] = int(text)
+            continue
+        part, key = _where(name)
+        cls = _PARTS[part] if part else CompileConfig
+        (changes.setdefault(part, {}) if part else changes)[key] = _parse(cls, key, text)
+    return changes
+
+
+def with_changes(config: CompileConfig, changes: dict) -> CompileConfig:
+    """`config` with `parse_settings`' changes applied (and so validated)."""
+    changes = dict(changes)
+    fit = replace(config.fit, **changes.pop("fit", {}))
+    prompt_changes = dict(changes.pop("prompts", {}))
+    prompts = config.prompts
+    if "total" in prompt_changes:
+        shape = {f.name: getattr(prompts, f.name) for f in fields(PromptConfig)
+                 if f.name not in ("recall", "self_study", "generic", "direct")}
+        prompts = PromptConfig.with_total(prompt_changes.pop("total"), **shape)
+    return replace(config, **changes, fit=fit, prompts=replace(prompts, **prompt_changes))
+
+
+def describe(markdown: bool = False) -> str:
+    """Every field with its default, meaning and reason: `--set help`, and docs/options.md with `markdown`."""
+    lines = []
+    for part, cls in ((None, CompileConfig), *_PARTS.items()):
+        for f in fields(cls):
+            if f.name in _PARTS:
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()
+            name, meta = f"{part}.{f.name}" if part else f.name, f.metadata
+            why = f" Why: {meta['why']}" if meta.get("why") else ""
+            see = f" ([decision](decisions.md#{meta['see']}))" if markdown and meta.get("see") else ""
+            if markdown:
+                lines.append(f"| `{name}` | `{default}` | {meta.get('meaning', '')}.{why}{see} |")
+            else:
+                lines.append(f"  {name}={default}\n      {meta.get('meaning', '')}" + (f"\n      why: {meta['why']}"
+                                                                                    if meta.get("why") else ""))
+    if markdown:
+        return "| field | default | meaning |\n|---|---|---|\n" + "\n".join(lines) + "\n"
+    return "\n".join(lines)

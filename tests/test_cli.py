@@ -11,7 +11,7 @@ import nectar
 from nectar.documents import Pydoc, parse_source
 from conftest import assert_one_line_error, run_cli, sample_document
 
-QUICK = ["--steps", "30", "--prompts", "12", "--onpolicy-steps", "10"]
+QUICK = ["--set", "fit.steps=30", "--set", "prompts=12", "--set", "onpolicy_steps=10"]
 
 
 @pytest.fixture
@@ -71,15 +71,17 @@ def test_empty_document(tmp_path, capsys):
     assert_one_line_error(run_cli(capsys, "compile", path, "-o", tmp_path / "a.nectar"), "empty")
 
 
-@pytest.mark.parametrize("flags, pattern", [(["--budget", "1.5"], "budget"), (["--steps", "0"], "at least 1"),
-                                            (["--prompts", "x"], "not a whole number"),
-                                            (["--refine-steps", "-3"], "refine_steps must be >= 0"),
-                                            (["--share-power", "-1"], "share_power must be >= 0"),
-                                            (["--weight-bits", "4"], "invalid choice"),
-                                            (["--exact-bits", "2"], "invalid choice"),
-                                            (["--exact-power", "0"], "exact_power must be > 0"),
-                                            (["--exact-by", "norm"], "invalid choice"),
-                                            (["--exact-head-cap", "1"], "exact_head_cap must be in")])
+@pytest.mark.parametrize("flags, pattern", [(["--budget", "1.5"], "budget"),
+                                            (["--set", "fit.steps=0"], "steps and batch must be >= 1"),
+                                            (["--set", "prompts=x"], "not a valid prompts"),
+                                            (["--set", "refine_steps=-3"], "refine_steps must be >= 0"),
+                                            (["--set", "share_power=-1"], "share_power must be >= 0"),
+                                            (["--set", "weight_bits=4"], "weight_bits must be 8 or 16"),
+                                            (["--set", "exact_power=0"], "exact_power must be > 0"),
+                                            (["--set", "exact_by=norm"], "exact_by must be one of"),
+                                            (["--set", "exact_head_cap=1"], "exact_head_cap must be in"),
+                                            (["--set", "no_such=1"], "no config field no_such"),
+                                            (["--set", "budget"], "write FIELD=VALUE")])
 def test_bad_numbers_are_refused_before_loading(doc, tmp_path, capsys, no_model, flags, pattern):
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", *flags), pattern)
 

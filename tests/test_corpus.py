@@ -12,7 +12,7 @@ import nectar
 
 ray = pytest.importorskip("ray")
 
-FLAGS = ["--steps", "40", "--prompts", "12", "--onpolicy-steps", "10", "--dtype", "float32", "--device", "cpu"]
+FLAGS = ["--set", "fit.steps=40", "--set", "prompts=12", "--set", "onpolicy_steps=10", "--dtype", "float32", "--device", "cpu"]
 TOPICS = ("assert", "while", "if")
 
 

@@ -14,7 +14,7 @@ from nectar.errors import NectarError
 from nectar.prompts import read_questions
 from conftest import FAST, assert_one_line_error, run_cli, sample_document, tiny_llama
 
-SMALL = ["--budget", "0.05", "--gap-prompts", "4", "--steps", "60", "--prompts", "24", "--onpolicy-steps", "20"]
+SMALL = ["--budget", "0.05", "--gap-prompts", "4", "--set", "fit.steps=60", "--set", "prompts=24", "--set", "onpolicy_steps=20"]
 
 
 @pytest.fixture
