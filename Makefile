@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: setup demo test test-slow
+.PHONY: setup demo test test-fast test-slow
 
 setup: .venv/.installed
 
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=10
+
+# The unit tier alone: no server, no Ray, no subprocess CLI, no multi-compile workflow; under a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

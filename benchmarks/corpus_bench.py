@@ -26,8 +26,8 @@ def main() -> None:
         tokens = int(args[i + 1])
         del args[i:i + 2]
     sys.path.insert(0, str(Path(__file__).parent.parent))
-    from nectar.documents import pydoc_document
-    from nectar.models import load_model
+    from nectar.model.documents import pydoc_document
+    from nectar.model.models import load_model
 
     _, tokenizer = load_model("smollm2-135m")
     folder = out / "docs"
@@ -37,7 +37,7 @@ def main() -> None:
     report = {}
     for mode, extra in (("ray", []), ("loop", ["--no-ray"])):
         start = time.perf_counter()
-        code = subprocess.call([sys.executable, "-m", "nectar.cli", "compile", str(folder), "--out",
+        code = subprocess.call([sys.executable, "-m", "nectar.cli.main", "compile", str(folder), "--out",
                                 str(out / mode), *extra, *args])
         wall = time.perf_counter() - start
         index = json.loads((out / mode / "index.json").read_text())["documents"]

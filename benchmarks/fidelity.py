@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from nectar.compare import Comparison, EvalConfig
-from nectar.compare_report import table, write_report
-from nectar.workspace import Workspace
+from nectar.eval.runner import Comparison, EvalConfig
+from nectar.eval.report import table, write_report
+from nectar.compiler.workspace import Workspace
 from nectar.config import CompileConfig
-from nectar.documents import load_text, parse_source
-from nectar.models import load_model
-from nectar.prompts import read_questions
+from nectar.model.documents import load_text, parse_source
+from nectar.model.models import load_model
+from nectar.compiler.prompts import read_questions
 
 
 def config_from(overrides: dict) -> CompileConfig:

@@ -11,8 +11,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import nectar
-from nectar.binding import bound
-from nectar.bench import greedy_decode as decode
+from nectar.runtime.binding import bound
+from nectar.eval.bench import greedy_decode as decode
 
 
 def main():

@@ -11,10 +11,10 @@ import time
 import torch
 from torch.profiler import profile
 
-from nectar.capture import Store
+from nectar.compiler.capture import Store
 from nectar.config import FitConfig
-from nectar.fit import _shuffled, _window, fit, loss_terms
-from nectar.modules import MLPBank
+from nectar.compiler.fit import _shuffled, _window, fit, loss_terms
+from nectar.providers.modules import MLPBank
 
 
 def main():

@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from nectar.attention import NoContext
-from nectar.documents import pydoc_text
-from nectar.evaluate import layer_gaps
-from nectar.models import load_model, modeled_layers
-from nectar.prefill import prefill, split_sinks
-from nectar.templates import encode
+from nectar.providers.attention import NoContext
+from nectar.model.documents import pydoc_text
+from nectar.measure.fidelity import layer_gaps
+from nectar.model.models import load_model, modeled_layers
+from nectar.runtime.prefill import prefill, split_sinks
+from nectar.model.templates import encode
 
 
 def main():

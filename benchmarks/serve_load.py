@@ -39,7 +39,7 @@ def start(folder: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Po
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nectar.cli", "serve", str(folder), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "nectar.cli.main", "serve", str(folder), "--port", str(port),
                              "--max-batch", str(max_batch), *extra], stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 600

@@ -12,8 +12,8 @@ import importlib
 
 _HOMES = {
     "Artifact": "artifact", "CompileConfig": "config", "FitConfig": "config", "PromptConfig": "config",
-    "NectarError": "errors", "ask": "generate", "ask_full": "generate", "attach": "binding",
-    "compile": "compiler", "load_model": "models", "positions_after": "padding",
+    "NectarError": "errors", "ask": "runtime.ask", "ask_full": "runtime.ask", "attach": "runtime.binding",
+    "compile": "compiler.pipeline", "load_model": "model.models", "positions_after": "model.padding",
 }
 # `compile` is reached as nectar.compile; it stays out of __all__ so that `import *` keeps the builtin.
 __all__ = sorted(name for name in _HOMES if name != "compile")

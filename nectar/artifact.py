@@ -16,15 +16,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .attention import ExactContext, WithExact
+from .providers.attention import ExactContext, WithExact
 from .errors import NectarError
 from .files import atomic_path
-from .fused import FusedBank
-from .models import dtype_name, layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
-from .modules import MLPBank
-from .quadrature import QuadratureBank
-from .quant import CodedTokens, token_numbers
-from .tokenstore import STORE_DTYPE, quantized, sinks_from, stored
+from .providers.fused import FusedBank
+from .model.models import dtype_name, layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
+from .providers.modules import MLPBank
+from .providers.quadrature import QuadratureBank
+from .providers.quant import CodedTokens, token_numbers
+from .providers.tokenstore import STORE_DTYPE, quantized, sinks_from, stored
 
 FORMAT_VERSION = 3  # 3: the checksum covers the manifest too
 Bank = MLPBank | QuadratureBank

@@ -301,3 +301,14 @@ def describe(markdown: bool = False) -> str:
     if markdown:
         return "| field | default | meaning |\n|---|---|---|\n" + "\n".join(lines) + "\n"
     return "\n".join(lines)
+
+
+def options_page() -> str:
+    """docs/options.md: written by `python -m nectar.config > docs/options.md`, checked by the tests."""
+    return ("# Config fields\n\nEvery field of `CompileConfig`, set on the command line with `--set FIELD=VALUE` "
+            "(`nectar compile` and `nectar eval`) or in Python. Generated from the fields' metadata in "
+            "`nectar/config.py`; each link goes to the decision behind the default.\n\n" + describe(markdown=True))
+
+
+if __name__ == "__main__":
+    print(options_page(), end="")

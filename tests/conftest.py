@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nectar
-from nectar.cli import main
+from nectar.cli.main import main
 
 FAST = nectar.CompileConfig(
     prompts=nectar.PromptConfig(recall=12, self_study=4, generic=6, direct=0, chunk_tokens=64, answer_tokens=12),
@@ -85,7 +85,7 @@ def saved(compiled, tmp_path_factory):
 def cli_model(monkeypatch, compiled, tokenizer):
     """`nectar`'s CLI loads the tiny model of the shared artifact instead of a real one."""
     model = compiled[0]
-    monkeypatch.setattr("nectar.commands._load", lambda name, dtype, device="auto": (model, tokenizer))
+    monkeypatch.setattr("nectar.cli.commands._load", lambda name, dtype, device="auto": (model, tokenizer))
     return model
 
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from nectar.attention import NoContext
-from nectar.kernels import exact_attention, merge
-from nectar.binding import bound, generation_inputs
-from nectar.prefill import prefill, split_sinks
+from nectar.providers.attention import NoContext
+from nectar.providers.kernels import exact_attention, merge
+from nectar.runtime.binding import bound, generation_inputs
+from nectar.runtime.prefill import prefill, split_sinks
 from conftest import DEVICES, full_logits, tiny_llama
 
 
@@ -109,7 +109,7 @@ def test_binding_is_removed_on_exit(model):
 
 
 def test_fused_kernel_matches_reference_with_mask_and_fully_masked_rows():
-    from nectar.kernels import reference_attention
+    from nectar.providers.kernels import reference_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
@@ -125,7 +125,7 @@ def test_fused_kernel_matches_reference_with_mask_and_fully_masked_rows():
 
 
 def test_blend_is_merge_without_lse():
-    from nectar.kernels import blend
+    from nectar.providers.kernels import blend
 
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
@@ -139,8 +139,8 @@ def test_blend_is_merge_without_lse():
 
 def test_prepended_sinks_equal_a_separate_exact_part():
     """Sinks folded into the local keys give what merging them as their own part gives."""
-    from nectar.attention import ExactContext
-    from nectar.kernels import exact_attention, merge
+    from nectar.providers.attention import ExactContext
+    from nectar.providers.kernels import exact_attention, merge
 
     torch.manual_seed(2)
     b, heads, kv, L, s, d = 2, 6, 3, 3, 5, 8
@@ -158,7 +158,7 @@ def test_prepended_sinks_equal_a_separate_exact_part():
 
 
 def reference_attention_(q, k, v):
-    from nectar.kernels import reference_attention
+    from nectar.providers.kernels import reference_attention
 
     return reference_attention(q, k, v, 0.4)
 
@@ -166,7 +166,7 @@ def reference_attention_(q, k, v):
 @pytest.mark.parametrize("padded", [False, True])
 def test_decode_step_grouped_kernel_matches_reference(padded):
     """One query per head runs with the query heads of a KV head as rows of one head."""
-    from nectar.kernels import reference_attention
+    from nectar.providers.kernels import reference_attention
 
     torch.manual_seed(3)
     q, k, v = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 11, 8), torch.randn(3, 2, 11, 8)
@@ -195,7 +195,7 @@ def test_gqa_reference_path_matches_fused_kernel():
 
 
 def test_prefill_in_chunks_equals_one_pass(model):
-    from nectar.prefill import prefill
+    from nectar.runtime.prefill import prefill
 
     doc = torch.randint(3, 300, (50,))
     whole, chunked = prefill(model, doc, chunk=64), prefill(model, doc, chunk=7)

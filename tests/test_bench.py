@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import nectar
-from nectar.bench import BenchConfig, run
-from nectar.attention import WithExact
-from nectar.bench_report import table, write_report
+from nectar.eval.bench import BenchConfig, run
+from nectar.providers.attention import WithExact
+from nectar.eval.bench_report import table, write_report
 
 from conftest import FAST, sample_document, tiny_llama
 
@@ -56,7 +56,7 @@ def test_bench_on_a_model_with_sliding_layers(tmp_path):
     """Every case decodes, and memory counts the model's real cache: the window in each sliding layer."""
     from conftest import tiny_tokenizer
     from test_families import SUPPORTED, TINY, tiny
-    from nectar.models import cache_tokens
+    from nectar.model.models import cache_tokens
 
     model, tokenizer = tiny(*SUPPORTED["gemma3"]), tiny_tokenizer()
     doc = torch.randint(3, 300, (512,))

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import nectar
-from nectar.documents import Pydoc, parse_source
+from nectar.model.documents import Pydoc, parse_source
 from conftest import assert_one_line_error, run_cli, sample_document
 
 QUICK = ["--set", "fit.steps=30", "--set", "prompts=12", "--set", "onpolicy_steps=10"]
@@ -26,7 +26,7 @@ def no_model(monkeypatch):
     """Fails the test if a command loads a model: its arguments should have been refused first."""
     def load(*args, **kwargs):
         pytest.fail("loaded a model before checking the arguments")
-    monkeypatch.setattr("nectar.commands._load", load)
+    monkeypatch.setattr("nectar.cli.commands._load", load)
 
 
 @pytest.mark.parametrize("arg, expected", [("pydoc", Pydoc(4096)), ("pydoc:512", Pydoc(512))])
@@ -138,16 +138,20 @@ def test_ctrl_c_during_compile_writes_nothing(doc, tmp_path, capsys, cli_model, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("nectar.compiler.compile", interrupted)
+    monkeypatch.setattr("nectar.compiler.pipeline.compile", interrupted)
     code, _, err = run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar")
     assert code == 130 and "no half-written file" in err
     assert list(tmp_path.iterdir()) == [doc]
 
 
-def test_info_prints_summary(saved, compiled, capsys):
+def test_info_prints_a_brief_and_verbose_prints_every_measurement(saved, compiled, capsys):
     code, out, _ = run_cli(capsys, "info", saved)
     art = compiled[1]
-    assert code == 0
+    assert code == 0 and len(out.splitlines()) == 4  # model, size, fidelity, time
+    assert f"{art.memory_ratio():.4f} x the" in out and f"KV cache of its {art.n} tokens" in out
+    mine = art.manifest["metrics"]["questions"]["nectar"]
+    assert f"agreement with the full cache {mine['agreement']:.3f} (no document: " in out and "--verbose" in out
+    code, out, _ = run_cli(capsys, "info", saved, "--verbose")
     assert f"document: {art.n} tokens" in out and f"{art.memory_ratio():.4f} x the KV cache" in out
     assert "questions,      nectar: agreement" in out and "timings (s): prefill" in out
     assert f"{art.manifest['modules']['weight_bits']}-bit weights" in out
@@ -157,7 +161,7 @@ def test_info_names_agreement_where_the_full_cache_had_decided(compiled):
     """Printed where the manifest has it (compiles from 2026-12-05 on), left out where it does not."""
     import copy
 
-    from nectar.summary import summary
+    from nectar.cli.summary import summary
 
     art = copy.copy(compiled[1])
     art.manifest = copy.deepcopy(art.manifest)
@@ -178,7 +182,7 @@ def test_info_json_into_a_closed_pipe_is_quiet(saved):
 
 @pytest.mark.parametrize("command", ["compile", "ask", "info", "demo", "bench", "eval"])
 def test_every_command_and_option_has_help(command, capsys):
-    from nectar.cli import parser
+    from nectar.cli.main import parser
 
     code, out, _ = run_cli(capsys, command, "--help")
     assert code == 0 and "usage" in out
@@ -215,14 +219,14 @@ def test_compile_takes_auto_dtype_by_default(doc, tmp_path, monkeypatch, capsys)
     def load(name, dtype, device="auto"):
         seen.append(dtype)
         raise nectar.NectarError("stop here")
-    monkeypatch.setattr("nectar.commands._load", load)
+    monkeypatch.setattr("nectar.cli.commands._load", load)
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar"), "stop here")
     assert seen == ["auto"]
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", "--dtype", "fp16"), "invalid choice")
 
 
 def test_a_compile_in_fp32_by_auto_says_why_it_is_slow(model, capsys):
-    from nectar.commands import _note_dtype
+    from nectar.cli.commands import _note_dtype
 
     _note_dtype(model, "auto")  # a CPU model in fp32: auto found no bf16 units
     assert "no bf16 units" in capsys.readouterr().out
@@ -262,7 +266,7 @@ def test_ask_needs_a_positive_answer_length(saved, no_model, capsys, tokens):
 
 
 def test_answers_are_laid_out_even_when_empty_or_multiline():
-    from nectar.summary import indent
+    from nectar.cli.summary import indent
 
     assert indent("") == "(empty answer)" and indent("  \n") == "(empty answer)"
     assert indent("one\ntwo") == "one\n" + " " * 14 + "two"

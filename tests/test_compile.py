@@ -6,16 +6,16 @@ import pytest
 import torch
 
 import nectar
-from nectar.compiler import compile_bank
-from nectar.plan import mlp_bank
-from nectar.workspace import Workspace
-from nectar.evaluate import warn_if_useless
-from nectar.budget import params_per_module, uniform_exact
+from nectar.compiler.pipeline import compile_bank
+from nectar.compiler.plan import mlp_bank
+from nectar.compiler.workspace import Workspace
+from nectar.measure.fidelity import warn_if_useless
+from nectar.compiler.budget import params_per_module, uniform_exact
 from nectar.config import EXACT_SHARE, EXACT_SHARE_EVEN, MIN_MODULE_WIDTH, VALUES_4BIT_UP_TO
-from nectar.documents import document_ids
-from nectar.models import head_dim, attention_layers
-from nectar.prefill import prefill, split_sinks
-from nectar.templates import templates_for
+from nectar.model.documents import document_ids
+from nectar.model.models import head_dim, attention_layers
+from nectar.runtime.prefill import prefill, split_sinks
+from nectar.model.templates import templates_for
 from conftest import FAST, assert_same_logits, sample_document, tiny_llama
 
 

@@ -112,7 +112,7 @@ def test_bad_corpus_input_is_one_line(case, words, corpus, tmp_path, capsys):
 
 
 def test_ctrl_c_keeps_finished_artifacts_and_a_rerun_resumes(tiny_folder, corpus, tmp_path, capsys, monkeypatch):
-    import nectar.corpus as corpus_module
+    import nectar.compiler.corpus as corpus_module
 
     real, calls = corpus_module.compile_document, []
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import nectar
-from nectar.kernels import _grouped_mask, exact_attention, reference_attention
-from nectar.bench import BenchConfig, run
-from nectar.binding import bound
-from nectar.padding import positions_after
+from nectar.providers.kernels import _grouped_mask, exact_attention, reference_attention
+from nectar.eval.bench import BenchConfig, run
+from nectar.runtime.binding import bound
+from nectar.model.padding import positions_after
 from conftest import FAST, sample_document, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -92,7 +92,7 @@ def test_fused_cuda_kernels_match_reference(dtype, masked):
 @torch.no_grad()
 def test_left_padding_with_no_document_stays_finite_on_gpu():
     """Pad rows are fully masked: their lse must stay finite, or NaN reaches real tokens through the pads' keys."""
-    from nectar.attention import NoContext
+    from nectar.providers.attention import NoContext
 
     model = tiny_llama().to(CUDA)
     ids = torch.randint(3, 300, (2, 8), device=CUDA)
@@ -105,7 +105,7 @@ def test_left_padding_with_no_document_stays_finite_on_gpu():
 
 @torch.no_grad()
 def test_decode_through_cuda_graphs_matches_eager_and_captures_each_layer_once(gpu_compiled):
-    from nectar.graphs import forget, graphs_for
+    from nectar.providers.graphs import forget, graphs_for
 
     model, art = gpu_compiled
     bank, _ = art.providers(model)

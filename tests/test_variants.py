@@ -3,8 +3,8 @@ per device: each meets its budget, beats no document, round-trips through a file
 import pytest
 
 import nectar
-from nectar.compiler import compile_bank
-from nectar.workspace import Workspace
+from nectar.compiler.pipeline import compile_bank
+from nectar.compiler.workspace import Workspace
 from conftest import DEVICES, FAST, assert_same_logits, sample_document, tiny_llama
 
 MATRIX = [(variant, allocation, refine) for variant in ("mlp", "quadrature") for allocation in ("uniform", "probe")
@@ -42,7 +42,7 @@ def test_allocation_spends_the_same_bytes_unevenly(ws, allocation):
 def test_a_workspace_captures_once_for_every_fit(ws, monkeypatch):
     """Only the on-policy capture, which depends on the fitted bank, is made again for a new fit."""
     compile_bank(ws)
-    import nectar.workspace as workspace
+    import nectar.compiler.workspace as workspace
 
     real, drives = workspace.capture, []
 

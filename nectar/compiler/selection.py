@@ -1,0 +1,73 @@
+"""Which document tokens stay exact in each (layer, KV head): the first few, and those queries depend on most.
+
+A module has to learn the attention over the tokens it stands in for. A few tokens take much of many
+heads' attention (the first tokens, and, per head, the handful a head looks things up in); the module
+learns the rest far more easily without them, and their exact keys and values cost 2 x head_dim numbers
+each. Which tokens is measured on training queries, never on evaluation questions.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..providers.attention import ExactContext
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """How a head ranks the tokens it keeps exact, each training query's attention p to a token raised to
+    `power` (1 sums the mass; above 1 favours tokens that some queries attend to sharply, as a quote does):
+    by that attention alone (`by="mass"`), or times the distance of the token's value from the query's output
+    (`"output"`): to first order, the output error that leaving the token to a module would cause. A token many
+    queries read but whose value is what they would read anyway (a sink, a repeated word) costs the module
+    little; one whose value stands out is where a smooth module goes wrong."""
+
+    by: str = "mass"
+    power: float = 1.0
+
+    @classmethod
+    def of(cls, config) -> TokenChoice:
+        return cls(config.exact_by, config.exact_power)
+
+
+@torch.no_grad()
+def choose_tokens(queries: Tensor, full: ExactContext, scaling: float, skip: int, count: int | Sequence,
+                  choice: TokenChoice = TokenChoice(), chunk: int = 2048) -> list[Tensor]:
+    """Per layer, the [kv_heads, count] positions (all >= skip, sorted) of the document tokens that rank
+    highest over `queries` ([layers * kv_heads, N, d], layer-major as a capture store) as `choice` says.
+    `count` is one number for every layer, or one per layer, each a number or one per KV head: a head that
+    keeps fewer tokens than its layer's most has its row padded with -1 at the end."""
+    kv = full.keys[0].shape[0]
+    counts = [count] * len(full.keys) if isinstance(count, int) else list(count)
+    chosen = []
+    for layer, (keys, count) in enumerate(zip(full.keys, counts)):
+        heads = [count] * kv if isinstance(count, int) else list(count)
+        if not max(heads):
+            chosen.append(torch.zeros(kv, 0, dtype=torch.long, device=keys.device))
+            continue
+        q, device = queries[layer * kv:(layer + 1) * kv], queries.device
+        k, v = keys.float().to(device), full.values[layer].float().to(device)
+        score = torch.zeros(k.shape[:2], device=device)
+        for start in range(0, q.shape[1], chunk):
+            score += _ranks(q[:, start: start + chunk].float(), k, v, scaling, choice).sum(1)
+        score[:, :skip] = -1.0
+        top = score.topk(max(heads), -1).indices
+        keep = torch.arange(top.shape[1], device=top.device) < torch.tensor(heads, device=top.device)[:, None]
+        # Sorted positions first, padding (-1) after: sort with the padding pushed past every position.
+        picked = torch.where(keep, top, k.shape[1]).sort(-1).values
+        chosen.append(torch.where(picked < k.shape[1], picked, -1).to(keys.device))
+    return chosen
+
+
+def _ranks(q: Tensor, k: Tensor, v: Tensor, scaling: float, choice: TokenChoice) -> Tensor:
+    """[kv_heads, queries, tokens]: what each query says of each token under `choice`."""
+    p = torch.softmax(scaling * q @ k.transpose(1, 2), -1)
+    rank = p.pow(choice.power)
+    if choice.by == "output":
+        o = p @ v  # |v - o|^2 = |v|^2 - 2 o.v + |o|^2, without a [queries, tokens, d] difference
+        square = (v * v).sum(-1)[:, None] - 2 * o @ v.transpose(1, 2) + (o * o).sum(-1, keepdim=True)
+        rank = rank * square.clamp_min(0).sqrt()
+    return rank
