@@ -61,10 +61,11 @@ def test_eval_compares_every_method_and_caches(tiny, doc, tmp_path, capsys, monk
     assert answer["decided_agreement"] is None if not answer["decided_tokens"] else 0 <= answer["decided_agreement"] <= 1
 
     # A re-run refits nothing and re-evaluates nothing.
-    import nectar.compiler.pipeline as compiler
+    import nectar.compiler.pipeline as pipeline
+    import nectar.compiler.workspace as workspace
 
-    monkeypatch.setattr(compiler, "fit", lambda *a, **k: pytest.fail("refitted"))
-    monkeypatch.setattr(compiler.P, "build_prompts", lambda *a, **k: pytest.fail("prompts made again"))
+    monkeypatch.setattr(pipeline, "fit", lambda *a, **k: pytest.fail("refitted"))
+    monkeypatch.setattr(workspace.P, "build_prompts", lambda *a, **k: pytest.fail("prompts made again"))
     monkeypatch.setattr(compare.Comparison, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
     assert main(["eval", str(doc), "--out", str(out), *SMALL, "--sweep", "0.1"]) == 0
 
@@ -389,3 +390,13 @@ def test_decided_positions_are_those_whose_top_two_lie_a_margin_apart():
     assert pooled([{**parts[0], "decided_agreement": None, "decided_tokens": 0}])["decided_agreement"] is None
     report = {"rows": [{"method": "nectar", "budget": 0.02, "questions": {"answer": out}}]}
     assert decided_lines(report)[1] == "  nectar at 0.02: 0.625 over 8 of 20 tokens"
+
+
+def test_eval_takes_the_compile_options_and_refuses_settings_for_an_artifact(saved, capsys):
+    from nectar.cli.main import parser
+
+    compile_options = {a.dest for a in parser()._subparsers._group_actions[0].choices["compile"]._actions}
+    eval_options = {a.dest for a in parser()._subparsers._group_actions[0].choices["eval"]._actions}
+    corpus = {"output", "out", "no_ray", "ray_address", "cpus_per_task", "document"}
+    assert compile_options - corpus <= eval_options
+    assert_one_line_error(run_cli(capsys, "eval", saved, "--set", "depth=3"), "eval the document instead")

@@ -109,7 +109,7 @@ def cmd_info(args) -> None:
         print(json.dumps(artifact.manifest, indent=2))
     else:
         print(f"model: {artifact.manifest['model']['fingerprint']['name']}")
-        print(summary(artifact) if args.verbose else brief(artifact, args.artifact))
+        print(summary(artifact) if args.verbose else brief(artifact, args.artifact, wrote=False))
 
 
 def cmd_ask(args) -> None:
@@ -183,6 +183,9 @@ def cmd_eval(args) -> None:
                         max_new_tokens=args.max_new_tokens)
     questions = read_questions(args.questions) if args.questions else None
     is_artifact = args.target.endswith(".nectar")
+    if is_artifact and args.set:
+        raise NectarError("--set changes a compile, and an artifact was compiled with its own settings: eval the "
+                          "document instead (nectar eval DOC --set ...), or name an ablation in --methods")
     spec = args.document if is_artifact else args.target  # the document's text: read before any model loads
     source = None if spec is None else parse_source(spec)
     text = early_text(source)

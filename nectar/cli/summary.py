@@ -4,25 +4,39 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..measure.metrics import pooled_kinds
 from ..runtime.ask import ask, ask_full
 
 
-def brief(artifact, path: str | Path | None = None) -> str:
+def brief(artifact, path: str | Path | None = None, wrote: bool = True) -> str:
     """The few lines a compile ends with: where the artifact is and its size against the cache, one line of
     fidelity against the full cache and against no document, and the time."""
     m = artifact.manifest
     size = f"{Path(path).stat().st_size / 1e6:.2f} MB" if path else f"{artifact.nbytes() / 1e6:.2f} MB"
-    lines = [f"{'wrote ' + str(path) if path else 'compiled'} ({size}: {artifact.memory_ratio():.4f} x the "
+    lines = [f"{'wrote ' if wrote else ''}{path or 'compiled'} ({size}: {artifact.memory_ratio():.4f} x the "
              f"{artifact.kv_bytes() / 1e6:.1f} MB KV cache of its {m['document']['tokens']} tokens)"]
-    mine, none = (m["metrics"].get("questions") or {}).get("nectar"), (m["metrics"].get("questions") or {}).get("no_document")
-    if mine and mine["tokens"]:
-        lines.append(f"on {mine['tokens']} answer tokens of held-out questions: agreement with the full cache "
+    mine, none, what = _headline(m["metrics"])
+    if mine:
+        lines.append(f"on {mine['tokens']} answer tokens of {what}: agreement with the full cache "
                      f"{mine['agreement']:.3f} (no document: {none['agreement']:.3f}), KL {mine['kl']:.4f} "
                      f"(no document: {none['kl']:.4f})")
     seconds = m["timings"].get("total", 0.0)
     lines.append(f"compiled in {seconds // 60:.0f} min {seconds % 60:.0f} s; per stage and per layer: nectar info "
                  f"{path or 'ARTIFACT'} --verbose")
     return "\n".join(lines)
+
+
+def _headline(metrics: dict) -> tuple[dict | None, dict | None, str]:
+    """(nectar's, no document's held-out fidelity, on what): the questions, or every held-out prompt where
+    validation held out no question."""
+    questions = metrics.get("questions") or {}
+    if questions.get("nectar", {}).get("tokens"):
+        return questions["nectar"], questions["no_document"], "held-out questions"
+    fidelity = metrics.get("fidelity") or {}
+    if not fidelity:
+        return None, None, ""
+    pooled = [pooled_kinds({k: f[m] for k, f in fidelity.items()}, fidelity) for m in ("nectar", "no_document")]
+    return (*pooled, "held-out prompts") if pooled[0]["tokens"] else (None, None, "")
 
 
 def summary(artifact, path: str | Path | None = None) -> str:
