@@ -12,6 +12,8 @@ from nectar.eval.bench_report import table, write_report
 
 from conftest import FAST, sample_document, tiny_llama
 
+pytestmark = pytest.mark.integration  # servers, Ray, subprocesses or multi-compile workflows: make test, not test-fast
+
 
 def test_bench_writes_report_and_plot(tmp_path, compiled):
     model, art = compiled

@@ -171,6 +171,7 @@ def test_info_names_agreement_where_the_full_cache_had_decided(compiled):
     assert "where the full cache had decided" not in summary(art)
 
 
+@pytest.mark.integration  # a subprocess
 def test_info_json_into_a_closed_pipe_is_quiet(saved):
     """`nectar info --json | head -1`: the reader leaving early is not an error."""
     shell = f"{shutil.which('python3') and sys.executable} -m nectar.cli info --json {saved} | head -1"

@@ -10,6 +10,8 @@ from conftest import assert_one_line_error, run_cli, tiny_llama, tiny_tokenizer
 
 import nectar
 
+pytestmark = pytest.mark.integration  # servers, Ray, subprocesses or multi-compile workflows: make test, not test-fast
+
 ray = pytest.importorskip("ray")
 
 FLAGS = ["--set", "fit.steps=40", "--set", "prompts=12", "--set", "onpolicy_steps=10", "--dtype", "float32", "--device", "cpu"]

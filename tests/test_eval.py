@@ -14,6 +14,8 @@ from nectar.errors import NectarError
 from nectar.compiler.prompts import read_questions
 from conftest import FAST, assert_one_line_error, run_cli, sample_document, tiny_llama
 
+pytestmark = pytest.mark.integration  # servers, Ray, subprocesses or multi-compile workflows: make test, not test-fast
+
 SMALL = ["--budget", "0.05", "--gap-prompts", "4", "--set", "fit.steps=60", "--set", "prompts=24", "--set", "onpolicy_steps=20"]
 
 
@@ -288,6 +290,7 @@ pos = 30 + torch.arange(10).expand(2, -1)
 with bound(model, full):
     before = model(input_ids=ids[:, 30:], position_ids=pos).logits
 import kvpress
+
 with bound(model, full):
     after = model(input_ids=ids[:, 30:], position_ids=pos).logits
 torch.testing.assert_close(after, before)

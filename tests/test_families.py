@@ -165,6 +165,7 @@ def test_a_model_whose_every_layer_slides_is_refused_at_compile(tokenizer, docum
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.integration  # reads the 1 GB Gemma 3 GGUF
 def test_gemma3_gguf_vocabulary_is_rebuilt_as_sentencepiece_bpe():
     """transformers 5.2 reads Gemma 3's GGUF vocabulary as Unigram and splits "capital" into pieces; the
     rebuilt tokenizer gives the ids of the fixed reader (transformers 5.24), BOS first."""

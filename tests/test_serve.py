@@ -26,6 +26,8 @@ from nectar.model.templates import question_ids
 
 from conftest import FAST, sample_document, tiny_llama
 
+pytestmark = pytest.mark.integration  # servers, Ray, subprocesses or multi-compile workflows: make test, not test-fast
+
 QUESTIONS = ["What does assert do?", "When does the else branch of an if statement run?"]
 ANSWER = 12  # tokens
 

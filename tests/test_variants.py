@@ -7,6 +7,8 @@ from nectar.compiler.pipeline import compile_bank
 from nectar.compiler.workspace import Workspace
 from conftest import DEVICES, FAST, assert_same_logits, sample_document, tiny_llama
 
+pytestmark = pytest.mark.integration  # servers, Ray, subprocesses or multi-compile workflows: make test, not test-fast
+
 MATRIX = [(variant, allocation, refine) for variant in ("mlp", "quadrature") for allocation in ("uniform", "probe")
           for refine in (0, 6) if not (variant == "quadrature" and allocation == "probe")]
 
