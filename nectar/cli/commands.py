@@ -139,7 +139,7 @@ def cmd_demo(args) -> None:
     from pydoc_data.topics import topics
 
     from ..compiler.pipeline import compile
-    from .summary import compare_answers, summary
+    from .summary import brief, compare_answers
 
     check_writable(args.output, "--output")
     # A smaller compile than the default, so that the demo ends in a few minutes.
@@ -150,7 +150,7 @@ def cmd_demo(args) -> None:
     _note_dtype(model, "auto", expect="the demo: ~14 min on 2 cores, against ~4")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)
     artifact = compile(model, tokenizer, text, demo)
-    print(summary(artifact, artifact.save(args.output)) + "\n")
+    print(brief(artifact, artifact.save(args.output)) + "\n")
     print(compare_answers(model, tokenizer, artifact, list(DEMO_QUESTIONS), max_new_tokens=64))
     print(f"demo total {time.perf_counter() - start:.0f} s")
 
