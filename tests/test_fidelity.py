@@ -461,7 +461,7 @@ def test_a_head_that_keeps_no_tokens_adds_nothing(bits):
 def test_the_screening_nnls_finds_the_exact_solution():
     from scipy.optimize import nnls
 
-    from nectar.providers.baselines import _projected_nnls
+    from nectar.providers.baselines.attention_matching import _projected_nnls
 
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(300, 40, dtype=torch.float64) * 3, -1)

@@ -24,7 +24,7 @@ from ..compiler.pipeline import compile_bank
 from ..config import CompileConfig, parse_settings, with_changes
 from ..runtime.decode import generate_ids, generate_text
 from ..errors import NectarError
-from ..measure.fidelity import generation_match, layer_errors, layer_gaps, next_token_fidelity
+from ..measure.fidelity import Method, generation_match, layer_errors, layer_gaps, next_token_fidelity
 from ..files import write_json
 from ..measure.metrics import pooled_kinds
 from ..model.models import attention_scaling, cache_tokens, dtype_name, modeled_layers
@@ -34,7 +34,7 @@ from ..compiler.workspace import Workspace
 from ..model.templates import question_ids
 
 NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrature": {"variant": "quadrature"}}
-METHODS = (*NECTAR, "no_document", "streaming_llm", "attention_matching", *baselines.PRESSES)
+METHODS = (*NECTAR, "no_document", *baselines.REGISTRY)
 # What the compiles of one evaluation share, and so no ablation may change: the document's prompts and splits.
 SHARED = ("prompts", "seed", "sink_tokens", "batch_size", "generate_batch", "document_template",
           "question_template", "truncate", "keep_document")
@@ -120,27 +120,23 @@ class Comparison:
 
     # -- methods ----------------------------------------------------------------------------------
     def method(self, name: str, budget: float):
-        """(context, sinks) for method `name` at `budget`, plus the bytes it keeps / the full KV cache's."""
+        """The `Method` named `name` at `budget`, and the bytes it keeps / the full KV cache's."""
         full = self.full
         if nectar_changes(name) is not None:
             art = self._compiled(name, budget)
             self._fit_seconds[name, budget] = _fit_seconds(art.manifest["timings"])
-            return art.providers(self.model), art.memory_ratio()
+            return Method(*art.providers(self.model)), art.memory_ratio()
         if name == "no_document":  # nothing at all, sliding layers included: the floor every method must beat
-            return (NoContext(), None), 0.0
+            return Method(NoContext()), 0.0
         tails = window_tails(full)  # sliding layers: their window's tail, exact, whatever the method
-        if name == "streaming_llm":
-            context = baselines.streaming_llm(full, budget, self.ws.config.sink_tokens)
-        elif name == "attention_matching":
-            # Fitted on the queries nectar trains on, so that both see the same data.
-            queries = self.ws.capture(0)[0].q
-            context = baselines.attention_matching(full, queries, budget, self.scaling)
-            return (context, tails), self._ratio(baselines.matched_bytes(context, self.n), tails)
-        else:
-            context = baselines.press(self.model, self.doc.ids, name, budget)
-            if tails is not None:  # what it kept in sliding layers is not used: their tails are, as for all
-                context = baselines.global_layers(context, full.windows)
-        return (context, tails), self._ratio(baselines.context_tokens(context) / self.n, tails)
+        context, ratio = baselines.REGISTRY[name].build(self.baseline_inputs, budget)
+        return Method(context, tails), self._ratio(ratio, tails)
+
+    @cached_property
+    def baseline_inputs(self) -> baselines.Inputs:
+        """What the baselines read; the queries are nectar's training queries (the workspace's capture)."""
+        return baselines.Inputs(self.model, self.doc.ids, self.full, self.ws.config.sink_tokens, self.scaling,
+                                lambda: self.ws.capture(0)[0].q)
 
     def _ratio(self, global_ratio: float, tails: ExactContext | None) -> float:
         """Bytes kept / the model's own cache. `global_ratio` is per layer, against every layer holding all n

@@ -6,6 +6,7 @@ split-attention path, batched identically, so their numbers are comparable.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 import sys
 
 import torch
@@ -18,7 +19,15 @@ from ..providers.kernels import merge
 from .metrics import bank_errors, bootstrap_interval, module_errors, pooled_kinds
 from ..model.padding import right_pad, right_padded_positions
 
-Method = tuple[ContextProvider, "ExactContext | None"]
+
+class Method(NamedTuple):
+    """A stand-in for the document as every measurement takes it: the provider of the document part, and the
+    exact tokens (sinks, sliding tails) held beside it. Plain (context, sinks) tuples are read the same."""
+
+    context: ContextProvider
+    sinks: ExactContext | None = None
+
+
 QUESTION_KINDS = ("self_study", "generic", "direct")  # answered in the model's words; recall quotes verbatim
 LOGIT_NUMBERS = 2**27  # log-probabilities held per forward pass: 512 MB of fp32, whatever the vocabulary
 # A position where the full cache's top two tokens lie at least this many logits apart is one it has decided.

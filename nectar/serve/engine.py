@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from ..artifact import Artifact
 from ..runtime.binding import bound, generation_inputs
 from ..runtime.decode import stop_ids
 from .rowbanks import RowBanks
@@ -35,7 +36,7 @@ class Delta:
 
 @dataclass
 class Request:
-    artifact: object  # the compiled document asked about
+    artifact: Artifact  # the compiled document asked about
     prompt: list[int]  # token ids after the document
     max_tokens: int
     emit: Callable[[Delta], None]  # called from the engine's thread
