@@ -145,6 +145,7 @@ class Workspace:
         self.times: dict = {}  # per split key or probe key: its stages' seconds
         self.teacher_time: dict[str, float] = {}
         self._riders: tuple[TopK, TopK] | None = None  # the teacher, collected during a capture
+        self._teacher: tuple[list, list] | None = None
 
     @property
     def model(self):
@@ -196,11 +197,12 @@ class Workspace:
         full-cache model, so its logits are the teacher's."""
         key = self.key(counts, choice)
         if (key, every) not in self.captures:
+            training = self.training  # written (and timed) before the capture's clock starts
             riders = (None, None)
-            if teacher and every == 1 and self._riders is None:
-                riders = self._riders = (TopK(self.training.train_sequences, TEACHER_TOPK),
-                                         TopK(self.training.val_sequences, TEACHER_TOPK))
-            name, _ = "capture" if every == 1 else "capture (probe)", self.training  # the prompts are no capture's
+            if teacher and every == 1 and self._riders is None and self._teacher is None:
+                riders = self._riders = (TopK(training.train_sequences, TEACHER_TOPK),
+                                         TopK(training.val_sequences, TEACHER_TOPK))
+            name = "capture" if every == 1 else "capture (probe)"
             with stage(self.times.setdefault(key, {}), name):
                 self.captures[key, every] = self._capture(key, every, None, riders)
         return self.captures[key, every]
@@ -220,12 +222,16 @@ class Workspace:
 
     def teacher(self) -> tuple[list, list]:
         """The full-cache model's top-k next tokens on (train, validation) sequences, for refinement."""
-        if self._riders is None or any(t is None for c in self._riders for t in c.out):  # none, or cut short
-            full, size, training = self.document.full, self.config.batch_size, self.training
-            with stage(self.teacher_time, "teacher"):
-                self._riders = tuple(_Taught(teacher(self.model, seqs, self.n, full, None, TEACHER_TOPK, size))
-                                     for seqs in (training.train_sequences, training.val_sequences))
-        return self._riders[0].out, self._riders[1].out
+        if self._teacher is not None:
+            return self._teacher
+        if self._riders is not None and all(t is not None for c in self._riders for t in c.out):  # not cut short
+            self._teacher = self._riders[0].out, self._riders[1].out
+            return self._teacher
+        full, size, training = self.document.full, self.config.batch_size, self.training
+        with stage(self.teacher_time, "teacher"):
+            self._teacher = tuple(teacher(self.model, seqs, self.n, full, None, TEACHER_TOPK, size)
+                                  for seqs in (training.train_sequences, training.val_sequences))
+        return self._teacher
 
     def probe(self, config: CompileConfig, heads: bool = False) -> Gaps:
         """The gap probe's measurement at `config`'s probe setting: each modeled layer's KL, and with `heads`
@@ -250,9 +256,3 @@ class Workspace:
                     layers, config.head_gap_layers))
         return self.gaps[key, config.head_gap_layers]
 
-
-@dataclass
-class _Taught:
-    """A teacher computed on its own pass, shaped as the riders a capture fills."""
-
-    out: list
