@@ -282,6 +282,21 @@ def with_changes(config: CompileConfig, changes: dict) -> CompileConfig:
     return replace(config, **changes, fit=fit, prompts=replace(prompts, **prompt_changes))
 
 
+# Effort levels: named sets of `--set` changes to the defaults, applied before the user's own.
+EFFORTS: dict[str, tuple[str, ...]] = {
+    "quick": (),
+    "default": (),
+    "best": (),
+}
+
+
+def at_effort(name: str) -> CompileConfig:
+    """The default config at effort level `name` (EFFORTS)."""
+    if name not in EFFORTS:
+        raise NectarError(f"unknown effort '{name}': use one of {', '.join(EFFORTS)}")
+    return with_changes(CompileConfig(), parse_settings(list(EFFORTS[name])))
+
+
 def describe(markdown: bool = False) -> str:
     """Every field with its default, meaning and reason: `--set help`, and docs/options.md with `markdown`."""
     lines = []

@@ -159,15 +159,28 @@ def test_allocate_follows_difficulty_within_bounds_and_never_exceeds_the_uniform
 
 
 def test_fit_windows_cover_every_row_once_per_epoch():
-    from nectar.compiler.capture import Store
-    from nectar.compiler.fit import _shuffled, _window
+    from nectar.compiler.fit import Rows
 
     n = 10
-    store = Store(torch.arange(n).float().view(1, n, 1), torch.zeros(1, n, 1), torch.zeros(1, n), None, torch.zeros(1, n))
-    shuffled = _shuffled(store, torch.Generator().manual_seed(0))
-    seen = torch.cat([_window(shuffled, step, 4).q.flatten() for step in range(5)])  # 20 rows: two epochs
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    rows = Rows(order.float().view(1, n, 1), torch.zeros(1, n, 1), torch.zeros(1, n), torch.ones(1, n))
+    seen = torch.cat([rows.window(step, 4).x.flatten() for step in range(5)])  # 20 rows: two epochs
     assert sorted(seen.tolist()) == sorted(2 * list(range(n)))
-    assert shuffled.q.flatten().tolist() != list(range(n))
+
+
+def test_fit_rows_in_units_give_the_same_loss_as_raw_rows():
+    from nectar.compiler.fit import loss_terms, rows_of, unit_loss
+
+    store = _attention_store(n=64)
+    store.lse_loc = store.lse_ctx + torch.randn(store.lse_ctx.shape, generator=torch.Generator().manual_seed(1))
+    bank = MLPBank(layers=2, kv_heads=2, head_dim=16, target_widths=8, score_widths=8, depth=1)
+    bank.standardise(store.q, store.o_ctx, store.lse_ctx)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        encoded = unit_loss(bank, rows_of(bank, store, 1.0, order, block=3))
+        raw = loss_terms(bank, store.rows(order), 1.0)
+    for a, b in zip(encoded, raw):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # fp16 storage of the encoded rows
 
 
 def test_width_groups_cover_every_module_once_and_split_where_widths_jump():

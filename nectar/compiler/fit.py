@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -14,35 +15,66 @@ from ..model.models import has_fast_bf16
 from .schedule import KeepBest, warmup_cosine
 
 
+@dataclass
+class Rows:
+    """Training rows in the networks' own units (`bank.encode`, `bank.units`): inputs, targets, and each row's
+    weight in the target error (the document's share of the merged output, to `share_power`)."""
+
+    x: Tensor  # [M, N, d] encoded queries: bf16 where the fit runs in bf16 (what its matmuls read), else fp16
+    o: Tensor  # [M, N, d] fp16
+    lse: Tensor  # [M, N] fp32
+    w: Tensor  # [M, N] fp32
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[1]
+
+    def window(self, step: int, batch: int) -> Rows:
+        """Rows [step * batch, (step + 1) * batch), wrapping around at the end: a view, except at the wrap."""
+        batch = min(batch, self.size)
+        start = step * batch % self.size
+        if start + batch <= self.size:
+            index = slice(start, start + batch)
+        else:
+            index = torch.cat([torch.arange(start, self.size), torch.arange(start + batch - self.size)])
+        return Rows(self.x[:, index], self.o[:, index], self.lse[:, index], self.w[:, index])
+
+
+def rows_of(bank, store: Store, share_power: float, order: Tensor | None = None, bf16: bool = False,
+            block: int = 6) -> Rows:
+    """`store`'s rows (in `order`, if given) encoded once for the fit, a few modules at a time."""
+    M, N, d = store.q.shape
+    index = slice(None) if order is None else order
+    device = store.q.device
+    rows = Rows(torch.empty(M, N, d, dtype=torch.bfloat16 if bf16 else torch.float16, device=device),
+                torch.empty(M, N, d, dtype=torch.float16, device=device), torch.empty(M, N, device=device),
+                torch.empty(M, N, device=device))
+    with torch.no_grad():
+        for first in range(0, M, block):
+            m = slice(first, min(first + block, M))
+            rows.x[m] = bank.encode(store.q[m][:, index], m)
+            o, lse = bank.units(store.o_ctx[m][:, index], store.lse_ctx[m][:, index], m)
+            rows.o[m], rows.lse[m] = o, lse
+            rows.w[m] = context_share(store.lse_ctx[m][:, index], store.lse_loc[m][:, index]).pow(share_power)
+    return rows
+
+
+def unit_loss(bank, rows: Rows) -> tuple[Tensor, Tensor]:
+    """Per-module (weighted target error, score error) in output units."""
+    x = rows.x if rows.x.dtype == torch.bfloat16 else rows.x.float()
+    o, lse = bank.predict_units(x)
+    target = (rows.w.unsqueeze(-1) * (o.float() - rows.o.float()).pow(2)).mean((1, 2))
+    return target, (lse.float() - rows.lse).pow(2).mean(1)
+
+
 def loss_terms(bank, batch: Store, share_power: float = 1.0) -> tuple[Tensor, Tensor]:
     """Per-module (target error weighted by the document's share w ** share_power, score error), both in
-    standardised units."""
-    o, lse = bank.predict(batch.q)
+    standardised units, of raw captured rows (refinement's anchor)."""
+    x = bank.encode(batch.q)
+    o_t, lse_t = bank.units(batch.o_ctx, batch.lse_ctx)
+    o, lse = bank.predict_units(x)
     w = context_share(batch.lse_ctx, batch.lse_loc).pow(share_power)
-    target = (w.unsqueeze(-1) * ((o - batch.o_ctx.float()) / bank.o_scale).pow(2)).mean((1, 2))
-    score = ((lse - batch.lse_ctx) / bank.lse_scale).pow(2).mean(1)
-    return target, score
-
-
-def _shuffled(store: Store, generator: torch.Generator) -> Store:
-    """The training rows in one random order, without o_loc (only the reported errors use it).
-
-    One gather up front: each step then takes the next contiguous window, a view, instead of a random
-    gather per step.
-    """
-    order = torch.randperm(store.size, generator=generator)
-    return Store(store.q[:, order], store.o_ctx[:, order], store.lse_ctx[:, order], None, store.lse_loc[:, order])
-
-
-def _window(store: Store, step: int, batch: int) -> Store:
-    """Rows [step * batch, (step + 1) * batch) of the shuffled store, wrapping around at its end."""
-    batch = min(batch, store.size)
-    start = step * batch % store.size
-    if start + batch <= store.size:
-        index = slice(start, start + batch)
-    else:
-        index = torch.cat([torch.arange(start, store.size), torch.arange(start + batch - store.size)])
-    return Store(store.q[:, index], store.o_ctx[:, index], store.lse_ctx[:, index], None, store.lse_loc[:, index])
+    return (w.unsqueeze(-1) * (o - o_t).pow(2)).mean((1, 2)), (lse - lse_t).pow(2).mean(1)
 
 
 def _bf16(bank, bf16: bool | None) -> tuple[str, bool]:
@@ -68,14 +100,15 @@ def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progre
     ema_params = list(ema.parameters())
     start = bank_errors(ema, val)["merged_rel"].mean().item() if warm else float("inf")
     best, history = KeepBest(ema, score=start, patience=config.patience, min_delta=1e-4), []
-    shuffled = _shuffled(train, generator)
     device_type, bf16 = _bf16(bank, config.bf16)
+    # One random order, encoded once: each step then takes the next contiguous window, a view.
+    shuffled = rows_of(bank, train, config.share_power, torch.randperm(train.size, generator=generator), bf16)
     bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, config.steps, config.lr, config.warmup)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            target, score = loss_terms(bank, _window(shuffled, step, config.batch), config.share_power)
+            target, score = unit_loss(bank, shuffled.window(step, config.batch))
         loss = (target + score).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

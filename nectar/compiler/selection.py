@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..model.models import has_fast_bf16
 from ..providers.attention import ExactContext
 
 
@@ -49,10 +50,12 @@ def choose_tokens(queries: Tensor, full: ExactContext, scaling: float, skip: int
             chosen.append(torch.zeros(kv, 0, dtype=torch.long, device=keys.device))
             continue
         q, device = queries[layer * kv:(layer + 1) * kv], queries.device
-        k, v = keys.float().to(device), full.values[layer].float().to(device)
+        # A ranking needs no fp32 products: bf16 where the hardware runs them natively, the softmax in fp32.
+        dtype = torch.bfloat16 if has_fast_bf16(device) else torch.float32
+        k, v = keys.to(device, dtype), full.values[layer].to(device, dtype)
         score = torch.zeros(k.shape[:2], device=device)
         for start in range(0, q.shape[1], chunk):
-            score += _ranks(q[:, start: start + chunk].float(), k, v, scaling, choice).sum(1)
+            score += _rank_sums(q[:, start: start + chunk].to(dtype), k, v, scaling, choice)
         score[:, :skip] = -1.0
         top = score.topk(max(heads), -1).indices
         keep = torch.arange(top.shape[1], device=top.device) < torch.tensor(heads, device=top.device)[:, None]
@@ -62,12 +65,15 @@ def choose_tokens(queries: Tensor, full: ExactContext, scaling: float, skip: int
     return chosen
 
 
-def _ranks(q: Tensor, k: Tensor, v: Tensor, scaling: float, choice: TokenChoice) -> Tensor:
-    """[kv_heads, queries, tokens]: what each query says of each token under `choice`."""
-    p = torch.softmax(scaling * q @ k.transpose(1, 2), -1)
-    rank = p.pow(choice.power)
-    if choice.by == "output":
-        o = p @ v  # |v - o|^2 = |v|^2 - 2 o.v + |o|^2, without a [queries, tokens, d] difference
-        square = (v * v).sum(-1)[:, None] - 2 * o @ v.transpose(1, 2) + (o * o).sum(-1, keepdim=True)
-        rank = rank * square.clamp_min(0).sqrt()
-    return rank
+def _rank_sums(q: Tensor, k: Tensor, v: Tensor, scaling: float, choice: TokenChoice) -> Tensor:
+    """[kv_heads, tokens]: what the queries together say of each token under `choice`, summed in fp32."""
+    p = torch.softmax((q * scaling) @ k.transpose(1, 2), -1, dtype=torch.float32)
+    if choice.power != 1:
+        p = p.pow(choice.power)
+    if choice.by != "output":
+        return p.sum(1)
+    p_low = p.to(v.dtype)
+    o = p_low @ v  # |v - o|^2 = |v|^2 - 2 o.v + |o|^2, without a [queries, tokens, d] difference
+    norms = (o * o).sum(-1, keepdim=True) + (v * v).sum(-1)[:, None]
+    distance = torch.baddbmm(norms, o, v.transpose(1, 2), alpha=-2).clamp_min_(0).sqrt_()
+    return torch.sum(p_low * distance, 1, dtype=torch.float32)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from .quant import dequantize, quantize, round_to_grid_, weight_numbers
 
+STAT_BLOCK = 6  # modules whose statistics `standardise` takes at once
 GROUPS = 3  # width groups a stack of unequal modules runs in: one matmul per group and layer
 
 def gelu(x: Tensor) -> Tensor:
@@ -202,10 +203,21 @@ class MLPBank(nn.Module):
 
     def predict(self, q: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
         """q [m, N, d] (raw post-RoPE queries of modules `rows`) -> (o [m, N, d], lse [m, N]), fp32."""
-        x = (q.float() - self.in_mean[rows]) / self.in_std[rows]
-        o = self.o_mean[rows] + self.o_scale[rows] * self.target(x, rows)
-        lse_n = self.score(x, rows).squeeze(-1) + torch.bmm(x, self.score_skip[rows]).squeeze(-1)
-        return o, self.lse_mean[rows] + self.lse_scale[rows] * lse_n
+        o_n, lse_n = self.predict_units(self.encode(q, rows), rows)
+        return self.o_mean[rows] + self.o_scale[rows] * o_n, self.lse_mean[rows] + self.lse_scale[rows] * lse_n
+
+    # The fit works in the networks' own units: inputs standardised once, not at every step.
+    def encode(self, q: Tensor, rows: slice = slice(None)) -> Tensor:
+        """The networks' inputs: raw queries standardised per module."""
+        return (q.float() - self.in_mean[rows]) / self.in_std[rows]
+
+    def units(self, o: Tensor, lse: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """Exact outputs in the networks' output units (standardised per module): the fit's targets."""
+        return (o.float() - self.o_mean[rows]) / self.o_scale[rows], (lse - self.lse_mean[rows]) / self.lse_scale[rows]
+
+    def predict_units(self, x: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """Encoded inputs -> (o, lse) in output units."""
+        return self.target(x, rows), self.score(x, rows).squeeze(-1) + torch.bmm(x, self.score_skip[rows]).squeeze(-1)
 
     def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
         """Context-provider interface: q [b, kv_heads, m, d] -> (out [b, kv_heads, m, d], lse [b, kv_heads, m])."""
@@ -269,17 +281,21 @@ class MLPBank(nn.Module):
     @torch.no_grad()
     def standardise(self, q: Tensor, o_ctx: Tensor, lse_ctx: Tensor, ridge: float = 1e-2) -> None:
         """Set normalisation from training data and fit the score skip by ridge regression."""
-        q, o = q.float(), o_ctx.float()
-        self.in_mean.copy_(q.mean(1, keepdim=True))
-        self.in_std.copy_(q.std(1, keepdim=True).clamp_min(1e-4))
-        self.o_mean.copy_(o.mean(1, keepdim=True))
-        self.o_scale.copy_((o - self.o_mean).pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-4))
-        self.lse_mean.copy_(lse_ctx.mean(1, keepdim=True))
-        self.lse_scale.copy_(lse_ctx.std(1, keepdim=True).clamp_min(1e-4))
-        x = (q - self.in_mean) / self.in_std
-        y = ((lse_ctx - self.lse_mean) / self.lse_scale).unsqueeze(-1)
+        for first in range(0, q.shape[0], STAT_BLOCK):  # a few modules at a time: no fp32 copy of the whole store
+            rows = slice(first, first + STAT_BLOCK)
+            self._standardise(rows, q[rows].float(), o_ctx[rows].float(), lse_ctx[rows], ridge)
+
+    def _standardise(self, rows: slice, q: Tensor, o: Tensor, lse: Tensor, ridge: float) -> None:
+        std_q, mean_q = torch.std_mean(q, 1, keepdim=True)
+        self.in_mean[rows], self.in_std[rows] = mean_q, std_q.clamp_min(1e-4)
+        self.o_mean[rows] = o.mean(1, keepdim=True)
+        self.o_scale[rows] = (o - self.o_mean[rows]).pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-4)
+        std_lse, mean_lse = torch.std_mean(lse, 1, keepdim=True)
+        self.lse_mean[rows], self.lse_scale[rows] = mean_lse, std_lse.clamp_min(1e-4)
+        x = self.encode(q, rows)
+        y = ((lse - self.lse_mean[rows]) / self.lse_scale[rows]).unsqueeze(-1)
         gram = x.transpose(1, 2) @ x / x.shape[1] + ridge * torch.eye(x.shape[-1], device=x.device)
-        self.score_skip.copy_(torch.linalg.solve(gram, x.transpose(1, 2) @ y / x.shape[1]))
+        self.score_skip[rows] = torch.linalg.solve(gram, x.transpose(1, 2) @ y / x.shape[1])
 
 
 def _per_layer(value: int | list[int], layers: int) -> list[int]:

@@ -48,6 +48,16 @@ class QuadratureBank(nn.Module):
     def forward(self, layer: int, q: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
         return per_layer_call(self.predict, slot(self, layer), q)
 
+    # The fit's interface (see MLPBank): the nodes read raw queries, and the loss is in `standardise`'s units.
+    def encode(self, q: Tensor, rows: slice = slice(None)) -> Tensor:
+        return q.float()
+
+    def units(self, o: Tensor, lse: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        return o.float() / self.o_scale[rows], lse / self.lse_scale[rows]
+
+    def predict_units(self, x: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        return self.units(*self.predict(x, rows), rows)
+
     def round_weights(self) -> None:
         """Nodes are stored 16-bit: nothing to round."""
 
