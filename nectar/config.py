@@ -146,6 +146,8 @@ class CompileConfig:
     onpolicy_steps: int = knob(150, "refit steps on queries captured with the fitted modules in place (0: off)",
                                "most of a round's gain comes in its first 100 steps", "onpolicy")
     onpolicy_rounds: int = knob(1, "capture-and-refit rounds", "a second round bought nothing measurable", "onpolicy")
+    pilot_prompts: int = knob(64, "training prompts whose queries rank the document's tokens for the exact ones",
+                              "the ranking settles well before the whole training set", "pilot-prompts")
     sink_tokens: int = knob(4, "first document tokens kept exact", "attention sinks carry much of the mass")
     document_template: str | None = knob(None, "'...{document}...' around the document (None: the chat template's)")
     question_template: str | None = knob(None, "'...{question}...' around a question (None: the chat template's)")
@@ -177,6 +179,7 @@ class CompileConfig:
         _require(self.exact_by in EXACT_BY, f"exact_by must be one of {', '.join(EXACT_BY)}, got '{self.exact_by}'")
         _require(0.0 < self.exact_head_cap < 1.0, f"exact_head_cap must be in (0, 1), got {self.exact_head_cap}")
         _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
+        _require(self.pilot_prompts >= 1, f"pilot_prompts must be >= 1, got {self.pilot_prompts}")
         _require(self.refine_steps >= 0, "refine_steps must be >= 0")
         _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")
         _require(self.refine_lr > 0, f"refine_lr must be > 0, got {self.refine_lr}")
@@ -282,19 +285,32 @@ def with_changes(config: CompileConfig, changes: dict) -> CompileConfig:
     return replace(config, **changes, fit=fit, prompts=replace(prompts, **prompt_changes))
 
 
-# Effort levels: named sets of `--set` changes to the defaults, applied before the user's own.
-EFFORTS: dict[str, tuple[str, ...]] = {
-    "quick": (),
-    "default": (),
-    "best": (),
+@dataclass(frozen=True)
+class Effort:
+    """A named level of compile effort: `--set` changes to the defaults, and what it costs and buys, measured."""
+
+    settings: tuple[str, ...]
+    summary: str
+
+
+# Applied before the user's own --set. Numbers: docs/decisions.md#effort.
+EFFORTS: dict[str, Effort] = {
+    "quick": Effort(("allocation=uniform", "self_study=0", "recall=64", "generic=24", "direct=24",
+                     "answer_tokens=24", "pilot_prompts=16", "fit.steps=200", "fit.warmup=20", "fit.eval_every=50",
+                     "onpolicy_steps=0", "refine_steps=0"),
+                    "no written questions, no gap probe, a short fit"),
+    "default": Effort((), "the defaults"),
+    "best": Effort((), "the longest fits"),
 }
+EFFORT_HELP = ("how much compute the compile spends: " + "; ".join(f"{name}: {e.summary}" for name, e in EFFORTS.items())
+               + " (default: default)")
 
 
 def at_effort(name: str) -> CompileConfig:
     """The default config at effort level `name` (EFFORTS)."""
     if name not in EFFORTS:
         raise NectarError(f"unknown effort '{name}': use one of {', '.join(EFFORTS)}")
-    return with_changes(CompileConfig(), parse_settings(list(EFFORTS[name])))
+    return with_changes(CompileConfig(), parse_settings(list(EFFORTS[name].settings)))
 
 
 def describe(markdown: bool = False) -> str:

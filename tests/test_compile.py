@@ -279,3 +279,14 @@ def test_a_second_compile_in_one_workspace_fits_the_same_bank(tokenizer):
     assert first.keys() == second.keys()
     for name in first:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("effort", ["quick", "default", "best"])
+def test_a_budget_too_small_for_any_module_is_refused_before_any_work(tokenizer, effort, monkeypatch):
+    from nectar.config import at_effort
+    from nectar.compiler.workspace import Document
+
+    monkeypatch.setattr(Document, "full", property(lambda self: pytest.fail("prefilled before refusing")))
+    config = replace(at_effort(effort), budget=1e-4)
+    with pytest.raises(nectar.NectarError, match="leaves no room for modules"):
+        nectar.compile(tiny_llama(), tokenizer, sample_document(600), config)

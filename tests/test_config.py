@@ -60,3 +60,15 @@ def test_eval_ablations_speak_the_same_grammar_and_keep_shared_fields():
     assert nectar_changes("nectar+fit.steps=600+exact_share=0") == parse_settings(["fit.steps=600", "exact_share=0"])
     with pytest.raises(NectarError, match="every compile of an evaluation shares it"):
         nectar_changes("nectar+seed=3")
+
+
+def test_every_effort_level_is_a_valid_config_and_an_unknown_one_is_refused_in_one_line():
+    from nectar.config import EFFORTS, at_effort
+
+    for name in EFFORTS:
+        assert isinstance(at_effort(name), CompileConfig)
+    assert at_effort("default") == CompileConfig()
+    quick = at_effort("quick")
+    assert quick.prompts.self_study == 0 and quick.allocation == "uniform"  # no written questions, no probe
+    with pytest.raises(NectarError, match=r"^unknown effort 'fast': use one of quick, default, best$"):
+        at_effort("fast")

@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import CompileConfig, FitConfig, PromptConfig, parse_settings, with_changes
+from ..config import CompileConfig, FitConfig, PromptConfig, at_effort, parse_settings, with_changes
 from ..model.documents import early_text, load_text, parse_source
 from ..errors import NectarError
 from ..files import check_writable
@@ -47,7 +47,7 @@ def _load_for(artifact, args):
 
 def _compile_config(args) -> CompileConfig:
     """The CompileConfig the flags ask for: built (and so validated) before anything slow runs."""
-    base = CompileConfig(budget=args.budget, seed=args.seed, truncate=args.truncate)
+    base = replace(at_effort(args.effort), budget=args.budget, seed=args.seed, truncate=args.truncate)
     return with_changes(base, parse_settings(args.set))
 
 

@@ -11,7 +11,7 @@ import sys
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
 from dataclasses import fields
 
-from ..config import CompileConfig, describe
+from ..config import EFFORT_HELP, CompileConfig, describe
 from ..errors import NectarError
 
 
@@ -164,6 +164,7 @@ class _Settings(argparse.Action):
 
 
 def _compile_args(p) -> None:
+    p.add_argument("--effort", default="default", metavar="LEVEL", help=EFFORT_HELP)
     p.add_argument("--budget", type=float, default=CompileConfig.budget, help=_help("budget"))
     p.add_argument("--seed", type=int, default=CompileConfig.seed, help=_help("seed"))
     p.add_argument("--truncate", action="store_true", help=_help("truncate"))

@@ -104,10 +104,13 @@ def compare_answers(model, tokenizer, artifact, questions: list[str], max_new_to
     """Answer with nectar, then with the full cache; each pair, then what the user compiled for:
     how alike the answers are, the memory kept and the time."""
     start = time.perf_counter()
+    print(f"[nectar] answering {len(questions)} question(s) with the compiled document...", flush=True)
     answers = ask(model, tokenizer, artifact, questions, max_new_tokens=max_new_tokens)
     took = time.perf_counter() - start
+    print(f"[nectar] answering them again with the full cache ({artifact.n} document tokens)...", flush=True)
     full = ask_full(model, tokenizer, artifact, questions, max_new_tokens=max_new_tokens)
     took_full = time.perf_counter() - start - took
+    print("[nectar] comparing the answers...", flush=True)
     scores, measure = similarities(answers, full)
     lines = []
     for q, a, f, score in zip(questions, answers, full, scores):

@@ -32,7 +32,6 @@ from ..model.templates import templates_for
 from ..timing import stage
 
 TEACHER_TOPK = 64  # next-token candidates kept from the full-cache model for refinement (the rest: one bucket)
-PILOT_SEQUENCES = 64  # training sequences whose queries choose the exact tokens
 
 
 @dataclass(eq=False)
@@ -104,11 +103,10 @@ class TrainingSet:
     def val_sequences(self) -> list[list[int]]:
         return [p.ids for p in self.val]
 
-    @property
-    def pilot_sequences(self) -> list[list[int]]:
-        """Training sequences spread evenly through the set, whose queries choose the exact tokens."""
-        step = max(1, len(self.train_sequences) // PILOT_SEQUENCES)
-        return self.train_sequences[::step][:PILOT_SEQUENCES]
+    def pilot_sequences(self, count: int) -> list[list[int]]:
+        """`count` training sequences spread evenly through the set, whose queries choose the exact tokens."""
+        step = max(1, len(self.train_sequences) // count)
+        return self.train_sequences[::step][:count]
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -180,7 +178,7 @@ class Workspace:
     def _pilot_queries(self) -> Tensor:
         """Queries that choose the exact tokens. Queries do not depend on which tokens are exact, so a capture
         without them serves when there is one (rows evenly spread over it); else a few sequences'."""
-        pilot = self.training.pilot_sequences
+        pilot = self.training.pilot_sequences(self.config.pilot_prompts)
         made = [key for key in self.captures if key[0] == self.key(0)]
         if not made:
             return capture(self.model, pilot, self.n, self.document.full, None, self.config.batch_size,

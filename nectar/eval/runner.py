@@ -37,7 +37,7 @@ NECTAR = {"nectar": {}, "nectar_probe": {"allocation": "probe"}, "nectar_quadrat
 METHODS = (*NECTAR, "no_document", *baselines.REGISTRY)
 # What the compiles of one evaluation share, and so no ablation may change: the document's prompts and splits.
 SHARED = ("prompts", "seed", "sink_tokens", "batch_size", "generate_batch", "document_template",
-          "question_template", "truncate", "keep_document")
+          "question_template", "truncate", "keep_document", "pilot_prompts")
 
 
 def nectar_changes(name: str) -> dict | None:
