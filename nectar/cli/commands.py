@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import CompileConfig, FitConfig, PromptConfig, at_effort, parse_settings, with_changes
+from ..config import CompileConfig, at_effort, parse_settings, with_changes
 from ..model.documents import early_text, load_text, parse_source
 from ..errors import NectarError
 from ..files import check_writable
@@ -29,7 +29,7 @@ def _load(name: str, dtype: str, device: str = "auto"):
     return load_model(name, dtype=dtype, device=device)
 
 
-def _note_dtype(model, requested: str, expect: str = "a 4k-token document at 2%: ~50 min on 2 cores, against ~11") -> None:
+def _note_dtype(model, requested: str, expect: str = "a 4k-token document at 2%: ~50 min on 2 cores, against ~11 with bf16 before the cost work") -> None:
     """Say why a compile will be slow before it starts: "auto" chose fp32 on a CPU without bf16 units."""
     from ..model.models import dtype_name
 
@@ -142,12 +142,10 @@ def cmd_demo(args) -> None:
     from .summary import brief, compare_answers
 
     check_writable(args.output, "--output")
-    # A smaller compile than the default, so that the demo ends in a few minutes.
-    demo = CompileConfig(budget=args.budget, fit=FitConfig(steps=args.steps), onpolicy_steps=args.steps // 2,
-                         onpolicy_rounds=1, refine_steps=0, allocation="uniform", prompts=PromptConfig(recall=64, self_study=48, generic=48, direct=48))
+    demo = replace(at_effort(args.effort), budget=args.budget)  # quick by default: the demo ends in minutes
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "auto")
-    _note_dtype(model, "auto", expect="the demo: ~14 min on 2 cores, against ~4")
+    _note_dtype(model, "auto", expect="the demo: a few times slower than with bf16")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)
     artifact = compile(model, tokenizer, text, demo)
     print(brief(artifact, artifact.save(args.output)) + "\n")

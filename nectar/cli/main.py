@@ -141,7 +141,8 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile a bundled document, ask three questions, compare with the full cache")
     d.add_argument("-o", "--output", default="demo.nectar", help="where the demo's artifact goes (demo.nectar)")
     d.add_argument("--budget", type=float, default=0.02, help="module bytes / KV-cache bytes (default 0.02)")
-    d.add_argument("--steps", type=_at_least_one, default=600, help="fitting steps (default 600)")
+    d.add_argument("--effort", default="quick", metavar="LEVEL",
+                   help="compile effort, as for compile (default quick: about a minute; default: the full fidelity)")
     d.add_argument("--model", default="smollm2-135m", help="model name or local folder (default smollm2-135m)")
     d.set_defaults(run=cmd_demo)
     return p
