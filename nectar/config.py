@@ -71,8 +71,7 @@ class PromptConfig:
 class FitConfig:
     """AdamW on all modules at once: warmup + cosine, an EMA of the weights, early stop on validation."""
 
-    steps: int = knob(500, "fitting steps of the module bank",
-                      "on-policy refitting and refinement recover what 1000 steps bought; 300 cost KL", "fit-steps")
+    steps: int = knob(1000, "fitting steps of the module bank", "500 cost answer KL on MPL, 300 on pydoc", "fit-steps")
     batch: int = knob(1024, "queries per fitting step")
     lr: float = knob(4e-2, "AdamW's peak learning rate",
                      "tiny standardised networks train far faster than the usual 3e-3 allows", "fit-lr")
@@ -133,7 +132,7 @@ class CompileConfig:
     exact_head_cap: float = knob(0.9, "the most of the document one KV head may keep exact under the gap allocation",
                                  "a head that copies text wants much of it; its module learns the rest",
                                  "exact-head-cap")
-    refine_steps: int = knob(15, "end-to-end distillation steps on the answer KL after the fits (0: off)",
+    refine_steps: int = knob(30, "end-to-end distillation steps on the answer KL after the fits (0: off)",
                              "most of its gain comes early", "refine")
     refine_anchor: float = knob(1.0, "weight of the per-layer regression loss beside refinement's KL")
     refine_lr: float = knob(3e-4, "Adam's peak rate in refinement", "other rates and lengths were within noise",
@@ -300,8 +299,8 @@ EFFORTS: dict[str, Effort] = {
                      "answer_tokens=24", "pilot_prompts=16", "fit.steps=200", "fit.warmup=20", "fit.eval_every=50",
                      "onpolicy_steps=0", "refine_steps=0"),
                     "no written questions, no gap probe, a short fit"),
-    "default": Effort((), "the gap probe, written questions, a 500-step fit, on-policy refit and refinement"),
-    "best": Effort(("fit.steps=1000", "refine_steps=30"), "twice the fitting and refinement of default"),
+    "fast": Effort(("fit.steps=500", "refine_steps=15"), "half the fitting and refinement of default"),
+    "default": Effort((), "the gap probe, written questions, a 1000-step fit, on-policy refit and refinement"),
 }
 EFFORT_HELP = ("how much compute the compile spends: " + "; ".join(f"{name}: {e.summary}" for name, e in EFFORTS.items())
                + " (default: default)")

@@ -82,7 +82,7 @@ def test_empty_document(tmp_path, capsys):
                                             (["--set", "exact_head_cap=1"], "exact_head_cap must be in"),
                                             (["--set", "no_such=1"], "no config field no_such"),
                                             (["--set", "budget"], "write FIELD=VALUE"),
-                                            (["--effort", "turbo"], "unknown effort 'turbo': use one of quick")])
+                                            (["--effort", "turbo"], "unknown effort 'turbo': use one of quick, fast, default")])
 def test_bad_numbers_are_refused_before_loading(doc, tmp_path, capsys, no_model, flags, pattern):
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", *flags), pattern)
 

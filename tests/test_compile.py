@@ -281,7 +281,7 @@ def test_a_second_compile_in_one_workspace_fits_the_same_bank(tokenizer):
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("effort", ["quick", "default", "best"])
+@pytest.mark.parametrize("effort", ["quick", "fast", "default"])
 def test_a_budget_too_small_for_any_module_is_refused_before_any_work(tokenizer, effort, monkeypatch):
     from nectar.config import at_effort
     from nectar.compiler.workspace import Document

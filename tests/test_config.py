@@ -70,5 +70,5 @@ def test_every_effort_level_is_a_valid_config_and_an_unknown_one_is_refused_in_o
     assert at_effort("default") == CompileConfig()
     quick = at_effort("quick")
     assert quick.prompts.self_study == 0 and quick.allocation == "uniform"  # no written questions, no probe
-    with pytest.raises(NectarError, match=r"^unknown effort 'fast': use one of quick, default, best$"):
-        at_effort("fast")
+    with pytest.raises(NectarError, match=r"^unknown effort 'best': use one of quick, fast, default$"):
+        at_effort("best")
