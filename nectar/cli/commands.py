@@ -29,7 +29,7 @@ def _load(name: str, dtype: str, device: str = "auto"):
     return load_model(name, dtype=dtype, device=device)
 
 
-def _note_dtype(model, requested: str, expect: str = "a 4k-token document at 2%: ~50 min on 2 cores, against ~11 with bf16 before the cost work") -> None:
+def _note_dtype(model, requested: str, expect: str = "--effort quick is the cheapest") -> None:
     """Say why a compile will be slow before it starts: "auto" chose fp32 on a CPU without bf16 units."""
     from ..model.models import dtype_name
 
@@ -145,7 +145,7 @@ def cmd_demo(args) -> None:
     demo = replace(at_effort(args.effort), budget=args.budget)  # quick by default: the demo ends in minutes
     start = time.perf_counter()
     model, tokenizer = _load(args.model, "auto")
-    _note_dtype(model, "auto", expect="the demo: a few times slower than with bf16")
+    _note_dtype(model, "auto", expect="the demo takes minutes more")
     text = "\n\n".join(f"{name}\n{topics[name].strip()}" for name in DEMO_TOPICS)
     artifact = compile(model, tokenizer, text, demo)
     print(brief(artifact, artifact.save(args.output)) + "\n")

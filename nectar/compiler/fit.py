@@ -52,29 +52,29 @@ def rows_of(bank, store: Store, share_power: float, order: Tensor | None = None,
     with torch.no_grad():
         for first in range(0, M, block):
             m = slice(first, min(first + block, M))
+            lse_ctx = store.lse_ctx[m][:, index]
             rows.x[m] = bank.encode(store.q[m][:, index], m)
-            o, lse = bank.units(store.o_ctx[m][:, index], store.lse_ctx[m][:, index], m)
-            rows.o[m], rows.lse[m] = o, lse
-            rows.w[m] = context_share(store.lse_ctx[m][:, index], store.lse_loc[m][:, index]).pow(share_power)
+            rows.o[m], rows.lse[m] = bank.units(store.o_ctx[m][:, index], lse_ctx, m)
+            rows.w[m] = context_share(lse_ctx, store.lse_loc[m][:, index]).pow(share_power)
     return rows
 
 
+def _errors(o: Tensor, lse: Tensor, o_true: Tensor, lse_true: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-module (target error weighted by `w`, score error), all in output units."""
+    return (w.unsqueeze(-1) * (o.float() - o_true.float()).pow(2)).mean((1, 2)), (lse.float() - lse_true).pow(2).mean(1)
+
+
 def unit_loss(bank, rows: Rows) -> tuple[Tensor, Tensor]:
-    """Per-module (weighted target error, score error) in output units."""
-    x = rows.x if rows.x.dtype == torch.bfloat16 else rows.x.float()
-    o, lse = bank.predict_units(x)
-    target = (rows.w.unsqueeze(-1) * (o.float() - rows.o.float()).pow(2)).mean((1, 2))
-    return target, (lse.float() - rows.lse).pow(2).mean(1)
+    """The fit's per-module loss terms on encoded rows."""
+    o, lse = bank.predict_units(rows.x if rows.x.dtype == torch.bfloat16 else rows.x.float())
+    return _errors(o, lse, rows.o, rows.lse, rows.w)
 
 
 def loss_terms(bank, batch: Store, share_power: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-module (target error weighted by the document's share w ** share_power, score error), both in
-    standardised units, of raw captured rows (refinement's anchor)."""
-    x = bank.encode(batch.q)
-    o_t, lse_t = bank.units(batch.o_ctx, batch.lse_ctx)
-    o, lse = bank.predict_units(x)
+    """The same loss terms on raw captured rows (refinement's anchor): the target error weighted by the
+    document's share w ** share_power."""
     w = context_share(batch.lse_ctx, batch.lse_loc).pow(share_power)
-    return (w.unsqueeze(-1) * (o - o_t).pow(2)).mean((1, 2)), (lse - lse_t).pow(2).mean(1)
+    return _errors(*bank.predict_units(bank.encode(batch.q)), *bank.units(batch.o_ctx, batch.lse_ctx), w)
 
 
 def _bf16(bank, bf16: bool | None) -> tuple[str, bool]:

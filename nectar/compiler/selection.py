@@ -43,15 +43,15 @@ def choose_tokens(queries: Tensor, full: ExactContext, scaling: float, skip: int
     keeps fewer tokens than its layer's most has its row padded with -1 at the end."""
     kv = full.keys[0].shape[0]
     counts = [count] * len(full.keys) if isinstance(count, int) else list(count)
-    chosen = []
+    chosen, device = [], queries.device
+    # A ranking needs no fp32 products: bf16 where the hardware runs them natively, the softmax in fp32.
+    dtype = torch.bfloat16 if has_fast_bf16(device) else torch.float32
     for layer, (keys, count) in enumerate(zip(full.keys, counts)):
         heads = [count] * kv if isinstance(count, int) else list(count)
         if not max(heads):
             chosen.append(torch.zeros(kv, 0, dtype=torch.long, device=keys.device))
             continue
-        q, device = queries[layer * kv:(layer + 1) * kv], queries.device
-        # A ranking needs no fp32 products: bf16 where the hardware runs them natively, the softmax in fp32.
-        dtype = torch.bfloat16 if has_fast_bf16(device) else torch.float32
+        q = queries[layer * kv:(layer + 1) * kv]
         k, v = keys.to(device, dtype), full.values[layer].to(device, dtype)
         score = torch.zeros(k.shape[:2], device=device)
         for start in range(0, q.shape[1], chunk):
