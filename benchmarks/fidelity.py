@@ -20,7 +20,7 @@ from nectar.compiler.workspace import Workspace
 from nectar.config import CompileConfig
 from nectar.model.documents import load_text, parse_source
 from nectar.model.models import load_model
-from nectar.compiler.prompts import read_questions
+from nectar.questions import read_questions
 
 
 def config_from(overrides: dict) -> CompileConfig:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from .providers.attention import ExactContext, WithExact
 from .errors import NectarError
 from .files import atomic_path
+from .manifest import missing_artifact
 from .providers.fused import FusedBank
 from .model.models import dtype_name, layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .providers.modules import MLPBank
@@ -164,8 +165,9 @@ class Artifact:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Artifact":
         path = Path(path)
-        if not path.is_file():
-            raise NectarError(f"no artifact at {path}: compile one with `nectar compile DOC -o {path}`")
+        error = missing_artifact(path)
+        if error:
+            raise error
         try:
             tensors = load_file(path)
             with open(path, "rb") as f:

@@ -16,6 +16,8 @@ FAST = nectar.CompileConfig(
     exact_share=0.0,
 )
 
+# A compile from the CLI in seconds on the tiny model.
+QUICK_CLI = ["--set", "fit.steps=30", "--set", "prompts=12", "--set", "onpolicy_steps=10"]
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A random-weight Llama with GQA and RoPE, small enough for CPU tests in milliseconds."""

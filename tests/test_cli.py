@@ -9,9 +9,7 @@ import pytest
 
 import nectar
 from nectar.model.documents import Pydoc, parse_source
-from conftest import assert_one_line_error, run_cli, sample_document
-
-QUICK = ["--set", "fit.steps=30", "--set", "prompts=12", "--set", "onpolicy_steps=10"]
+from conftest import QUICK_CLI as QUICK, assert_one_line_error, run_cli, sample_document
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import nectar.cli.commands as commands
 from nectar.cli.main import main
 from nectar.eval.report import spearman, table
 from nectar.errors import NectarError
-from nectar.compiler.prompts import read_questions
+from nectar.questions import read_questions
 from conftest import FAST, assert_one_line_error, run_cli, sample_document, tiny_llama
 
 pytestmark = pytest.mark.integration  # servers, Ray, subprocesses or multi-compile workflows: make test, not test-fast
@@ -372,7 +372,8 @@ def test_answers_as_long_as_asked_and_rows_kept_apart(tiny, doc, tmp_path, capsy
         rows = json.loads((out / "rows.json").read_text())
         lengths[tokens] = [len(p["answer_ids"]) for p in rows["prompts"]]
     assert max(lengths[3]) == 3 and max(lengths[12]) > 3, lengths
-    assert_one_line_error(run_cli(capsys, "eval", str(path), "--max-new-tokens", "0"), "--max-new-tokens must be")
+    assert_one_line_error(run_cli(capsys, "eval", str(path), "--max-new-tokens", "0"),
+                          "--max-new-tokens: '0': must be at least 1")
 
 
 def test_decided_positions_are_those_whose_top_two_lie_a_margin_apart():
@@ -400,6 +401,6 @@ def test_eval_takes_the_compile_options_and_refuses_settings_for_an_artifact(sav
 
     compile_options = {a.dest for a in parser()._subparsers._group_actions[0].choices["compile"]._actions}
     eval_options = {a.dest for a in parser()._subparsers._group_actions[0].choices["eval"]._actions}
-    corpus = {"output", "out", "no_ray", "ray_address", "cpus_per_task", "document"}
+    corpus = {"output", "out", "no_ray", "ray_address", "cpus_per_task", "document", "no_document"}  # outputs
     assert compile_options - corpus <= eval_options
     assert_one_line_error(run_cli(capsys, "eval", saved, "--set", "depth=3"), "eval the document instead")

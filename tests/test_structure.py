@@ -10,8 +10,9 @@ PACKAGE = Path(__file__).parent.parent / "nectar"
 # Lowest first. A unit is a subpackage or a top-level module; it may import from itself and lower layers.
 LAYERS = [
     {"errors"},  # the one exception a user can fix
-    {"config", "files", "timing", "plots"},  # foundations: no model, no torch at import
+    {"config", "files", "timing", "plots", "questions"},  # foundations: no model, no torch at import
     {"model"},  # loading models, token layouts, documents as ids
+    {"manifest"},  # an artifact's header, read without torch
     {"providers"},  # what stands in for a KV cache, behind one protocol
     {"runtime"},  # a model running over a provider: prefill, binding, decode, ask
     {"measure"},  # how close a stand-in comes: one definition of each number

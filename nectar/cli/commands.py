@@ -6,14 +6,20 @@ loads a model, so a typo costs a second, not a minute.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import CompileConfig, at_effort, parse_settings, with_changes
-from ..model.documents import early_text, load_text, parse_source
+from ..model.documents import check_length, early_text, load_text, parse_source
 from ..errors import NectarError
 from ..files import check_writable
+from ..manifest import check_model_for, read_header, useless_warning
+from ..questions import read_questions
+from ..model.registry import check_model, positions_of
+
+LARGE_BUDGET = 0.5  # past this share of the cache's bytes an artifact saves little: say so before compiling
 
 DEMO_TOPICS = ("assert", "pass", "del", "return", "break", "continue", "global", "nonlocal", "if", "while", "lambda")
 DEMO_QUESTIONS = (
@@ -38,11 +44,31 @@ def _note_dtype(model, requested: str, expect: str = "--effort quick is the chea
               f"that has them ({expect})", flush=True)
 
 
-def _load_for(artifact, args):
-    """The model the artifact was compiled for, unless --model names another (then it must match)."""
-    model, tokenizer = _load(args.model or artifact.manifest["model"]["fingerprint"]["name"], args.dtype, args.device)
+def _open(path: str, args, needs_document: str | None = None) -> tuple[dict, str]:
+    """(manifest, model to load) for an artifact, read from its header before torch is imported: a missing
+    or unreadable file, a --model it was not compiled for, or (when `needs_document` names what needs them)
+    absent document ids are refused at once; an artifact measured no better than no document is flagged."""
+    manifest, tensors = read_header(path)
+    model = check_model_for(manifest, getattr(args, "model", None))
+    if needs_document and "document.ids" not in tensors:
+        raise NectarError(f"this artifact was compiled with --no-document: {needs_document}")
+    _warn(useless_warning(manifest))
+    return manifest, model
+
+
+def _warn(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _load_for(path: str, model_name: str, args):
+    """(artifact, model, tokenizer): the artifact verified, and the model it was compiled for."""
+    from ..artifact import Artifact
+
+    artifact = Artifact.load(path)
+    model, tokenizer = _load(model_name, args.dtype, args.device)
     artifact.check_compatible(model, tokenizer)
-    return model, tokenizer
+    return artifact, model, tokenizer
 
 
 def _compile_config(args) -> CompileConfig:
@@ -53,28 +79,40 @@ def _compile_config(args) -> CompileConfig:
 
 def cmd_compile(args) -> int:
     config = _compile_config(args)
-    from ..compiler.corpus import is_corpus
+    from ..compiler.sources import is_corpus
 
+    check_model(args.model)
     if args.out or is_corpus(args.document):
         return _compile_corpus(args, config)
     if not args.output:
         raise NectarError("say where the artifact goes: -o NAME.nectar (or --out DIR to compile a corpus)")
     source = parse_source(args.document[0])
+    check_length(source, positions_of(args.model), config.truncate)
     check_writable(args.output, "--output")
     text = early_text(source)
+    _warn_budget(config.budget)
     from ..compiler.pipeline import compile
     from .summary import brief
 
     model, tokenizer = _load(args.model, args.dtype, args.device)
     _note_dtype(model, args.dtype)
     artifact = compile(model, tokenizer, load_text(source, tokenizer, text), config)
+    if args.no_document:
+        artifact.document_ids = None
     print(brief(artifact, artifact.save(args.output)))
     return 0
 
 
+def _warn_budget(budget: float) -> None:
+    if budget > LARGE_BUDGET:
+        _warn(f"[nectar] warning: --budget {budget} makes the artifact {budget:.0%} of the KV cache's bytes, about "
+              "as large as the cache it stands in for; a few percent (e.g. 0.02) is what nectar is for")
+
+
 def _compile_corpus(args, config: CompileConfig) -> int:
     """Every document the arguments name, into --out; the exit code is the number that failed."""
-    from ..compiler.corpus import CorpusJob, discover
+    from ..compiler.corpus import CorpusJob
+    from ..compiler.sources import discover
 
     if args.output:
         raise NectarError("-o names one artifact; a corpus goes to a folder: --out DIR")
@@ -85,11 +123,13 @@ def _compile_corpus(args, config: CompileConfig) -> int:
         raise NectarError(f"--out {out} is a file: give a folder")
     check_writable(out / "index.json", "--out")
     sources = discover(args.document)
+    _warn_budget(config.budget)
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     job = CorpusJob(sources, out, args.model, config, args.dtype, device, use_ray=not args.no_ray,
-                    ray_address=args.ray_address, cpus_per_task=args.cpus_per_task)
+                    ray_address=args.ray_address, cpus_per_task=args.cpus_per_task,
+                    keep_document=not args.no_document)
     start = time.perf_counter()
     result = job.run()
     print(f"{len(sources)} document(s): {result['compiled']} compiled, {len(result['failed'])} failed, "
@@ -101,6 +141,7 @@ def _compile_corpus(args, config: CompileConfig) -> int:
 
 
 def cmd_info(args) -> None:
+    _open(args.artifact, args)
     from ..artifact import Artifact
     from .summary import brief, summary
 
@@ -113,18 +154,13 @@ def cmd_info(args) -> None:
 
 
 def cmd_ask(args) -> None:
-    from ..compiler.prompts import read_questions
-
-    _positive("--max-new-tokens", args.max_new_tokens)
     questions = read_questions(args.questions)
-    from ..artifact import Artifact
+    _, name = _open(args.artifact, args, needs_document=args.compare and "--compare answers with the full KV "
+                    "cache, which needs the document: drop --compare, or compile an artifact that keeps it")
     from ..runtime.ask import ask
     from .summary import compare_answers, indent
 
-    artifact = Artifact.load(args.artifact)
-    if args.compare and artifact.document_ids is None:
-        raise NectarError("this artifact was compiled without its document ids: recompile it, or drop --compare")
-    model, tokenizer = _load_for(artifact, args)
+    artifact, model, tokenizer = _load_for(args.artifact, name, args)
     if args.compare:
         print(compare_answers(model, tokenizer, artifact, questions, args.max_new_tokens))
         return
@@ -154,31 +190,22 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from ..eval.bench import BenchConfig
-
-    config = BenchConfig(attention_n=args.attention_n, decode_n=args.n, batches=args.batch, repeats=args.repeats,
-                         new_tokens=args.new_tokens)
+    _, name = _open(args.artifact, args)
     check_writable(Path(args.out) / "bench.json", "--out")
-    from ..artifact import Artifact
-    from ..eval.bench import run
+    from ..eval.bench import BenchConfig, run
     from ..eval.bench_report import table, write_report
     from ..model.documents import pydoc_text
     from ..model.templates import encode
 
-    artifact = Artifact.load(args.artifact)
-    model, tokenizer = _load_for(artifact, args)
+    config = BenchConfig(attention_n=args.attention_n, decode_n=args.n, batches=args.batch, repeats=args.repeats,
+                         new_tokens=args.new_tokens)
+    artifact, model, tokenizer = _load_for(args.artifact, name, args)
     report = run(model, artifact, encode(tokenizer, pydoc_text()), config)
     print(table(report))
     print("wrote " + ", ".join(str(p) for p in write_report(report, Path(args.out))))
 
 
 def cmd_eval(args) -> None:
-    from ..eval.runner import EvalConfig
-    from ..compiler.prompts import read_questions
-
-    config = EvalConfig(budgets=tuple(args.sweep or ()), methods=tuple(args.methods or EvalConfig.methods),
-                        generate=not args.no_generate, gap_prompts=args.gap_prompts,
-                        max_new_tokens=args.max_new_tokens)
     questions = read_questions(args.questions) if args.questions else None
     is_artifact = args.target.endswith(".nectar")
     if is_artifact and args.set:
@@ -186,24 +213,35 @@ def cmd_eval(args) -> None:
                           "document instead (nectar eval DOC --set ...), or name an ablation in --methods")
     spec = args.document if is_artifact else args.target  # the document's text: read before any model loads
     source = None if spec is None else parse_source(spec)
-    text = early_text(source)
+    if is_artifact:
+        _, name = _open(args.target, args, needs_document=None if spec else "the baselines and the full-cache "
+                        "reference need the document: pass --document FILE (the text it was compiled from)")
+    else:
+        name = args.model or "smollm2-135m"
+        check_model(name)
     compiled = None if is_artifact else _compile_config(args)
+    if not is_artifact:
+        check_length(source, positions_of(name), compiled.truncate)
+    text = early_text(source)
     check_writable(Path(args.out) / "eval.json", "--out")
-    from ..artifact import Artifact
-    from ..eval.runner import Comparison
+    from ..eval.runner import Comparison, EvalConfig
+
+    config = EvalConfig(budgets=tuple(args.sweep or ()), methods=tuple(args.methods or EvalConfig.methods),
+                        generate=not args.no_generate, gap_prompts=args.gap_prompts,
+                        max_new_tokens=args.max_new_tokens)
     from ..eval.report import table, write_report
     from ..compiler.workspace import Workspace
     from ..model.models import resolve_dtype
 
-    artifact = Artifact.load(args.target) if is_artifact else None
-    if artifact is not None:
-        model, tokenizer = _load_for(artifact, args)
+    artifact = None
+    if is_artifact:
+        artifact, model, tokenizer = _load_for(args.target, name, args)
         compiled = CompileConfig.from_dict(artifact.manifest["config"])
         compiled = replace(compiled, **{field: None for field in artifact.manifest.get("defaulted", [])})
         given = None if source is None else load_text(source, tokenizer, text)
         context = _document_of(artifact, args.document, given, model, tokenizer, compiled)
     else:
-        model, tokenizer = _load(args.model or "smollm2-135m", args.dtype, args.device)
+        model, tokenizer = _load(name, args.dtype, args.device)
         _note_dtype(model, args.dtype)
         context = load_text(source, tokenizer, text)
     same = model.dtype == resolve_dtype(args.eval_dtype, model.device)
@@ -234,17 +272,18 @@ def _document_of(artifact, spec: str | None, text: str | None, model, tokenizer,
     return torch.tensor(ids)
 
 
-def _positive(flag: str, value: int) -> None:
-    if value < 1:
-        raise NectarError(f"{flag} must be at least 1, got {value}")
-
-
 def cmd_serve(args) -> None:
     paths = [Path(p) for p in args.artifacts]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise NectarError(f"no artifact or folder at {', '.join(missing)}: compile one with `nectar compile DOC -o "
                           "NAME.nectar`")
+    if args.model:
+        check_model(args.model)
+    model_name = args.model or _model_of(paths)
+    if args.host not in LOOPBACK and not args.api_key:
+        _warn(f"[nectar] warning: --host {args.host} without --api-key: anyone who can reach this machine can read "
+              "the documents served; pass --api-key KEY")
     try:
         from ..serve.server import ServeConfig, serve
     except ImportError as e:
@@ -252,13 +291,16 @@ def cmd_serve(args) -> None:
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
                          max_tokens=args.max_tokens, max_body=args.max_body)
     _check_port(config.host, config.port)
-    model, tokenizer = _load(args.model or _model_of(paths), args.dtype, args.device)
+    model, tokenizer = _load(model_name, args.dtype, args.device)
     from ..model.models import layer_windows
 
     if any(layer_windows(model.config)):
         raise NectarError(f"{model.config.model_type} has sliding-window layers, which `nectar serve` does not batch "
                           "yet: ask its documents with `nectar ask`")
     serve(model, tokenizer, paths, config)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -274,13 +316,25 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _model_of(paths: list[Path]) -> str:
-    """The model of the first artifact found: a server runs one model, named by --model or its documents."""
-    from ..artifact import Artifact
+    """The one model of the artifacts found (read from their headers): a server runs one model, named by
+    --model or by its documents; a folder that mixes models, or holds none readable, is refused."""
+    from ..manifest import model_name, read_manifest
 
+    names, reasons = {}, []
     for path in paths:
         for file in sorted(path.glob("*.nectar")) if path.is_dir() else [path]:
             try:
-                return Artifact.load(file).manifest["model"]["fingerprint"]["name"]
-            except NectarError:
-                continue
-    raise NectarError(f"no readable artifact in {', '.join(map(str, paths))}: pass --model to serve an empty folder")
+                names.setdefault(model_name(read_manifest(file)), file)
+            except NectarError as e:
+                reasons.append(str(e))
+    if len(names) > 1:
+        found = ", ".join(f"{name} ({file})" for name, file in names.items())
+        raise NectarError(f"these artifacts are for different models: {found}; a server runs one model: pass "
+                          "--model NAME to serve that model's, or serve each model's folder on its own port")
+    if names:
+        return next(iter(names))
+    if reasons:
+        raise NectarError(f"no readable artifact in {', '.join(map(str, paths))}: {reasons[0]}"
+                          + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""))
+    raise NectarError(f"no artifact in {', '.join(map(str, paths))}: pass --model to serve an empty folder, then "
+                      "compile into it and POST /v1/reload")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from .commands import cmd_ask, cmd_bench, cmd_compile, cmd_demo, cmd_eval, cmd_info, cmd_serve
 from dataclasses import fields
@@ -27,14 +29,24 @@ def _list_of(kind, what: str):
     return parse
 
 
-def _at_least_one(text: str) -> int:
+def _at_least(low: int, many: bool = False):
+    """An argparse type: a whole number (or comma-separated list of them, `many`), each at least `low`."""
+    def parse(text: str):
+        values = _list_of(int, "whole numbers")(text) if many else [_whole(text)]
+        if min(values) < low:
+            raise argparse.ArgumentTypeError(f"'{text}': {'each ' if many else ''}must be at least {low}")
+        return values if many else values[0]
+    return parse
+
+
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+
+
+_at_least_one = _at_least(1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--no-ray", action="store_true", help="compile a corpus in this process, one document at a time")
     c.add_argument("--ray-address", help="HOST:PORT of a Ray cluster's head (default: start a local one)")
     c.add_argument("--cpus-per-task", type=_at_least_one, default=1, help="CPUs each corpus task asks Ray for")
+    c.add_argument("--no-document", action="store_true", help="leave the document's token ids out of the artifact "
+                   "(they are in it by default, for `ask --compare` and `eval`): share the artifact without "
+                   "sharing the text")
     _compile_args(c)
     _model_args(c, default="smollm2-135m", dtype="auto")
     c.set_defaults(run=cmd_compile)
@@ -75,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("questions", nargs="+", metavar="question", help="one or more; '-' reads one per line from stdin")
     a.add_argument("--compare", action="store_true",
                    help="also answer with the full KV cache; print MiniLM cosine, memory and time")
-    a.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens (default 128)")
+    a.add_argument("--max-new-tokens", type=_at_least_one, default=128, help="longest answer, in tokens (default 128)")
     _model_args(a, default=None, dtype="float32")
     a.set_defaults(run=cmd_ask)
 
@@ -89,14 +104,14 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="decode speed and memory against the full KV cache, side by side")
     b.add_argument("artifact")
     b.add_argument("--out", default="bench", help="folder for bench.json and bench.png")
-    b.add_argument("--n", type=_list_of(int, "integers"), default=[1024, 2048, 4096, 8192],
+    b.add_argument("--n", type=_at_least(16, many=True), default=[1024, 2048, 4096, 8192],
                    help="document sizes for decode (default 1024,2048,4096,8192)")
-    b.add_argument("--attention-n", type=_list_of(int, "integers"), default=[1024, 2048, 4096, 8192, 16384, 32768],
+    b.add_argument("--attention-n", type=_at_least(16, many=True), default=[1024, 2048, 4096, 8192, 16384, 32768],
                    help="document sizes for the attention-only timing (synthetic keys)")
-    b.add_argument("--batch", type=_list_of(int, "integers"), default=[1, 16], help="decode batch sizes (default 1,16)")
+    b.add_argument("--batch", type=_at_least(1, many=True), default=[1, 16], help="decode batch sizes (default 1,16)")
     b.add_argument("--repeats", type=_at_least_one, default=3,
                    help="rounds; every case runs once a round, and min/median are over rounds (default 3)")
-    b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode timing (default 32)")
+    b.add_argument("--new-tokens", type=_at_least(2), default=32, help="tokens generated per decode timing (default 32)")
     _model_args(b, default=None, dtype="auto")
     b.set_defaults(run=cmd_bench)
 
@@ -110,8 +125,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", type=_list_of(str, "names"), help="comma-separated subset of methods (default: all)")
     e.add_argument("--out", default="eval", help="folder for eval.json, the plots and cached compiles")
     e.add_argument("--no-generate", action="store_true", help="skip greedy generation (faster)")
-    e.add_argument("--gap-prompts", type=int, default=16, help="prompts for the per-layer gap probe (0: off)")
-    e.add_argument("--max-new-tokens", type=int, default=40,
+    e.add_argument("--gap-prompts", type=_at_least(0), default=16, help="prompts for the per-layer gap probe (0: off)")
+    e.add_argument("--max-new-tokens", type=_at_least_one, default=40,
                    help="longest full-cache answer, in tokens: what every method is judged on, teacher-forced and "
                    "greedy (default 40)")
     _compile_args(e)
@@ -182,7 +197,18 @@ def _model_args(p, default, dtype) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU if there is one)")
 
 
+class _Terminated(Exception):
+    """SIGTERM (a scheduler, `kill`), turned into an exception so that it unwinds like Ctrl-C: every
+    half-written file is removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = parser().parse_args(argv)
         code = args.run(args) or 0
@@ -193,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nectar: interrupted; no half-written file was left", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("nectar: terminated; no half-written file was left", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # The reader (`| head`) left: what it did not read is not an error. Point stdout at nothing so
         # that the interpreter's own final flush does not raise again.

@@ -8,7 +8,6 @@ they are written (atomically) and indexed as each task finishes, so an interrupt
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import socket
@@ -23,51 +22,9 @@ from ..config import CompileConfig
 from ..model.documents import read_text
 from ..errors import NectarError
 from ..files import write_json
+from .sources import Source
 
-SUFFIXES = (".txt", ".md", ".rst", ".text")
 INDEX = "index.json"
-
-
-@dataclass(frozen=True)
-class Source:
-    path: Path
-    name: str  # the artifact's file name without .nectar
-
-    @property
-    def artifact(self) -> str:
-        return self.name + ".nectar"
-
-
-def is_corpus(specs: list[str]) -> bool:
-    """Several documents, a folder or a glob: what the corpus path (not a single compile) handles."""
-    return len(specs) > 1 or any(Path(s).is_dir() or glob.has_magic(s) for s in specs)
-
-
-def discover(specs: list[str]) -> list[Source]:
-    """The documents that folders (their *.txt, *.md, *.rst files, recursively), globs and files name."""
-    found: dict[Path, str] = {}
-    for spec in specs:
-        path = Path(spec)
-        if glob.has_magic(spec):
-            files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-            if not files:
-                raise NectarError(f"'{spec}' matches no file: check the pattern (quote it so the shell leaves it)")
-            found.update((f, f.stem) for f in files)
-        elif path.is_dir():
-            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
-            if not files:
-                raise NectarError(f"{path} holds no document ({', '.join(SUFFIXES)}): add some, or name files")
-            found.update((f, "--".join(f.relative_to(path).with_suffix("").parts)) for f in files)
-        elif path.is_file():
-            found[path] = path.stem
-        else:
-            raise NectarError(f"no such file or folder: {spec}")
-    names: dict[str, Path] = {}
-    for file, name in found.items():
-        if name in names:
-            raise NectarError(f"{names[name]} and {file} would both compile to {name}.nectar: rename one")
-        names[name] = file
-    return [Source(file, name) for name, file in sorted(names.items())]
 
 
 def settings_hash(model: str, config: CompileConfig) -> str:
@@ -104,7 +61,8 @@ def plan(sources: list[Source], index: dict, out: Path, settings: str) -> tuple[
 _MODELS: dict = {}
 
 
-def compile_document(path: str, model_name: str, dtype: str, device: str, config: CompileConfig) -> dict:
+def compile_document(path: str, model_name: str, dtype: str, device: str, config: CompileConfig,
+                     keep_document: bool = True) -> dict:
     """Compile one document where this runs (a Ray worker or this process): {"bytes"} or {"error"}."""
     from .pipeline import compile
     from ..model.models import load_model
@@ -116,7 +74,10 @@ def compile_document(path: str, model_name: str, dtype: str, device: str, config
         if key not in _MODELS:  # a worker keeps its model for the next document
             _MODELS[key] = load_model(model_name, dtype=dtype, device=device)
         model, tokenizer = _MODELS[key]
-        data = compile(model, tokenizer, text, config).to_bytes()
+        artifact = compile(model, tokenizer, text, config)
+        if not keep_document:
+            artifact.document_ids = None
+        data = artifact.to_bytes()
     except NectarError as e:
         return {"error": str(e), "seconds": time.perf_counter() - start}
     return {"bytes": data, "seconds": time.perf_counter() - start}
@@ -133,10 +94,11 @@ class CorpusJob:
     use_ray: bool = True
     ray_address: str | None = None
     cpus_per_task: int = 1
+    keep_document: bool = True  # False: artifacts without the document's ids (compile --no-document)
 
     def run(self) -> dict:
         """Compile what changed; returns the run's summary (index entries are written as tasks finish)."""
-        settings = settings_hash(self.model, self.config)
+        settings = settings_hash(self.model, self.config) + ("" if self.keep_document else "-no-document")
         index = read_index(self.out)
         todo, fresh, removed = plan(self.sources, index, self.out, settings)
         for name in removed:
@@ -163,7 +125,7 @@ class CorpusJob:
                 "removed": removed}
 
     def _args(self, source: Source) -> tuple:
-        return str(source.path), self.model, self.dtype, self.device, self.config
+        return str(source.path), self.model, self.dtype, self.device, self.config, self.keep_document
 
     def _ray_tasks(self, ray, todo: list[Source]):
         """(source, result) pairs in the order tasks finish."""

@@ -54,6 +54,12 @@ class Document:
         if len(ids) <= config.sink_tokens:
             raise NectarError(f"the document has only {len(ids)} tokens: nothing to compile beyond the "
                               f"{config.sink_tokens} sink tokens")
+        chunk = config.prompts.chunk_tokens
+        if config.prompts.holdout == "chunks" and len(P.chunk_bounds(len(ids), chunk)) < 2:
+            # Known now, from the length alone: refused before minutes of question writing, not after.
+            raise NectarError(f"the document has {len(ids)} tokens, too few to hold out a {chunk}-token chunk for "
+                              f"validation: give one of at least {chunk + chunk // 2} tokens, or --set "
+                              "prompts.holdout=prompts")
         windows = layer_windows(model.config)
         if all(windows):
             raise NectarError(f"every layer of {model.config.model_type} slides over {windows[0]} tokens: its cache "

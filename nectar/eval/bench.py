@@ -35,7 +35,7 @@ class BenchConfig:
         if not self.attention_n or not self.decode_n or min(self.attention_n + self.decode_n) < 16:
             raise NectarError("bench sizes must be >= 16 tokens")
         if not self.batches or min(self.batches) < 1 or self.new_tokens < 2 or self.repeats < 1:
-            raise NectarError("batches, new_tokens (>= 2) and repeats must be positive")
+            raise NectarError("--batch, --new-tokens (at least 2) and --repeats must be positive")
 
 
 def _sync() -> None:

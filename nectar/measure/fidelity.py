@@ -221,8 +221,8 @@ def validation_metrics(model, bank, sinks: ExactContext, full: ExactContext, n: 
 
 def warn_if_useless(questions: dict) -> None:
     """A compile that does worse than no document at all is worth nothing: say so where the user looks."""
-    mine, none = questions["nectar"], questions["no_document"]
-    if mine["tokens"] and mine["agreement"] <= none["agreement"]:
-        print(f"[nectar] warning: on held-out questions this compile agrees with the full cache on "
-              f"{mine['agreement']:.3f} of answer tokens, no better than no document at all "
-              f"({none['agreement']:.3f}): raise --steps or --budget", file=sys.stderr)
+    from ..manifest import useless_warning
+
+    warning = useless_warning({"metrics": {"questions": questions}})
+    if warning:
+        print(warning, file=sys.stderr)

@@ -24,9 +24,23 @@ class Pydoc:
     tokens: int = 4096
 
 
-def parse_source(arg: str) -> Pydoc | Path:
-    """A `Pydoc` for `pydoc` / `pydoc:TOKENS`, else the path of a file that must exist (checked here)."""
+@dataclass(frozen=True)
+class Stdin:
+    """`-`: the document is read from standard input."""
+
+
+Source = Pydoc | Stdin | Path
+
+
+def parse_source(arg: str) -> Source:
+    """A `Pydoc` for `pydoc` / `pydoc:TOKENS`, `Stdin` for `-`, else the path of a file that must exist
+    (checked here)."""
+    if arg == "-":
+        return Stdin()
     match = re.fullmatch(r"pydoc(?::(.*))?", arg)
+    if match and Path(arg).exists():
+        raise NectarError(f"'{arg}' names CPython's help topics, and a file here has that name too: write ./{arg} "
+                          "for the file, or run from another folder for the help topics")
     if match:
         count = match.group(1)
         if count is None:
@@ -47,29 +61,53 @@ def _short(text: str, limit: int = 80) -> str:
 
 def read_text(path: Path) -> str:
     """A UTF-8 text file's content; binary, non-UTF-8 and empty files are refused with what to do."""
-    data = path.read_bytes()
+    return _decoded(path.read_bytes(), str(path))
+
+
+def read_stdin() -> str:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise NectarError("'-' reads the document from standard input: pipe one in, e.g. `nectar compile - -o "
+                          "doc.nectar < doc.txt`")
+    return _decoded(sys.stdin.buffer.read(), "standard input")
+
+
+def _decoded(data: bytes, where: str) -> str:
     if b"\x00" in data[:8192]:
-        raise NectarError(f"{path} looks like a binary file: give a UTF-8 text file")
+        raise NectarError(f"{where} looks like a binary file: give UTF-8 text")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise NectarError(f"{path} is not UTF-8 text: convert it (e.g. `iconv -t utf-8`) and retry") from None
+        raise NectarError(f"{where} is not UTF-8 text: convert it (e.g. `iconv -t utf-8`) and retry") from None
     if not text.strip():
-        raise NectarError(f"{path} is empty: give a document with some text")
+        raise NectarError(f"{where} is empty: give a document with some text")
     return text
 
 
-def load_text(source: Pydoc | Path, tokenizer, text: str | None = None) -> str:
+def load_text(source: Source, tokenizer, text: str | None = None) -> str:
     """The document's text; `text` is a file's, already read by `early_text`."""
     if text is not None:
         return text
     return pydoc_document(tokenizer, source.tokens) if isinstance(source, Pydoc) else read_text(source)
 
 
-def early_text(source: Pydoc | Path | None) -> str | None:
-    """A file's text, read (so a bad file is refused) before any model loads; None for pydoc, whose text
-    needs the tokenizer."""
+def early_text(source: Source | None) -> str | None:
+    """A file's (or standard input's) text, read (so a bad one is refused) before any model loads; None for
+    pydoc, whose text needs the tokenizer."""
+    if isinstance(source, Stdin):
+        return read_stdin()
     return read_text(source) if isinstance(source, Path) else None
+
+
+def check_length(source: Source, positions: int | None, truncate: bool) -> None:
+    """Refuse `pydoc:TOKENS` past the model's window before the model loads (a file's length needs the
+    tokenizer: `document_ids` checks it)."""
+    if isinstance(source, Pydoc) and positions and not truncate and source.tokens > _limit(positions):
+        raise NectarError(f"pydoc:{source.tokens} is longer than the {_limit(positions)} tokens this model holds "
+                          f"before a question: ask for pydoc:{_limit(positions)} or fewer, or pass --truncate")
+
+
+def _limit(positions: int) -> int:
+    return positions - min(QUESTION_ROOM, positions // 4)
 
 
 def pydoc_text() -> str:
@@ -89,8 +127,7 @@ def document_ids(context, tokenizer, model, truncate: bool, template: str) -> li
     """Token ids of the document: a 1-D tensor verbatim, or text wrapped by the document template."""
     import torch  # here, so that the CLI checks its arguments before paying for torch's import
 
-    positions = model.config.max_position_embeddings
-    limit = positions - min(QUESTION_ROOM, positions // 4)
+    limit = _limit(model.config.max_position_embeddings)
     if isinstance(context, torch.Tensor):
         if context.dim() != 1 or context.numel() == 0 or context.is_floating_point():
             raise NectarError("a token-id context must be a non-empty 1-D integer tensor")
@@ -109,6 +146,6 @@ def _fit_length(ids: list[int], limit: int, truncate: bool, total: int) -> list[
         return ids
     if not truncate:
         raise NectarError(f"the document has {total} tokens, more than the {limit} this model can hold before "
-                          f"a question: pass --truncate (truncate=True) to keep the first {limit}")
+                          f"a question: pass --truncate to keep the first {limit}")
     print(f"[nectar] truncated the document: kept the first {limit} of its {len(ids)} tokens", file=sys.stderr)
     return ids[:limit]

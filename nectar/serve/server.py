@@ -7,6 +7,7 @@ through an asyncio queue, so a slow client never holds up the batch.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import signal
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -26,6 +27,7 @@ from . import api
 from ..artifact import Artifact
 from .engine import Delta, Engine, Request
 from ..errors import NectarError
+from ..manifest import useless_warning
 from ..model.templates import encode, question_ids
 
 log = logging.getLogger("nectar.serve")
@@ -103,6 +105,9 @@ class Library:
                 skipped.append({"path": str(path), "reason": str(e)})
                 self.documents.pop(name, None)
                 continue
+            warning = useless_warning(artifact.manifest)
+            if warning:
+                log.warning("%s: %s", path, warning.removeprefix("[nectar] warning: "))
             self.documents[name], self._stamps[name] = Served.of(artifact, self.model), (path, stamp)
             loaded.append(name)
         removed = sorted(set(self.documents) - set(seen))
@@ -272,7 +277,9 @@ class _Guard:
         await self.app(scope, receive, send)
 
     def _problem(self, headers: dict, method: str) -> tuple[int, str, str] | None:
-        if self.api_key and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
+        # compare_digest: a plain != returns sooner the earlier a guess goes wrong, which leaks the key by timing.
+        if self.api_key and not hmac.compare_digest(headers.get(b"authorization", b""),
+                                                    f"Bearer {self.api_key}".encode()):
             return 401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'", "invalid_api_key"
         if method != "POST":
             return None

@@ -1,0 +1,92 @@
+"""An artifact's manifest, read from its file header without torch: what the CLI checks before it loads
+anything (the model named, the document's length), and what it warns about (an artifact no better than
+no document).
+
+The full load (nectar.artifact) verifies the checksum; this only reads, so it never vouches for a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import NectarError
+
+HEADER_LIMIT = 100 << 20  # safetensors' own limit on a header; past it the file is not one
+
+
+def missing_artifact(path: Path) -> NectarError | None:
+    """The error for a path that holds no artifact file, or None when it is a file."""
+    if path.is_dir():
+        found = sorted(path.glob("*.nectar"))
+        example = found[0] if found else path / "NAME.nectar"
+        return NectarError(f"{path} is a folder: name an artifact file in it, e.g. {example}")
+    if not path.is_file():
+        return NectarError(f"no artifact at {path}: compile one with `nectar compile DOC -o {path}`")
+    return None
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest in `path`'s header; a one-line NectarError where there is none."""
+    return read_header(path)[0]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, set[str]]:
+    """(the manifest, the names of the tensors) in `path`'s safetensors header."""
+    path = Path(path)
+    error = missing_artifact(path)
+    if error:
+        raise error
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= HEADER_LIMIT:
+                raise ValueError("header size")
+            header = json.loads(f.read(size))
+        manifest = json.loads(header["__metadata__"]["nectar"])
+        model_name(manifest)  # every check reads it
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NectarError(f"{path} is not a readable nectar artifact (truncated or corrupted?): recompile it") from e
+    return manifest, set(header) - {"__metadata__"}
+
+
+def model_name(manifest: dict) -> str:
+    name = manifest["model"]["fingerprint"]["name"]
+    if not isinstance(name, str):
+        raise TypeError("model name")
+    return name
+
+
+def check_model_for(manifest: dict, model: str | None) -> str:
+    """The model to load for an artifact: its own, or `model` when that can be it. A known name other than the
+    artifact's, or a folder whose layers or heads differ, is refused before anything loads."""
+    from .model.registry import KNOWN_MODELS, check_model
+
+    want = model_name(manifest)
+    if model is None or model == want:
+        return want
+    config = check_model(model)
+    # Two known names are two models; a folder may hold the same one, which the fingerprint decides on load.
+    if (config is None and want in KNOWN_MODELS) or (config is not None and not _shaped_like(manifest, config)):
+        raise NectarError(f"this artifact was compiled for model '{want}', not {model}: drop --model, or recompile "
+                          "the document for that model")
+    return model
+
+
+def _shaped_like(manifest: dict, config: dict) -> bool:
+    text = config.get("text_config")
+    text = text if isinstance(text, dict) else config
+    m = manifest["model"]
+    return (text.get("num_hidden_layers"), text.get("num_key_value_heads", text.get("num_attention_heads"))) == \
+        (m.get("layers"), m.get("kv_heads"))
+
+
+def useless_warning(manifest: dict) -> str | None:
+    """A warning line where the compile measured this artifact no better than no document at all."""
+    questions = manifest.get("metrics", {}).get("questions") or {}
+    mine, none = questions.get("nectar") or {}, questions.get("no_document") or {}
+    if mine.get("tokens") and mine.get("agreement", 1.0) <= none.get("agreement", 0.0):
+        return (f"[nectar] warning: on held-out questions this artifact agrees with the full cache on "
+                f"{mine['agreement']:.3f} of answer tokens, no better than no document at all "
+                f"({none['agreement']:.3f}): recompile with a higher --budget or --effort")
+    return None
