@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from .providers.attention import ExactContext, WithExact
 from .errors import NectarError
 from .files import atomic_path
-from .manifest import missing_artifact
+from .manifest import check_fields, missing_artifact
 from .providers.fused import FusedBank
 from .model.models import dtype_name, layer_windows, model_fingerprint, modeled_layers, tokenizer_fingerprint, window_tokens
 from .providers.modules import MLPBank
@@ -181,16 +181,25 @@ class Artifact:
         if manifest.get("sha256") != _checksum({k: v for k, v in manifest.items() if k != "sha256"}, tensors):
             raise NectarError(f"{path} is corrupted (it does not match its checksum): recompile it")
         try:
+            check_fields(manifest)
             bank, sinks = _bank_from(manifest, tensors), sinks_from(manifest, tensors)
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise NectarError(f"{path} does not hold what its manifest describes ({e}): recompile it") from None
-        ids = tensors.get("document.ids")
-        return cls(manifest, bank, sinks, None if ids is None else ids.tolist())
+            ids = tensors.get("document.ids")
+            artifact = cls(manifest, bank, sinks, None if ids is None else _ids(ids, manifest))
+            _check_shapes(artifact)
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError, StopIteration) as e:
+            # A checksum that matches says the file is as written, not that its writer was nectar: whatever a
+            # hand-edited or hostile file holds that cannot be read as an artifact is refused here, not run.
+            reason = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise NectarError(f"{path} does not hold what its manifest describes ({reason}): recompile it") from None
+        return artifact
 
     def check_compatible(self, model, tokenizer=None) -> None:
         """Refuse a model (or tokenizer) other than the one the artifact was compiled for."""
         want, have = self.manifest["model"]["fingerprint"], model_fingerprint(model)
-        if (want["config"], want["weights"]) != (have["config"], have["weights"]):
+        cfg, m = model.config, self.manifest["model"]
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, self.bank.head_dim)
+        if (want["config"], want["weights"]) != (have["config"], have["weights"]) or \
+                shape != (m["layers"], m["kv_heads"], m["head_dim"]):
             raise NectarError(f"this artifact was compiled for model '{want['name']}' and does not fit "
                               f"'{have['name']}': load that model, or recompile the document for this one")
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest["tokenizer"]:
@@ -222,6 +231,35 @@ def _held(obj) -> list[torch.Tensor]:
     if isinstance(obj, CodedTokens):
         return obj.tensors()
     return []
+
+
+def _check_shapes(artifact: Artifact) -> None:
+    """Every layer's exact tokens [kv_heads, t, head_dim], keys and values alike, at least the sinks in a
+    global layer and at most the window in a sliding one; the bank's size and its numbers finite."""
+    m, sinks = artifact.manifest["model"], artifact.sinks
+    if len(sinks.keys) != m["layers"] or len(sinks.values) != m["layers"]:
+        raise ValueError(f"exact tokens for {len(sinks.keys)} layers, not {m['layers']}")
+    for layer, (k, v, window) in enumerate(zip(sinks.keys, sinks.values, artifact.windows)):
+        tokens = k.shape[-2] if k.dim() == 3 else -1
+        fits = tokens <= window if window else tokens >= artifact.manifest["sink_tokens"]
+        if k.shape != (m["kv_heads"], tokens, m["head_dim"]) or v.shape != k.shape or not fits:
+            raise ValueError(f"layer {layer}'s exact tokens have shape {tuple(k.shape)}")
+        bias = sinks.layer_bias(layer)
+        if bias is not None and bias.shape != (m["kv_heads"], tokens):
+            raise ValueError(f"layer {layer}'s exact-token bias has shape {tuple(bias.shape)}")
+    bank = artifact.bank
+    modeled = sum(w is None for w in artifact.windows)
+    if (bank.layers, bank.kv_heads, bank.head_dim) != (modeled, m["kv_heads"], m["head_dim"]):
+        raise ValueError("its modules are not sized for the model")
+    if not all(torch.isfinite(t).all() for t in bank.state_dict().values() if t.is_floating_point()):
+        raise ValueError("its modules hold NaN or infinite numbers")
+    artifact.kv_bytes(), artifact.exact_bits  # what every use reads first
+
+
+def _ids(ids: torch.Tensor, manifest: dict) -> list[int]:
+    if ids.dim() != 1 or ids.is_floating_point() or ids.numel() != manifest["document"]["tokens"]:
+        raise ValueError("document.ids does not match the document's length")
+    return ids.tolist()
 
 
 def _bank_from(manifest: dict, tensors: dict) -> Bank:

@@ -90,3 +90,54 @@ def useless_warning(manifest: dict) -> str | None:
                 f"{mine['agreement']:.3f} of answer tokens, no better than no document at all "
                 f"({none['agreement']:.3f}): recompile with a higher --budget or --effort")
     return None
+
+
+LIMIT = 1 << 24  # past any real model's layers, heads, widths or document tokens: a corrupted number
+
+
+def check_fields(manifest: dict) -> None:
+    """Raise ValueError naming the first field the loader or runtime reads that has the wrong type or an
+    impossible value: a hand-edited or hostile manifest is refused, never run (nor sized into a huge
+    allocation)."""
+    model = _section(manifest, "model")
+    for key in ("layers", "kv_heads", "head_dim"):
+        _need(_whole(model.get(key), 1), f"model.{key}")
+    fingerprint = model.get("fingerprint")
+    _need(isinstance(fingerprint, dict) and all(isinstance(fingerprint.get(k), str) for k in
+                                                ("name", "config", "weights")), "model.fingerprint")
+    windows = model.get("windows")
+    _need(windows is None or (isinstance(windows, list) and len(windows) == model["layers"]
+                              and all(w is None or _whole(w, 1) for w in windows)), "model.windows")
+    _need(isinstance(manifest.get("tokenizer"), str), "tokenizer")
+    document = _section(manifest, "document")
+    _need(_whole(document.get("tokens"), 1) and isinstance(document.get("sha256"), str), "document")
+    templates = _section(manifest, "templates")
+    _need(isinstance(templates.get("question"), str) and "{question}" in templates["question"], "templates.question")
+    modules = _section(manifest, "modules")
+    _need(modules.get("variant") in ("mlp", "quadrature"), "modules.variant")
+    for key in ("target_widths", "score_widths", "nodes"):
+        value = modules.get(key)
+        _need(value is None or _whole(value, 1) or (isinstance(value, list) and value
+                                                   and all(_whole(v, 1) for v in value)), f"modules.{key}")
+    _need(modules.get("depth") is None or _whole(modules["depth"], 1, 64), "modules.depth")
+    _need(modules.get("weight_bits", 16) in (8, 16), "modules.weight_bits")
+    _need(_whole(manifest.get("sink_tokens"), 0), "sink_tokens")
+    config = _section(manifest, "config")
+    for key in ("exact_bits", "exact_value_bits"):
+        _need(config.get(key) in (None, 4, 8, 16), f"config.{key}")
+    _section(manifest, "metrics")
+    _section(manifest, "timings")
+
+
+def _section(manifest: dict, key: str) -> dict:
+    _need(isinstance(manifest.get(key), dict), key)
+    return manifest[key]
+
+
+def _whole(value, low: int, high: int = LIMIT) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _need(ok: bool, field: str) -> None:
+    if not ok:
+        raise ValueError(f"its manifest's {field} is missing or invalid")
