@@ -28,11 +28,11 @@ def main():
     prompt = torch.randint(100, 1000, (args.batch, 16))
     with torch.no_grad():
         for name, ctx in (("no document", None), ("nectar", (modules, sinks))):
-            run = (lambda: decode(model, prompt, 0, args.tokens)) if ctx is None else None
-            if ctx is not None:
-                def run():
-                    with bound(model, ctx[0]):
-                        decode(model, prompt, art.n, args.tokens, ctx[1])  # sinks in a prefix cache
+            def run(ctx=ctx):
+                if ctx is None:
+                    return decode(model, prompt, 0, args.tokens)
+                with bound(model, ctx[0]):
+                    decode(model, prompt, art.n, args.tokens, ctx[1])  # sinks in a prefix cache
             run()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run()

@@ -121,6 +121,13 @@ def check_fields(manifest: dict) -> None:
                                                    and all(_whole(v, 1) for v in value)), f"modules.{key}")
     _need(modules.get("depth") is None or _whole(modules["depth"], 1, 64), "modules.depth")
     _need(modules.get("weight_bits", 16) in (8, 16), "modules.weight_bits")
+    if modules["variant"] == "quadrature":
+        scaling = modules.get("scaling")
+        _need(isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and 0 < scaling < LIMIT,
+              "modules.scaling")
+        _need(modules.get("nodes") is not None, "modules.nodes")
+    else:
+        _need(all(modules.get(k) is not None for k in ("target_widths", "score_widths", "depth")), "modules")
     _need(_whole(manifest.get("sink_tokens"), 0), "sink_tokens")
     config = _section(manifest, "config")
     for key in ("exact_bits", "exact_value_bits"):

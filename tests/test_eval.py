@@ -92,8 +92,6 @@ def test_eval_of_an_artifact_with_user_questions(tiny, doc, tmp_path, capsys, to
 
 
 def test_artifact_without_its_document_needs_one(tiny, doc, tmp_path, capsys, tokenizer, monkeypatch):
-    from dataclasses import replace
-
     from nectar.compiler.pipeline import compile
 
     art = compile(tiny, tokenizer, doc.read_text(), replace(FAST, keep_document=False))

@@ -24,6 +24,10 @@ from ..runtime.decode import stop_ids
 from .rowbanks import RowBanks
 
 
+# Logits divided by a smaller temperature overflow fp32 into inf and NaN probabilities; sampling this cold is
+# greedy decoding anyway.
+GREEDY_BELOW = 1e-4
+
 @dataclass
 class Delta:
     """What one step added to a request's answer; `finish` is set on its last delta."""
@@ -40,7 +44,7 @@ class Request:
     prompt: list[int]  # token ids after the document
     max_tokens: int
     emit: Callable[[Delta], None]  # called from the engine's thread
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW): greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -183,9 +187,10 @@ class Engine:
         logits, cache = self.first_logits(artifact, request.prompt)
         self.stats.prefills += 1
         generator = None
-        if request.temperature > 0:
+        if request.temperature >= GREEDY_BELOW:
             generator = torch.Generator()
-            generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(2**62, ())))
+            # Any integer is a seed (OpenAI's API bounds none); the generator takes 64 bits of it.
+            generator.manual_seed(request.seed % 2**64 if request.seed is not None else int(torch.randint(2**62, ())))
         row = _Row(request, provider, artifact.n + len(request.prompt),
                    AnswerText(self.tokenizer, request.stop), generator)
         if self._advance(row, self._sample(row, logits)):
