@@ -43,6 +43,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, set[str]]:
             if not 0 < size <= HEADER_LIMIT:
                 raise ValueError("header size")
             header = json.loads(f.read(size))
+        # A cut file (an interrupted copy) shows here, before torch loads: the tensors end where the file must.
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        if path.stat().st_size != 8 + size + max(ends, default=0):
+            raise ValueError("file size")
         manifest = json.loads(header["__metadata__"]["nectar"])
         model_name(manifest)  # every check reads it
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -120,6 +120,16 @@ def test_empty_questions_on_stdin_say_stdin(saved, capsys, monkeypatch, no_model
     assert_one_line_error(run_cli(capsys, "ask", saved, "-"), "no questions in standard input")
 
 
+@pytest.mark.parametrize("cut", [1, 100])
+def test_a_cut_artifact_is_refused_from_its_header(saved, tmp_path, cut, capsys, no_model):
+    """An interrupted copy: the header still reads, so the file's size against it is what shows the cut."""
+    short = tmp_path / "cut.nectar"
+    short.write_bytes(saved.read_bytes()[:-cut])
+    with pytest.raises(nectar.NectarError, match="truncated or corrupted"):
+        read_header(short)
+    assert_one_line_error(run_cli(capsys, "info", short), "truncated")
+
+
 def test_asking_a_folder_says_to_name_a_file_in_it(saved, capsys, no_model):
     assert_one_line_error(run_cli(capsys, "ask", saved.parent, "Why?"), f"is a folder: name an artifact file in it, "
                           f"e.g. {saved}")
