@@ -57,8 +57,9 @@ class Soak:
     def record(self, start: float, kind: str, ok: bool, reason: str = "") -> None:
         self.records.append({"t": start, "kind": kind, "latency": time.time() - start, "ok": ok, "reason": reason})
 
-    async def client(self, http: httpx.AsyncClient, seed: int) -> None:
+    async def client(self, http: httpx.AsyncClient, seed: int, delay: float = 0.0) -> None:
         rng = random.Random(seed)
+        await asyncio.sleep(delay)  # clients arrive over the ramp, as users do, not in one burst
         while time.time() < self.deadline:
             if rng.random() < 0.1:
                 await self.malformed(http, rng)
@@ -174,6 +175,7 @@ def main() -> None:
     p.add_argument("--extra", help="an artifact added and removed during the run")
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--ramp", type=float, default=30.0, help="seconds over which the clients arrive")
     p.add_argument("--reload-every", type=float, default=60)
     p.add_argument("--out", default="soak")
     p.add_argument("--dtype", default="float32")
@@ -199,7 +201,7 @@ def main() -> None:
                 await asyncio.gather(sample_rss(proc.pid, deadline, rss),
                                      soak.reloader(http, folder, Path(args.extra) if args.extra else None,
                                                    args.reload_every),
-                                     *(soak.client(http, seed) for seed in range(args.clients)))
+                                     *(soak.client(http, seed, seed * args.ramp / args.clients) for seed in range(args.clients)))
 
         t0 = time.time()
         asyncio.run(run())
