@@ -141,7 +141,7 @@ class NoContext:
         return _empty(q)
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: its step graphs are keyed by it
 class WithExact:
     """A provider with exact document tokens beside it, merged by log-sum-exp: the tokens a compile keeps
     exact where layers keep different numbers of them, which one prefix cache cannot hold as sinks."""
@@ -149,6 +149,11 @@ class WithExact:
     provider: ContextProvider
     exact: ContextProvider  # an ExactContext, or nectar.quant.CodedTokens
     graphable = False
+
+    @property
+    def traceable(self) -> bool:
+        # Per layer, the exact part's branches (tokens or none, blocks or rows) are fixed: a trace keeps them.
+        return getattr(self.provider, "traceable", False)
 
     def __call__(self, layer: int, q: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         o, lse = self.provider(layer, q, scaling)

@@ -91,6 +91,7 @@ class FusedBank:
     """
 
     graphable = True  # on a GPU its decode step runs as a CUDA graph (nectar.graphs)
+    traceable = True  # ... and on a CPU as a traced graph
 
     def __init__(self, bank: MLPBank):
         self.head_dim, self.kv_heads, self.model_layers = bank.head_dim, bank.kv_heads, bank.model_layers

@@ -1,12 +1,15 @@
-"""CUDA graphs for the document part of a decode step: one replay instead of ~15 kernel launches a layer.
+"""Graphs for the document part of a decode step: one replay instead of ~15 ops a layer.
 
-On a GPU a small model's decode is bound by kernel launches, not arithmetic: the module's MLP, the
-log-sum-exp blend and their casts are about fifteen tiny kernels per layer, ~150 us of host time on an
-H100's host, where the arithmetic takes a few. A decode step has fixed shapes for a given batch size,
-so each (layer, shape) is captured once and replayed: three input copies and one launch.
+A small model's decode is bound by per-op overhead, not arithmetic: the module's MLP, the exact tokens,
+the log-sum-exp blend and their casts are about fifteen tiny ops per layer. On a GPU that is ~150 us of
+kernel launches a layer on an H100's host; on a CPU it is Python and dispatch, about half of the ~160 us
+the part takes (pydoc's 2% artifact, 2 cores). A decode step has fixed shapes for a given batch size, so
+each (layer, shape) is captured once and replayed: as a CUDA graph on a GPU, as a traced TorchScript
+graph on a CPU (bitwise the same ops, without Python between them).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable
 
@@ -38,19 +41,37 @@ class _Captured:
         return self.output
 
 
+class _Traced:
+    """One traced call of `fn(*inputs)`: the same ops replayed without the Python that chose them. Shapes,
+    per-layer branches and weights become constants, which the caller's key (layer, shapes, dtypes) and
+    `forget` (weights moved) keep true."""
+
+    def __init__(self, fn: Step, inputs: tuple[Tensor, ...]):
+        with warnings.catch_warnings():
+            # TracerWarning (shapes frozen: the key guarantees them) and trace's deprecation notice: the
+            # tracer is in torch 2.13, which nectar pins; `traceable` turns it off should it go.
+            warnings.simplefilter("ignore")
+            self.fn = torch.jit.trace(fn, inputs, check_trace=False)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        return self.fn(*inputs)
+
+
 class StepGraphs:
     """The graphs of one context provider, keyed by layer and the step's shapes and dtypes."""
 
     def __init__(self):
         self.graphs: dict[tuple, _Captured] = {}
-        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all of them
+        # One memory pool for all of a GPU's graphs.
+        self.pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
 
     def __call__(self, layer: int, scaling: float, step: Step, q: Tensor, out: Tensor, lse: Tensor) -> Tensor:
         key = (layer, scaling, q.device, torch.is_inference_mode_enabled(),
                *((x.shape, x.dtype) for x in (q, out, lse)))
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = _Captured(step, (q, out, lse), self.pool)
+            graph = (_Captured(step, (q, out, lse), self.pool) if q.is_cuda else _Traced(step, (q, out, lse)))
+            self.graphs[key] = graph
         return graph(q, out, lse)
 
 
@@ -70,7 +91,11 @@ def forget(provider) -> None:
 
 
 def graphable(provider, query: Tensor) -> bool:
-    """A one-token decode step (query [b, H, 1, d]) on a GPU, with no gradient, by a provider that says
-    it can be captured (`graphable = True`; set it False on an instance to run it eagerly)."""
-    return (query.is_cuda and query.shape[2] == 1 and not torch.is_grad_enabled()
-            and getattr(provider, "graphable", False))
+    """A one-token decode step (query [b, H, 1, d]) with no gradient, by a provider that says it can be
+    captured: `graphable = True` on a GPU, `traceable = True` on a CPU (set either False on an instance to
+    run it eagerly)."""
+    if query.shape[2] != 1 or torch.is_grad_enabled():
+        return False
+    if query.is_cuda:
+        return getattr(provider, "graphable", False)
+    return query.device.type == "cpu" and getattr(provider, "traceable", False) and hasattr(torch.jit, "trace")
