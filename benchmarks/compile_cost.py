@@ -189,6 +189,8 @@ def main():
                       "growth": {name: growth(rows, name) for r in rows for name in r["stages"]}}
             (out / "cost.json").write_text(json.dumps(report, indent=1))
             print(table(rows), flush=True)
+    if not rows:
+        raise SystemExit("no size compiled (each was skipped, with its reason above)")
     plot(rows, out / "cost.png", f"{args.model}, {report['machine']['cpu_capability']}, "
                                  f"{os.cpu_count()} cores: compile wall time by stage")
     print(f"wrote {out / 'cost.json'}, {out / 'cost.png'}; max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

@@ -140,9 +140,12 @@ class CompileConfig:
     refine_recall: float = knob(1.0, "weight of recall prompts' tokens in refinement's KL",
                                 "lower weights traded quoting for answers within noise", "refine-recall")
     exact_share: float | None = knob(None, "budget share for document tokens kept exact (None: EXACT_SHARE under "
-                                     "gap, EXACT_SHARE_EVEN otherwise, less where modules would fall under "
+                                     "gap, even_share otherwise, less where modules would fall under "
                                      "MIN_MODULE_WIDTH, 0 on sliding-window models)",
                                      "exact tokens bought most of the fidelity", "exact-share")
+    even_share: float = knob(EXACT_SHARE_EVEN, "the default exact share under an allocation other than gap, where "
+                             "each token buys less (an effort level's, which sliding-window models ignore)",
+                             "exact tokens bought most of the fidelity", "exact-share")
     onpolicy_steps: int = knob(150, "refit steps on queries captured with the fitted modules in place (0: off)",
                                "most of a round's gain comes in its first 100 steps", "onpolicy")
     onpolicy_rounds: int = knob(1, "capture-and-refit rounds", "a second round bought nothing measurable", "onpolicy")
@@ -184,6 +187,7 @@ class CompileConfig:
         _require(self.refine_anchor >= 0, f"refine_anchor must be >= 0, got {self.refine_anchor}")
         _require(self.refine_lr > 0, f"refine_lr must be > 0, got {self.refine_lr}")
         _require(self.refine_recall >= 0, f"refine_recall must be >= 0, got {self.refine_recall}")
+        _require(0.0 <= self.even_share < 1.0, f"even_share must be in [0, 1), got {self.even_share}")
         _require(self.exact_share is None or 0.0 <= self.exact_share < 1.0,
                  f"exact_share must be in [0, 1), got {self.exact_share}: the modules need some of the budget")
         _require(self.onpolicy_steps >= 0, "onpolicy_steps must be >= 0")
@@ -295,7 +299,7 @@ class Effort:
 
 # Applied before the user's own --set. Numbers: docs/decisions.md#effort.
 EFFORTS: dict[str, Effort] = {
-    "quick": Effort(("allocation=uniform", "exact_share=0.5", "self_study=0", "recall=64", "generic=24", "direct=24",
+    "quick": Effort(("allocation=uniform", "even_share=0.5", "self_study=0", "recall=64", "generic=24", "direct=24",
                      "answer_tokens=24", "pilot_prompts=16", "fit.steps=200", "fit.warmup=20", "fit.eval_every=50",
                      "onpolicy_steps=0", "refine_steps=0"),
                     "no written questions, no gap probe, a short fit"),

@@ -84,6 +84,22 @@ def saved(compiled, tmp_path_factory):
 
 
 @pytest.fixture
+def doc(tmp_path):
+    """A 1500-character document file."""
+    path = tmp_path / "doc.txt"
+    path.write_text(sample_document(1500))
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a command loads a model: its arguments should have been refused first."""
+    def load(*args, **kwargs):
+        pytest.fail("loaded a model before checking the arguments")
+    monkeypatch.setattr("nectar.cli.commands._load", load)
+
+
+@pytest.fixture
 def cli_model(monkeypatch, compiled, tokenizer):
     """`nectar`'s CLI loads the tiny model of the shared artifact instead of a real one."""
     model = compiled[0]
@@ -127,3 +143,37 @@ def full_logits(model, doc, prompt):
 
 # The device axis of parametrised tests: the GPU runs where torch sees one, and is skipped elsewhere.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@torch.no_grad()
+def assert_replay_matches_eager(model, art, provider, switch: str, device="cpu", tol=1e-5) -> None:
+    """Greedy decode on `art` with each layer's document step replayed (CUDA graphs, CPU traces) equals it
+    eager (`provider`'s `switch` attribute turned off), replays one graph per layer, and makes none again."""
+    from nectar.model.padding import positions_after
+    from nectar.providers.graphs import forget, graphs_for
+
+    bound_provider = art.providers(model)[0]
+    forget(bound_provider)  # other tests on this artifact made their own shapes
+    ids = torch.randint(3, 300, (2, 6), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+
+    def decode():
+        with nectar.attach(model, art):
+            out = model.generate(input_ids=ids, attention_mask=mask, position_ids=positions_after(art.n, mask),
+                                 max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits)
+
+    setattr(provider, switch, False)
+    try:
+        eager_tokens, eager_logits = decode()
+        assert not graphs_for(bound_provider).graphs
+    finally:
+        delattr(provider, switch)
+    tokens, logits = decode()
+    made = len(graphs_for(bound_provider).graphs)
+    assert made == model.config.num_hidden_layers  # one shape (batch 2, one query) per layer
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(logits, eager_logits, atol=tol, rtol=tol)
+    decode()
+    assert len(graphs_for(bound_provider).graphs) == made  # replayed, not made again

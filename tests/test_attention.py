@@ -2,13 +2,12 @@
 import pytest
 import torch
 
-import nectar
 
 from nectar.providers.attention import NoContext
 from nectar.providers.kernels import exact_attention, merge
 from nectar.runtime.binding import bound, generation_inputs
 from nectar.runtime.prefill import prefill, split_sinks
-from conftest import DEVICES, full_logits, tiny_llama
+from conftest import DEVICES, assert_replay_matches_eager, full_logits, tiny_llama
 
 
 def test_merge_of_two_halves_equals_attention_over_all_keys():
@@ -205,38 +204,12 @@ def test_prefill_in_chunks_equals_one_pass(model):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@torch.no_grad()
 def test_decode_through_traced_steps_matches_eager_and_traces_each_layer_once(compiled):
     """On a CPU a decode step's document part runs as a traced graph per (layer, shape): the same ops as
     the eager path, without the Python between them."""
     from nectar.providers.attention import WithExact
-    from nectar.providers.graphs import forget, graphs_for
-    from nectar.model.padding import positions_after
 
     model, art = compiled
-    provider, _ = art.providers(model)
-    bank = provider.provider if isinstance(provider, WithExact) else provider
-    forget(provider)  # other tests on this fixture traced their own shapes
-    ids = torch.randint(3, 300, (2, 6))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-
-    def decode():
-        with nectar.attach(model, art):
-            out = model.generate(input_ids=ids, attention_mask=mask, position_ids=positions_after(art.n, mask),
-                                 max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        return out.sequences, torch.stack(out.logits)
-
-    bank.traceable = False
-    try:
-        eager_tokens, eager_logits = decode()
-        assert not graphs_for(provider).graphs
-    finally:
-        del bank.traceable
-    tokens, logits = decode()
-    traced = len(graphs_for(provider).graphs)
-    assert traced == model.config.num_hidden_layers  # one shape (batch 2, one query) per layer
-    assert torch.equal(tokens, eager_tokens)
-    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
-    decode()
-    assert len(graphs_for(provider).graphs) == traced  # replayed, not traced again
+    provider = art.providers(model)[0]
+    assert_replay_matches_eager(model, art, provider.provider if isinstance(provider, WithExact) else provider,
+                                "traceable")

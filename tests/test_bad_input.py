@@ -18,18 +18,6 @@ from nectar.manifest import check_model_for, read_header
 from conftest import FAST, QUICK_CLI, assert_one_line_error, run_cli, sample_document
 
 
-@pytest.fixture
-def doc(tmp_path):
-    path = tmp_path / "doc.txt"
-    path.write_text(sample_document(1500))
-    return path
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def load(*args, **kwargs):
-        pytest.fail("loaded a model before checking the arguments")
-    monkeypatch.setattr("nectar.cli.commands._load", load)
 
 
 def header_only(path: Path, model: str = "smollm2-135m", **metrics) -> Path:

@@ -12,19 +12,6 @@ from nectar.model.documents import Pydoc, parse_source
 from conftest import QUICK_CLI as QUICK, assert_one_line_error, run_cli, sample_document
 
 
-@pytest.fixture
-def doc(tmp_path):
-    path = tmp_path / "doc.txt"
-    path.write_text(sample_document(1500))
-    return path
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if a command loads a model: its arguments should have been refused first."""
-    def load(*args, **kwargs):
-        pytest.fail("loaded a model before checking the arguments")
-    monkeypatch.setattr("nectar.cli.commands._load", load)
 
 
 @pytest.mark.parametrize("arg, expected", [("pydoc", Pydoc(4096)), ("pydoc:512", Pydoc(512))])

@@ -9,7 +9,7 @@ from nectar.providers.kernels import _grouped_mask, exact_attention, reference_a
 from nectar.eval.bench import BenchConfig, run
 from nectar.runtime.binding import bound
 from nectar.model.padding import positions_after
-from conftest import FAST, sample_document, tiny_llama
+from conftest import FAST, assert_replay_matches_eager, sample_document, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 CUDA = torch.device("cuda")
@@ -103,32 +103,6 @@ def test_left_padding_with_no_document_stays_finite_on_gpu():
     assert torch.isfinite(logits).all()
 
 
-@torch.no_grad()
 def test_decode_through_cuda_graphs_matches_eager_and_captures_each_layer_once(gpu_compiled):
-    from nectar.providers.graphs import forget, graphs_for
-
     model, art = gpu_compiled
-    bank, _ = art.providers(model)
-    forget(bank)  # other tests on this fixture captured their own shapes
-    ids = torch.randint(3, 300, (2, 6), device=CUDA)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-
-    def decode():
-        with nectar.attach(model, art):
-            out = model.generate(input_ids=ids, attention_mask=mask, position_ids=positions_after(art.n, mask),
-                                 max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        return out.sequences, torch.stack(out.logits)
-
-    bank.graphable = False
-    try:
-        eager_tokens, eager_logits = decode()
-    finally:
-        del bank.graphable
-    tokens, logits = decode()
-    captured = len(graphs_for(bank).graphs)
-    assert captured == model.config.num_hidden_layers  # one shape (batch 2, one query) per layer
-    assert torch.equal(tokens, eager_tokens)
-    torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
-    decode()
-    assert len(graphs_for(bank).graphs) == captured  # replayed, not captured again
+    assert_replay_matches_eager(model, art, art.providers(model)[0], "graphable", CUDA, tol=1e-4)

@@ -29,12 +29,6 @@ def tiny(monkeypatch, tokenizer, tmp_path):
     return model
 
 
-@pytest.fixture
-def doc(tmp_path):
-    path = tmp_path / "doc.txt"
-    path.write_text(sample_document(1500))
-    return path
-
 
 def test_eval_compares_every_method_and_caches(tiny, doc, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ev"

@@ -187,3 +187,17 @@ def test_serve_refuses_a_sliding_model_in_one_line(tokenizer, document, tmp_path
     path = nectar.compile(model, tokenizer, document, TINY).save(tmp_path / "doc.nectar")
     monkeypatch.setattr("nectar.cli.commands._load", lambda name, dtype, device="auto": (model, tokenizer))
     assert_one_line_error(run_cli(capsys, "serve", path, "--port", "0"), "sliding-window")
+
+
+@pytest.mark.parametrize("effort", ["quick", "fast", "default"])
+def test_every_effort_level_resolves_on_a_sliding_window_model(effort):
+    """An effort level's exact share is a default, which sliding-window models (no exact tokens yet) set to 0;
+    a share the user asks for is refused there, in one line."""
+    from nectar.compiler.plan import resolve
+    from nectar.config import at_effort, parse_settings, with_changes
+
+    config_class, _, overrides = SUPPORTED["gemma3"]
+    cfg = config_class(**{**SHAPE, **overrides})
+    assert resolve(at_effort(effort), cfg, 1024).exact_share == 0.0
+    with pytest.raises(NectarError, match="set it to 0"):
+        resolve(with_changes(at_effort(effort), parse_settings(["exact_share=0.3"])), cfg, 1024)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .budget import allocate, head_gaps, params_per_module, uniform_exact
-from ..config import EXACT_SHARE, EXACT_SHARE_EVEN, MIN_MODULE_WIDTH, CompileConfig
+from ..config import EXACT_SHARE, MIN_MODULE_WIDTH, CompileConfig
 from ..errors import NectarError
 from ..model.models import head_dim, layer_windows, modeled_layers
 from ..providers.modules import MLPBank
@@ -71,7 +71,7 @@ def resolve(config: CompileConfig, cfg, n: int) -> CompileConfig:
     config = replace(config, exact_value_bits=config.value_bits)
     slides = any(layer_windows(cfg))
     if config.exact_share is None:
-        share = 0.0 if slides else EXACT_SHARE if config.allocation == "gap" else EXACT_SHARE_EVEN
+        share = 0.0 if slides else EXACT_SHARE if config.allocation == "gap" else config.even_share
         return replace(config, exact_share=_default_share(config, cfg, n, share))
     if slides and config.exact_share:
         raise NectarError("exact_share is not supported on models with sliding-window layers yet: set it to 0")
