@@ -285,3 +285,14 @@ def test_a_model_that_is_not_there_is_refused(tmp_path, doc, capsys, where, patt
     if where == "empty":
         folder.mkdir()
     assert_one_line_error(run_cli(capsys, "compile", doc, "-o", tmp_path / "a.nectar", "--model", folder), pattern)
+
+
+@pytest.mark.integration
+def test_python_dash_m_nectar_is_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "nectar", "info", "missing.nectar"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("nectar: error: no artifact at missing.nectar")

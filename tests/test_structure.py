@@ -20,6 +20,7 @@ LAYERS = [
     {"compiler"},  # the compile's stages
     {"eval", "serve"},  # what uses compiled documents
     {"cli"},  # the command line
+    {"__main__"},  # `python -m nectar`
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 FILES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
