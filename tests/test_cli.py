@@ -289,9 +289,6 @@ def test_a_model_that_is_not_there_is_refused(tmp_path, doc, capsys, where, patt
 
 @pytest.mark.integration
 def test_python_dash_m_nectar_is_the_command(tmp_path):
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "nectar", "info", "missing.nectar"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
