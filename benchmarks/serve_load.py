@@ -35,12 +35,14 @@ QUESTIONS = [
 ]
 
 
-def start(folder: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start(folder: Path, max_batch: int | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`nectar serve folder` on a free loopback port, once it answers: (process, base URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    batch = [] if max_batch is None else ["--max-batch", str(max_batch)]
     proc = subprocess.Popen([sys.executable, "-m", "nectar.cli.main", "serve", str(folder), "--port", str(port),
-                             "--max-batch", str(max_batch), *extra], stderr=subprocess.DEVNULL)
+                             *batch, *extra], stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 600
     while time.time() < deadline:

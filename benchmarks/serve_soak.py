@@ -17,15 +17,14 @@ import asyncio
 import json
 import random
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from serve_load import start, stop  # benchmarks/ is on the path when this script runs
 
 QUESTIONS = ["What does this document say about errors?", "Summarise the first section.", "What is a module?",
              "How do I use the main statement it describes?", "List three terms it defines.", "Why?",
@@ -33,12 +32,6 @@ QUESTIONS = ["What does this document say about errors?", "Summarise the first s
 MALFORMED = [b"{", b"[]", json.dumps({"model": "a"}).encode(), json.dumps({"messages": "hi", "model": 3}).encode(),
              json.dumps({"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}).encode(),
              json.dumps({"model": "a", "messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -123,20 +116,6 @@ async def sample_rss(pid: int, deadline: float, out: list) -> None:
         await asyncio.sleep(1.0)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("the server did not start in time")
-
-
 def per_minute(records: list[dict], t0: float) -> list[dict]:
     rows = {}
     for r in records:
@@ -184,12 +163,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="soak-"))
     for a in args.artifacts:
         shutil.copy(a, folder)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    proc = subprocess.Popen([sys.executable, "-m", "nectar.cli", "serve", str(folder), "--port", str(port),
-                             "--dtype", args.dtype], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = start(folder, None, ["--dtype", args.dtype])
     try:
-        wait_ready(url, proc)
         names = [Path(a).stem for a in args.artifacts]
         deadline = time.time() + args.minutes * 60
         soak = Soak(url, names, Path(args.extra).stem if args.extra else None, deadline)
@@ -207,8 +182,7 @@ def main() -> None:
         asyncio.run(run())
         alive = proc.poll() is None
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
         shutil.rmtree(folder, ignore_errors=True)
     failures = [r for r in soak.records if not r["ok"]]
     minutes = per_minute(soak.records, t0)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 Step = Callable[[Tensor, Tensor, Tensor], Tensor]
+TRACER = hasattr(torch.jit, "trace")  # decided once: `graphable` runs in every layer of every step
 
 
 class _Captured:
@@ -49,7 +50,7 @@ class _Traced:
     def __init__(self, fn: Step, inputs: tuple[Tensor, ...]):
         with warnings.catch_warnings():
             # TracerWarning (shapes frozen: the key guarantees them) and trace's deprecation notice: the
-            # tracer is in torch 2.13, which nectar pins; `traceable` turns it off should it go.
+            # tracer is in torch 2.13, which nectar pins; without it (TRACER) CPU steps run eagerly.
             warnings.simplefilter("ignore")
             self.fn = torch.jit.trace(fn, inputs, check_trace=False)
 
@@ -98,4 +99,4 @@ def graphable(provider, query: Tensor) -> bool:
         return False
     if query.is_cuda:
         return getattr(provider, "graphable", False)
-    return query.device.type == "cpu" and getattr(provider, "traceable", False) and hasattr(torch.jit, "trace")
+    return TRACER and query.device.type == "cpu" and getattr(provider, "traceable", False)
