@@ -180,13 +180,48 @@ def test_gemma3_gguf_vocabulary_is_rebuilt_as_sentencepiece_bpe():
     assert default_templates(tokenizer) == ("<bos>{document}", "\n\nQuestion: {question}\nAnswer:")
 
 
-def test_serve_refuses_a_sliding_model_in_one_line(tokenizer, document, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("fastapi")
-    from conftest import assert_one_line_error, run_cli
+@pytest.fixture(scope="module")
+def sliding_pair(tokenizer, document):
+    """The tiny Gemma 3 and two documents compiled for it, of different lengths (so other tail positions)."""
     model = tiny(*SUPPORTED["gemma3"])
-    path = nectar.compile(model, tokenizer, document, TINY).save(tmp_path / "doc.nectar")
-    monkeypatch.setattr("nectar.cli.commands._load", lambda name, dtype, device="auto": (model, tokenizer))
-    assert_one_line_error(run_cli(capsys, "serve", path, "--port", "0"), "sliding-window")
+    return model, [nectar.compile(model, tokenizer, ids, TINY) for ids in (document, document[40:200])]
+
+
+def test_row_tails_equal_each_rows_own_window_tail(sliding_pair):
+    """A batch's sliding-layer part, row by row, is what `WindowTail` gives that row alone."""
+    from nectar.serve.rowsinks import RowSinks
+
+    model, artifacts = sliding_pair
+    sinks = [a.providers(model)[1] for a in artifacts]
+    rows = RowSinks(layer_windows(model.config))
+    rows.select(sinks)
+    q = torch.randn(2, 2, 3 * 2, 16)  # 2 rows, 2 KV heads, 2 groups x 3 queries
+    positions = torch.tensor([[240, 243, 250], [160, 161, 162]])  # the last of row 0 is past its window
+    o, lse = rows.tail(0)(q, 0.25, positions)
+    for i, s in enumerate(sinks):
+        o_i, lse_i = s.tail(0)(q[i:i + 1], 0.25, positions[i:i + 1])
+        torch.testing.assert_close(o[i:i + 1], o_i)
+        torch.testing.assert_close(lse[i:i + 1], lse_i)
+
+
+def test_sliding_window_documents_share_a_decode_batch_and_answer_as_ask(tokenizer, sliding_pair):
+    """`nectar serve`'s engine on a model with sliding layers: both documents sit in one decode batch, and
+    each answers as `nectar ask` does, through prompts that outgrow the 8-token window."""
+    from nectar.model.templates import question_ids
+    from nectar.serve.engine import Engine, Request
+
+    model, artifacts = sliding_pair
+    question = "What does the assert statement do when it fails?"
+    engine, texts = Engine(model, tokenizer), {0: [], 1: []}
+    for i, artifact in enumerate(artifacts):
+        prompt = question_ids(tokenizer, artifact.question_template, question)
+        engine.submit(Request(artifact, prompt, 12, lambda d, i=i: texts[i].append(d.text)))
+    with engine.bound(), torch.no_grad():
+        while engine.step():
+            pass
+    assert engine.stats.largest == 2
+    for i, artifact in enumerate(artifacts):
+        assert "".join(texts[i]) == nectar.ask(model, tokenizer, artifact, [question], max_new_tokens=12)[0]
 
 
 @pytest.mark.parametrize("effort", ["quick", "fast", "default"])

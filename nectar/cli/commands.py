@@ -292,11 +292,6 @@ def cmd_serve(args) -> None:
                          max_tokens=args.max_tokens, max_body=args.max_body)
     _check_port(config.host, config.port)
     model, tokenizer = _load(model_name, args.dtype, args.device)
-    from ..model.models import layer_windows
-
-    if any(layer_windows(model.config)):
-        raise NectarError(f"{model.config.model_type} has sliding-window layers, which `nectar serve` does not batch "
-                          "yet: ask its documents with `nectar ask`")
     serve(model, tokenizer, paths, config)
 
 

@@ -46,8 +46,8 @@ def bound(
 
 
 def _tail(layer: int, context: ContextProvider, sinks: ExactContext | None) -> WindowTail:
-    for source in (sinks, context):
-        if isinstance(source, ExactContext) and source.slides(layer):
+    for source in (sinks, context):  # an ExactContext, or a server's per-row sinks (nectar.serve.rowsinks)
+        if hasattr(source, "slides") and source.slides(layer):
             return source.tail(layer)
     if isinstance(context, NoContext):
         return WindowTail(torch.zeros(0, 0, 0), torch.zeros(0, 0, 0), None, 0, 1)

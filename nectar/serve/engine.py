@@ -4,6 +4,9 @@ Every step feeds one token per active row, whatever document each row asks about
 each row its own document's modules, and the local KV cache (sink tokens, prompt, answer so far) is
 one left-padded batch. A new request is prefilled alone, then joins between steps; a finished or
 cancelled one leaves. The engine runs in its own thread and reports through each request's `emit`.
+
+On a model with sliding-window layers the sink tokens cannot share that cache (a sliding layer must not
+see them): `RowSinks` gives each row its own document's sinks and sliding-window tails instead.
 """
 from __future__ import annotations
 
@@ -19,9 +22,12 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from ..artifact import Artifact
+from ..model.models import layer_windows
+from ..providers.attention import ExactContext
 from ..runtime.binding import bound, generation_inputs
 from ..runtime.decode import stop_ids
 from .rowbanks import RowBanks
+from .rowsinks import RowSinks
 
 
 # Logits divided by a smaller temperature overflow fp32 into inf and NaN probabilities; sampling this cold is
@@ -88,6 +94,7 @@ class AnswerText:
 class _Row:
     request: Request
     provider: object
+    sinks: ExactContext
     position: int  # position id of the next token fed
     text: AnswerText
     generator: torch.Generator | None
@@ -111,6 +118,8 @@ class Engine:
         self.window = model.config.max_position_embeddings
         self.stops = set(stop_ids(tokenizer))
         self.banks = RowBanks()
+        windows = layer_windows(model.config)
+        self.sinks = RowSinks(windows) if any(windows) else None  # else the sinks sit in the cache
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.mask: Tensor | None = None  # [rows, columns]: 1 where a column holds one of the row's tokens
@@ -148,8 +157,12 @@ class Engine:
 
     # -- the engine's thread --
 
+    def bound(self):
+        """The model bound to the batch's documents: what `step` runs inside."""
+        return bound(self.model, self.banks, self.sinks)
+
     def _loop(self) -> None:
-        with bound(self.model, self.banks), torch.no_grad():
+        with self.bound(), torch.no_grad():
             while not self._closing:
                 if not self.step():
                     self._wake.wait(0.1)
@@ -183,7 +196,7 @@ class Engine:
 
     def _prefill(self, request: Request) -> None:
         artifact = request.artifact
-        provider = artifact.providers(self.model)[0]
+        provider, sinks = artifact.providers(self.model)
         logits, cache = self.first_logits(artifact, request.prompt)
         self.stats.prefills += 1
         generator = None
@@ -191,7 +204,7 @@ class Engine:
             generator = torch.Generator()
             # Any integer is a seed (OpenAI's API bounds none); the generator takes 64 bits of it.
             generator.manual_seed(request.seed % 2**64 if request.seed is not None else int(torch.randint(2**62, ())))
-        row = _Row(request, provider, artifact.n + len(request.prompt),
+        row = _Row(request, provider, sinks, artifact.n + len(request.prompt),
                    AnswerText(self.tokenizer, request.stop), generator)
         if self._advance(row, self._sample(row, logits)):
             self._join(row, cache)
@@ -200,9 +213,15 @@ class Engine:
         """The prompt's last logits after the document, and its local cache (sink tokens, then the prompt)."""
         provider, sinks = artifact.providers(self.model)
         ids = torch.tensor([prompt])
-        inputs = generation_inputs(self.model, ids, torch.ones_like(ids), artifact.n, sinks)
+        inputs = generation_inputs(self.model, ids, torch.ones_like(ids), artifact.n,
+                                   None if self.sinks else sinks)
         cache = inputs.get("past_key_values")
         cached = 0 if cache is None else cache.get_seq_length()  # the sinks: in the cache, not fed again
+        if self.sinks is not None:
+            # Every layer keeps every local token (the sliding mask, not the cache, bounds what a layer sees),
+            # so that rows join and leave one cache whose columns mean the same in all layers.
+            cache = DynamicCache()
+            self.sinks.select([sinks])
         self.banks.select([provider])
         out = self.model(input_ids=inputs["input_ids"][:, cached:], position_ids=inputs["position_ids"][:, cached:],
                          attention_mask=inputs["attention_mask"], past_key_values=cache, use_cache=True,
@@ -211,6 +230,8 @@ class Engine:
 
     def _decode(self) -> None:
         self.banks.select([row.provider for row in self.rows])
+        if self.sinks is not None:
+            self.sinks.select([row.sinks for row in self.rows])
         ids = torch.tensor([[row.last] for row in self.rows])
         positions = torch.tensor([[row.position] for row in self.rows])
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
