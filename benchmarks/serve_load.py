@@ -6,7 +6,8 @@ For each --max-batch value it starts `nectar serve DIR` on 127.0.0.1, sends --re
 (greedy, streamed) from --clients concurrent clients, round-robin over the documents, and reports
 throughput, time to first token, per-token latency and the server's peak RSS. `--max-batch 1` is the
 baseline that serves each request alone. `--memory N` instead loads N copies of one artifact and
-reports the server's RSS against what N full KV caches of those documents would take.
+reports the server's RSS against what N full KV caches of those documents would take. `--same-as-ask`
+first checks, per document, that the server's greedy chat answer is `nectar.ask`'s word for word.
 """
 from __future__ import annotations
 
@@ -116,6 +117,25 @@ async def load(url: str, models: list[str], clients: int, requests: int, max_tok
             "median_tokens": statistics.median(r["tokens"] for r in results) if results else 0}
 
 
+def same_as_ask(url: str, folder: Path, models: list[str], max_tokens: int) -> dict[str, bool]:
+    """Per document, whether the server's greedy chat answer to the first question is `nectar.ask`'s (fp32, the
+    server's default dtype), on a model loaded here."""
+    import nectar
+
+    client, same, loaded = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600), {}, {}
+    for name in models:
+        artifact = nectar.Artifact.load(folder / f"{name}.nectar")
+        model_name = artifact.manifest["model"]["fingerprint"]["name"]
+        if model_name not in loaded:
+            loaded[model_name] = nectar.load_model(model_name, dtype="float32")
+        model, tokenizer = loaded[model_name]
+        served = client.chat.completions.create(model=name, messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                                temperature=0, max_tokens=max_tokens).choices[0].message.content
+        same[name] = served == nectar.ask(model, tokenizer, artifact, [QUESTIONS[0]], max_new_tokens=max_tokens)[0]
+        print(f"{name}: served answer {'is' if same[name] else 'is NOT'} nectar ask's: {served[:60]!r}", flush=True)
+    return same
+
+
 def stop(proc: subprocess.Popen) -> int:
     proc.send_signal(signal.SIGINT)
     try:
@@ -157,6 +177,8 @@ def main() -> None:
     p.add_argument("--memory", type=int, default=0, help="load this many copies of the artifact instead")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="write the report here as JSON")
+    p.add_argument("--same-as-ask", action="store_true", help="first check each document's greedy answer against "
+                   "nectar ask's")
     args = p.parse_args()
     extra = ["--device", args.device]
     if args.memory:
@@ -166,7 +188,9 @@ def main() -> None:
         for batch in args.max_batch:
             proc, url = start(args.folder, batch, extra)
             models = [m["id"] for m in httpx.get(url + "/models").json()["data"]]
+            same = same_as_ask(url, args.folder, models, args.max_tokens) if args.same_as_ask else None
             row = asyncio.run(load(url, models, args.clients, args.requests, args.max_tokens))
+            row["same_as_ask"] = same
             row.update(documents=len(models), clients=args.clients, peak_rss_mb=peak_rss_mb(proc.pid),
                        exit_code=stop(proc))
             report[f"max_batch={batch}"] = row

@@ -71,12 +71,16 @@ class Artifact:
         """(the provider with each layer's exact tokens past the sinks beside it, the sinks alone). Quantised
         tokens stay coded in memory; 16-bit ones go to the model's dtype with the sinks."""
         s, sinks = self.manifest["sink_tokens"], self.sinks
-        bias = None if sinks.bias is None else [None if b is None else b[:, s:] for b in sinks.bias]
-        rest = ExactContext([k[:, s:] for k in sinks.keys], [v[:, s:] for v in sinks.values], bias)
+        # A sliding layer's tail stays whole with the sinks: it has no module to sit beside.
+        past = [s if w is None else k.shape[-2] for k, w in zip(sinks.keys, self.windows)]
+        bias = None if sinks.bias is None else [None if b is None else b[:, p:] for b, p in zip(sinks.bias, past)]
+        rest = ExactContext([k[:, p:] for k, p in zip(sinks.keys, past)], [v[:, p:] for v, p in zip(sinks.values, past)],
+                            bias)
         rest = CodedTokens.of(rest, self.exact_bits, self.exact_value_bits).to(device) if self.exact_bits < 16 else replace(
             rest, keys=[k.to(device, dtype) for k in rest.keys], values=[v.to(device, dtype) for v in rest.values])
-        return WithExact(provider, rest), replace(sinks, keys=[k[:, :s] for k in sinks.keys],
-                                                  values=[v[:, :s] for v in sinks.values], bias=None)
+        head = [s if w is None else None for w in self.windows]
+        return WithExact(provider, rest), replace(sinks, keys=[k[:, :h] for k, h in zip(sinks.keys, head)],
+                                                  values=[v[:, :h] for v, h in zip(sinks.values, head)], bias=None)
 
     @property
     def windows(self) -> list[int | None]:

@@ -141,10 +141,10 @@ class CompileConfig:
                                 "lower weights traded quoting for answers within noise", "refine-recall")
     exact_share: float | None = knob(None, "budget share for document tokens kept exact (None: EXACT_SHARE under "
                                      "gap, even_share otherwise, less where modules would fall under "
-                                     "MIN_MODULE_WIDTH, 0 on sliding-window models)",
+                                     "MIN_MODULE_WIDTH; global layers only on sliding-window models)",
                                      "exact tokens bought most of the fidelity", "exact-share")
     even_share: float = knob(EXACT_SHARE_EVEN, "the default exact share under an allocation other than gap, where "
-                             "each token buys less (an effort level's, which sliding-window models ignore)",
+                             "each token buys less (an effort level's)",
                              "exact tokens bought most of the fidelity", "exact-share")
     onpolicy_steps: int = knob(150, "refit steps on queries captured with the fitted modules in place (0: off)",
                                "most of a round's gain comes in its first 100 steps", "onpolicy")

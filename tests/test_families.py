@@ -180,11 +180,30 @@ def test_gemma3_gguf_vocabulary_is_rebuilt_as_sentencepiece_bpe():
     assert default_templates(tokenizer) == ("<bos>{document}", "\n\nQuestion: {question}\nAnswer:")
 
 
+EXACT = replace(TINY, allocation="gap", exact_share=0.3, probe_steps=10)  # exact tokens chosen by the gap probe
+
+
 @pytest.fixture(scope="module")
 def sliding_pair(tokenizer, document):
-    """The tiny Gemma 3 and two documents compiled for it, of different lengths (so other tail positions)."""
+    """The tiny Gemma 3 and two documents compiled for it, of different lengths (so other tail positions), the
+    second with exact tokens in its global layer."""
     model = tiny(*SUPPORTED["gemma3"])
-    return model, [nectar.compile(model, tokenizer, ids, TINY) for ids in (document, document[40:200])]
+    return model, [nectar.compile(model, tokenizer, document, TINY),
+                   nectar.compile(model, tokenizer, document[40:200], EXACT)]
+
+
+def test_exact_tokens_go_to_the_global_layers_of_a_sliding_model(sliding_pair, tokenizer, tmp_path):
+    """The sliding layers keep their window's tail and nothing more; the global layer keeps exact tokens beside
+    its module, which survive a save and load and answer as before."""
+    model, (_, artifact) = sliding_pair
+    assert [bool(c) for c in artifact.manifest["metrics"]["exact_per_layer"]] == [False, True, False]
+    loaded = Artifact.load(artifact.save(tmp_path / "exact.nectar"))
+    sinks = loaded.sinks
+    assert sinks.keys[0].shape[-2] == sinks.keys[2].shape[-2] == 7  # the tails: window - 1
+    assert sinks.keys[1].shape[-2] > TINY.sink_tokens
+    with torch.no_grad():
+        ask = [nectar.ask(model, tokenizer, a, ["What does assert do?"], max_new_tokens=6) for a in (artifact, loaded)]
+    assert ask[0] == ask[1]
 
 
 def test_row_tails_equal_each_rows_own_window_tail(sliding_pair):
@@ -225,14 +244,15 @@ def test_sliding_window_documents_share_a_decode_batch_and_answer_as_ask(tokeniz
 
 
 @pytest.mark.parametrize("effort", ["quick", "fast", "default"])
-def test_every_effort_level_resolves_on_a_sliding_window_model(effort):
-    """An effort level's exact share is a default, which sliding-window models (no exact tokens yet) set to 0;
-    a share the user asks for is refused there, in one line."""
-    from nectar.compiler.plan import resolve
-    from nectar.config import at_effort, parse_settings, with_changes
+def test_every_effort_level_keeps_exact_tokens_in_global_layers_only(effort):
+    """On a sliding-window model an effort level's exact share resolves as on any other, and its tokens go to
+    the global layers: the sliding ones keep none beyond their window's tail."""
+    from nectar.compiler.plan import exact_counts, resolve
+    from nectar.config import at_effort
 
     config_class, _, overrides = SUPPORTED["gemma3"]
     cfg = config_class(**{**SHAPE, **overrides})
-    assert resolve(at_effort(effort), cfg, 1024).exact_share == 0.0
-    with pytest.raises(NectarError, match="set it to 0"):
-        resolve(with_changes(at_effort(effort), parse_settings(["exact_share=0.3"])), cfg, 1024)
+    config = resolve(replace(at_effort(effort), allocation="uniform"), cfg, 1024)
+    assert config.exact_share > 0
+    counts = exact_counts(config, cfg, 1024, None)
+    assert counts[0] == counts[2] == 0 and counts[1] > 0

@@ -12,7 +12,7 @@ import torch
 from .budget import allocate, head_gaps, params_per_module, uniform_exact
 from ..config import EXACT_SHARE, MIN_MODULE_WIDTH, CompileConfig
 from ..errors import NectarError
-from ..model.models import head_dim, layer_windows, modeled_layers
+from ..model.models import head_dim, modeled_layers
 from ..providers.modules import MLPBank
 from .selection import TokenChoice
 
@@ -66,15 +66,12 @@ def module_numbers(config: CompileConfig, cfg, n: int) -> int:
 
 
 def resolve(config: CompileConfig, cfg, n: int) -> CompileConfig:
-    """The config with its exact share decided: the default one, or none on sliding-window models; and the
-    bits of the exact values written out, so that the artifact says how it stores them."""
+    """The config with its exact share decided (the default one, less where modules would grow too narrow);
+    and the bits of the exact values written out, so that the artifact says how it stores them."""
     config = replace(config, exact_value_bits=config.value_bits)
-    slides = any(layer_windows(cfg))
     if config.exact_share is None:
-        share = 0.0 if slides else EXACT_SHARE if config.allocation == "gap" else config.even_share
+        share = EXACT_SHARE if config.allocation == "gap" else config.even_share
         return replace(config, exact_share=_default_share(config, cfg, n, share))
-    if slides and config.exact_share:
-        raise NectarError("exact_share is not supported on models with sliding-window layers yet: set it to 0")
     return config
 
 
@@ -106,20 +103,29 @@ def plan(config: CompileConfig, cfg, n: int, gaps: Gaps | None = None) -> Plan:
 
 def exact_counts(config: CompileConfig, cfg, n: int, gaps: Gaps | None) -> tuple:
     """Tokens kept exact per (layer, head) beyond the sinks, per model layer: `exact_share` of the budget's
-    tokens, the same in every layer, or under the `gap` allocation in proportion to the KL each layer
-    causes, since a layer whose module barely moves the answer needs no exact tokens at all."""
-    layers, kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    tokens, the same in every modeled layer, or under the `gap` allocation in proportion to the KL each
+    layer causes, since a layer whose module barely moves the answer needs no exact tokens at all. A
+    sliding-window layer keeps none: its window's tail is exact already, and it has no module."""
+    kv, modeled = cfg.num_key_value_heads, modeled_layers(cfg)
     per_layer = uniform_exact(n, config, head_dim(cfg))
     if not per_layer or config.allocation != "gap":
-        return (per_layer,) * layers
+        return _on_model_layers(cfg, (per_layer,) * len(modeled))
     cells = gaps.layers
     if config.head_gap_layers:  # by KV head: a tuple of counts per layer
         cells = head_gaps(gaps.layers, gaps.heads, kv)
     cap = config.exact_head_cap * (n - config.sink_tokens)
     counts = allocate(cells, per_layer, low=0.0, high=max(1.0, cap / per_layer))
     if not config.head_gap_layers:
+        return _on_model_layers(cfg, counts)
+    return _on_model_layers(cfg, [tuple(counts[i: i + kv]) for i in range(0, len(counts), kv)])
+
+
+def _on_model_layers(cfg, counts) -> tuple:
+    """Counts per modeled layer spread over every model layer, 0 on the sliding ones."""
+    if len(counts) == cfg.num_hidden_layers:
         return tuple(counts)
-    return tuple(tuple(counts[i: i + kv]) for i in range(0, len(counts), kv))
+    per_layer = dict(zip(modeled_layers(cfg), counts))
+    return tuple(per_layer.get(layer, 0) for layer in range(cfg.num_hidden_layers))
 
 
 def mlp_bank(config: CompileConfig, cfg, params: int | list[int]) -> MLPBank:

@@ -38,20 +38,23 @@ class TokenChoice:
 def choose_tokens(queries: Tensor, full: ExactContext, scaling: float, skip: int, count: int | Sequence,
                   choice: TokenChoice = TokenChoice(), chunk: int = 2048) -> list[Tensor]:
     """Per layer, the [kv_heads, count] positions (all >= skip, sorted) of the document tokens that rank
-    highest over `queries` ([layers * kv_heads, N, d], layer-major as a capture store) as `choice` says.
-    `count` is one number for every layer, or one per layer, each a number or one per KV head: a head that
-    keeps fewer tokens than its layer's most has its row padded with -1 at the end."""
+    highest over `queries` ([modeled layers * kv_heads, N, d], layer-major as a capture store, which holds no
+    sliding-window layer) as `choice` says. `count` is one number for every layer, or one per layer, each a
+    number or one per KV head: a head that keeps fewer tokens than its layer's most has its row padded with
+    -1 at the end. A sliding layer keeps none."""
     kv = full.keys[0].shape[0]
     counts = [count] * len(full.keys) if isinstance(count, int) else list(count)
     chosen, device = [], queries.device
+    slots = [layer for layer in range(len(full.keys)) if not full.slides(layer)]  # the store's layer order
     # A ranking needs no fp32 products: bf16 where the hardware runs them natively, the softmax in fp32.
     dtype = torch.bfloat16 if has_fast_bf16(device) else torch.float32
     for layer, (keys, count) in enumerate(zip(full.keys, counts)):
         heads = [count] * kv if isinstance(count, int) else list(count)
-        if not max(heads):
+        if not max(heads) or full.slides(layer):
             chosen.append(torch.zeros(kv, 0, dtype=torch.long, device=keys.device))
             continue
-        q = queries[layer * kv:(layer + 1) * kv]
+        slot = slots.index(layer)
+        q = queries[slot * kv:(slot + 1) * kv]
         k, v = keys.to(device, dtype), full.values[layer].to(device, dtype)
         score = torch.zeros(k.shape[:2], device=device)
         for start in range(0, q.shape[1], chunk):

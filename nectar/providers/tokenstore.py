@@ -70,14 +70,16 @@ def _padded(rows: torch.Tensor, heads: list[list[int]]) -> tuple[list[torch.Tens
 
 def sinks_from(manifest: dict, tensors: dict) -> ExactContext:
     windows = manifest["model"].get("windows")
+    keys, values, bias = _per_layer(tensors, "sinks") if "sinks.keys" in tensors else ([], [], [])
+    if "exact.keys" in tensors:  # each global layer's quantised exact tokens after its sinks
+        keys, values, bias = _exact_after(tensors, keys, values)
     if not windows:
-        keys, values, bias = _per_layer(tensors, "sinks")
-        if "exact.keys" in tensors:  # each layer's quantised exact tokens after its sinks
-            keys, values, bias = _exact_after(tensors, keys, values)
         return ExactContext(keys, values, bias if any(b is not None for b in bias) else None)
-    parts = {name: iter(zip(*_per_layer(tensors, name)[:2])) for name in ("sinks", "tails") if f"{name}.keys" in tensors}
-    keys, values = zip(*(next(parts["sinks" if w is None else "tails"]) for w in windows))
-    return ExactContext(list(keys), list(values), windows=windows, end=manifest["document"]["tokens"])
+    # Global layers' sinks (and exact tokens) and sliding layers' tails, back in model layer order.
+    parts = {"sinks": iter(zip(keys, values, bias)), "tails": iter(zip(*_per_layer(tensors, "tails")))}
+    keys, values, bias = zip(*(next(parts["sinks" if w is None else "tails"]) for w in windows))
+    return ExactContext(list(keys), list(values), list(bias) if any(b is not None for b in bias) else None,
+                        windows=windows, end=manifest["document"]["tokens"])
 
 
 def _exact_after(tensors: dict, keys: list, values: list) -> tuple[list, list, list]:
