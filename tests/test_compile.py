@@ -290,3 +290,17 @@ def test_a_budget_too_small_for_any_module_is_refused_before_any_work(tokenizer,
     config = replace(at_effort(effort), budget=1e-4)
     with pytest.raises(nectar.NectarError, match="leaves no room for modules"):
         nectar.compile(tiny_llama(), tokenizer, sample_document(600), config)
+
+
+def test_stage_times_do_not_overlap(tokenizer):
+    """Each stage's seconds are its own: none runs inside another's clock (choosing the exact tokens once
+    counted in the capture's too), so the stages add up to the compile."""
+    from nectar import timing
+
+    first = len(timing.RUNS)
+    config = replace(FAST, allocation="gap", exact_share=0.3, probe_steps=10)
+    nectar.compile(tiny_llama(), tokenizer, sample_document(1500), config)
+    runs = timing.RUNS[first:]
+    assert {"capture", "choose exact tokens"} <= {r.name for r in runs}
+    for a, b in zip(runs, runs[1:]):  # recorded as each ends: a stage nested in another ends first
+        assert a.end <= b.start + 1e-6, f"{a.name} overlaps {b.name}"

@@ -207,6 +207,7 @@ class Workspace:
                 riders = self._riders = (TopK(training.train_sequences, TEACHER_TOPK),
                                          TopK(training.val_sequences, TEACHER_TOPK))
             name = "capture" if every == 1 else "capture (probe)"
+            self.split(*key)  # chosen (and timed) before the capture's clock starts, not inside it
             with stage(self.times.setdefault(key, {}), name):
                 self.captures[key, every] = self._capture(key, every, None, riders)
         return self.captures[key, every]
