@@ -176,11 +176,12 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, nargs="+", default=[32, 1])
     p.add_argument("--memory", type=int, default=0, help="load this many copies of the artifact instead")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", help="serve this model's documents of a folder that holds several models'")
     p.add_argument("--out", type=Path, help="write the report here as JSON")
     p.add_argument("--same-as-ask", action="store_true", help="first check each document's greedy answer against "
                    "nectar ask's")
     args = p.parse_args()
-    extra = ["--device", args.device]
+    extra = ["--device", args.device] + (["--model", args.model] if args.model else [])
     if args.memory:
         report = memory(args.folder, args.memory, extra)
     else:

@@ -117,7 +117,7 @@ def compare_answers(model, tokenizer, artifact, questions: list[str], max_new_to
         lines.append(f"Q: {q}\n  nectar:     {indent(a)}\n  full cache: {indent(f)}\n  {measure}: {score:.3f}\n")
     lines.append(f"{measure} of the answers to the full cache's: mean {sum(scores) / len(scores):.3f}, "
                  f"identical answers {sum(a == f for a, f in zip(answers, full))}/{len(full)}")
-    exact = "exact tokens" if not any(artifact.windows) else "exact tokens (sinks, sliding-window tails)"
+    exact = "exact tokens" if not any(artifact.windows) else "exact tokens (sliding-window tails included)"
     lines.append(f"memory for the document: {artifact.nbytes() / 1e6:.2f} MB of modules and {exact} on disk "
                  f"({artifact.resident_bytes(model) / 1e6:.2f} MB in memory here) against "
                  f"{artifact.kv_bytes() / 1e6:.1f} MB of the model's bf16 KV cache ({artifact.memory_ratio():.4f})")
