@@ -149,6 +149,12 @@ def test_serving_a_folder_of_two_models_is_refused(tmp_path, capsys, no_model):
     assert_one_line_error(run_cli(capsys, "serve", tmp_path), "a server runs one model")
 
 
+def test_serving_artifacts_with_another_model_is_refused_before_it_loads(tmp_path, capsys, no_model):
+    header_only(tmp_path / "a.nectar", "gemma3-270m")
+    assert_one_line_error(run_cli(capsys, "serve", tmp_path, "--model", "smollm2-135m"),
+                          "no artifact here was compiled for smollm2-135m")
+
+
 def test_serving_on_every_interface_without_a_key_is_warned_about(saved, capsys, monkeypatch):
     def stop(*args, **kwargs):
         raise nectar.NectarError("stopped")

@@ -280,7 +280,7 @@ def cmd_serve(args) -> None:
                           "NAME.nectar`")
     if args.model:
         check_model(args.model)
-    model_name = args.model or _model_of(paths)
+    model_name = _model_of(paths, args.model)
     if args.host not in LOOPBACK and not args.api_key:
         _warn(f"[nectar] warning: --host {args.host} without --api-key: anyone who can reach this machine can read "
               "the documents served; pass --api-key KEY")
@@ -310,18 +310,26 @@ def _check_port(host: str, port: int) -> None:
         raise NectarError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
 
 
-def _model_of(paths: list[Path]) -> str:
+def _model_of(paths: list[Path], wanted: str | None = None) -> str:
     """The one model of the artifacts found (read from their headers): a server runs one model, named by
-    --model or by its documents; a folder that mixes models, or holds none readable, is refused."""
+    --model (`wanted`) or by its documents; a folder that mixes models without --model, artifacts none of
+    which fits the model asked, or none readable, is refused."""
     from ..manifest import model_name, read_manifest
 
-    names, reasons = {}, []
+    names, manifests, reasons = {}, [], []
     for path in paths:
         for file in sorted(path.glob("*.nectar")) if path.is_dir() else [path]:
             try:
-                names.setdefault(model_name(read_manifest(file)), file)
+                manifests.append(read_manifest(file))
+                names.setdefault(model_name(manifests[-1]), file)
             except NectarError as e:
                 reasons.append(str(e))
+    if wanted:
+        if manifests and not any(_fits(m, wanted) for m in manifests):
+            found = ", ".join(f"{name} ({file})" for name, file in names.items())
+            raise NectarError(f"no artifact here was compiled for {wanted}: found {found}; drop --model, or compile "
+                              f"the documents for {wanted}")
+        return wanted
     if len(names) > 1:
         found = ", ".join(f"{name} ({file})" for name, file in names.items())
         raise NectarError(f"these artifacts are for different models: {found}; a server runs one model: pass "
@@ -333,3 +341,13 @@ def _model_of(paths: list[Path]) -> str:
                           + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""))
     raise NectarError(f"no artifact in {', '.join(map(str, paths))}: pass --model to serve an empty folder, then "
                       "compile into it and POST /v1/reload")
+
+
+def _fits(manifest: dict, model: str) -> bool:
+    from ..manifest import check_model_for
+
+    try:
+        check_model_for(manifest, model)
+        return True
+    except NectarError:
+        return False
