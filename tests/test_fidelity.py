@@ -46,6 +46,17 @@ def test_exact_tokens_and_the_rest_merge_to_the_whole_document():
     _parts_merge_to_the_whole(full, exact, rest, q)
 
 
+@pytest.mark.parametrize("by", ["mass", "output"])
+def test_the_ranking_does_not_depend_on_how_queries_are_chunked(by):
+    torch.manual_seed(0)
+    full = prefill(tiny_llama(), torch.randint(3, 300, (120,)))
+    q = torch.randn(3 * 2, 300, 16)
+    whole = choose_tokens(q, full, 0.25, skip=4, count=9, choice=TokenChoice(by), chunk=300)
+    for chunk in (None, 7, 64):
+        assert all(torch.equal(a, b) for a, b in zip(whole, choose_tokens(q, full, 0.25, skip=4, count=9,
+                                                                         choice=TokenChoice(by), chunk=chunk)))
+
+
 def test_heads_keep_unequal_exact_tokens_and_the_rest_still_merge_to_the_whole_document():
     """Counts per KV head: a head's row is padded with -1, its padding holds no token and evicts none."""
     torch.manual_seed(0)

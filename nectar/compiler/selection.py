@@ -17,6 +17,11 @@ from ..model.models import has_fast_bf16
 from ..providers.attention import ExactContext
 
 
+# Numbers in one [kv_heads, queries, tokens] block of scores: 16 MB of fp32 stays under glibc's 32 MB mmap
+# threshold, so each block reuses freed memory instead of faulting fresh pages in.
+BLOCK_NUMBERS = 4 * 2**20
+
+
 @dataclass(frozen=True)
 class TokenChoice:
     """How a head ranks the tokens it keeps exact, each training query's attention p to a token raised to
@@ -36,12 +41,12 @@ class TokenChoice:
 
 @torch.no_grad()
 def choose_tokens(queries: Tensor, full: ExactContext, scaling: float, skip: int, count: int | Sequence,
-                  choice: TokenChoice = TokenChoice(), chunk: int = 2048) -> list[Tensor]:
+                  choice: TokenChoice = TokenChoice(), chunk: int | None = None) -> list[Tensor]:
     """Per layer, the [kv_heads, count] positions (all >= skip, sorted) of the document tokens that rank
     highest over `queries` ([modeled layers * kv_heads, N, d], layer-major as a capture store, which holds no
     sliding-window layer) as `choice` says. `count` is one number for every layer, or one per layer, each a
     number or one per KV head: a head that keeps fewer tokens than its layer's most has its row padded with
-    -1 at the end. A sliding layer keeps none."""
+    -1 at the end. A sliding layer keeps none. Queries go `chunk` at a time (default: a BLOCK_NUMBERS block)."""
     kv = full.keys[0].shape[0]
     counts = [count] * len(full.keys) if isinstance(count, int) else list(count)
     chosen, device = [], queries.device
@@ -57,8 +62,9 @@ def choose_tokens(queries: Tensor, full: ExactContext, scaling: float, skip: int
         q = queries[slot * kv:(slot + 1) * kv]
         k, v = keys.to(device, dtype), full.values[layer].to(device, dtype)
         score = torch.zeros(k.shape[:2], device=device)
-        for start in range(0, q.shape[1], chunk):
-            score += _rank_sums(q[:, start: start + chunk].to(dtype), k, v, scaling, choice)
+        rows = chunk or max(64, BLOCK_NUMBERS // (kv * k.shape[1]))
+        for start in range(0, q.shape[1], rows):
+            score += _rank_sums(q[:, start: start + rows].to(dtype), k, v, scaling, choice)
         score[:, :skip] = -1.0
         top = score.topk(max(heads), -1).indices
         keep = torch.arange(top.shape[1], device=top.device) < torch.tensor(heads, device=top.device)[:, None]
