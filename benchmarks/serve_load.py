@@ -121,14 +121,15 @@ def same_as_ask(url: str, folder: Path, models: list[str], max_tokens: int) -> d
     """Per document, whether the server's greedy chat answer to the first question is `nectar.ask`'s (fp32, the
     server's default dtype), on a model loaded here."""
     import nectar
+    from nectar.manifest import model_name
 
     client, same, loaded = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600), {}, {}
     for name in models:
         artifact = nectar.Artifact.load(folder / f"{name}.nectar")
-        model_name = artifact.manifest["model"]["fingerprint"]["name"]
-        if model_name not in loaded:
-            loaded[model_name] = nectar.load_model(model_name, dtype="float32")
-        model, tokenizer = loaded[model_name]
+        name_of_model = model_name(artifact.manifest)
+        if name_of_model not in loaded:
+            loaded[name_of_model] = nectar.load_model(name_of_model, dtype="float32")
+        model, tokenizer = loaded[name_of_model]
         served = client.chat.completions.create(model=name, messages=[{"role": "user", "content": QUESTIONS[0]}],
                                                 temperature=0, max_tokens=max_tokens).choices[0].message.content
         same[name] = served == nectar.ask(model, tokenizer, artifact, [QUESTIONS[0]], max_new_tokens=max_tokens)[0]

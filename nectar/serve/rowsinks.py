@@ -25,11 +25,13 @@ class RowSinks:
         self.windows = windows
         self.rows: list[ExactContext] = []
         self._stacks: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {}
+        self.ends = torch.zeros(0, dtype=torch.long)  # [b]: each row's document length
 
     def select(self, rows: Sequence[ExactContext]) -> None:
         rows = list(rows)
         if [id(r) for r in rows] != [id(r) for r in self.rows]:
             self._stacks.clear()
+            self.ends = torch.tensor([r.end for r in rows])  # made when the batch changes, not every step
         self.rows = rows
 
     def slides(self, layer: int) -> bool:
@@ -91,8 +93,7 @@ class RowTails:
             return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
         groups = rows // positions.shape[-1]
         query_pos = positions.to(q.device).expand(b, -1).unsqueeze(1).expand(b, groups, -1).reshape(b, rows)
-        ends = torch.tensor([r.end for r in self.sinks.rows], device=q.device)
-        key_pos = ends[:, None] - t + torch.arange(t, device=q.device)
+        key_pos = self.sinks.ends.to(q.device)[:, None] - t + torch.arange(t, device=q.device)
         seen = query_pos[:, :, None] - key_pos[:, None, :] < self.window  # [b, rows, t]
         if bias is not None:
             seen = seen & torch.isfinite(bias.to(q.device))[:, None, :]
