@@ -183,6 +183,26 @@ def test_fit_rows_in_units_give_the_same_loss_as_raw_rows():
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # fp16 storage of the encoded rows
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_weighted_square_equals_the_expression_in_value_and_gradient(dtype):
+    from nectar.compiler.fit import WeightedSquare
+
+    g = torch.Generator().manual_seed(0)
+    o = torch.randn(3, 40, 8, generator=g).to(dtype).requires_grad_(True)
+    t, w = torch.randn(3, 40, 8, generator=g).half(), torch.rand(3, 40, generator=g)
+    scale = torch.tensor([1.0, -2.0, 0.5])  # a different upstream gradient per module
+    grads = []
+    for loss in (lambda: WeightedSquare.apply(o, t, w),
+                 lambda: (w.unsqueeze(-1) * (o.float() - t.float()).pow(2)).mean((1, 2))):
+        o.grad = None
+        value = loss()
+        (value * scale).sum().backward()
+        assert o.grad.dtype == dtype
+        grads.append((value.detach(), o.grad.float()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_width_groups_cover_every_module_once_and_split_where_widths_jump():
     widths = [8, 8, 9, 8, 40, 41, 8, 100]
     sets = width_groups(widths, 3)

@@ -59,9 +59,29 @@ def rows_of(bank, store: Store, share_power: float, order: Tensor | None = None,
     return rows
 
 
+class WeightedSquare(torch.autograd.Function):
+    """Per-module mean of w * (o - t)^2 over rows and channels ([M, N, d] -> [M]), in fp32, with its gradient
+    in two passes over [M, N, d] where the expression's autograd graph makes about a dozen (the fit's largest
+    cost after the matmuls)."""
+
+    @staticmethod
+    def forward(ctx, o: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        diff = o.float() - t  # mixed bf16 - fp16 promotes too, but by a slow elementwise cast path
+        weighted = diff * w.unsqueeze(-1)
+        M, count = o.shape[0], o.shape[1] * o.shape[2]
+        ctx.save_for_backward(weighted)
+        ctx.dtype, ctx.count = o.dtype, count
+        return torch.linalg.vecdot(weighted.view(M, count), diff.view(M, count)) / count
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weighted,) = ctx.saved_tensors
+        return (weighted * (grad * (2 / ctx.count)).view(-1, 1, 1)).to(ctx.dtype), None, None
+
+
 def _errors(o: Tensor, lse: Tensor, o_true: Tensor, lse_true: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-module (target error weighted by `w`, score error), all in output units."""
-    return (w.unsqueeze(-1) * (o.float() - o_true.float()).pow(2)).mean((1, 2)), (lse.float() - lse_true).pow(2).mean(1)
+    return WeightedSquare.apply(o, o_true, w), (lse.float() - lse_true).pow(2).mean(1)
 
 
 def unit_loss(bank, rows: Rows) -> tuple[Tensor, Tensor]:

@@ -67,11 +67,9 @@ class MLPStack(nn.Module):
             return self.masked(x, rows)
         # Widths vary by layer (up to 12x under the gap allocation): run each group of similar widths at
         # its own largest one, not every module at the widest's, which costs up to its square per module.
-        out = x.new_zeros(x.shape[0], x.shape[1], self.weights[-1].shape[-1])
-        for index, width in self.groups():
-            mask = self.mask[index][..., :width]
-            out = out.index_copy(0, index, _mlp(x[index], *self.trimmed(index, width), mask, self.softmax_first))
-        return out
+        parts = [_mlp(x[index], *self.trimmed(index, width), self.mask[index][..., :width], self.softmax_first)
+                 for index, width in self.groups()]
+        return torch.cat(parts)[self._order]  # back in module order: one gather, not a full copy per group
 
     def masked(self, x: Tensor, rows: slice, mask: Tensor | None = None) -> Tensor:
         """Every module at the stack's full width, units past its own masked: the reference path."""
@@ -83,6 +81,7 @@ class MLPStack(nn.Module):
         if not hasattr(self, "_groups") or self._groups[0][0].device != self.mask.device:
             self._groups = [(torch.tensor(index, device=self.mask.device), width)
                             for index, width in width_groups(self.widths, GROUPS)]
+            self._order = torch.cat([index for index, _ in self._groups]).argsort()  # row of each module in the cat
         return self._groups
 
     def trimmed(self, rows: slice | Tensor, width: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -111,7 +110,9 @@ def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | 
         if i == 0 and softmax_first and last:
             x = pseudo_attention(x, mask)
         elif i < last:
-            x = gelu(x) if mask is None else gelu(x) * mask
+            # The 0/1 mask in the activations' dtype: an fp32 mask would promote bf16 activations to fp32 and
+            # back at every layer, for the same numbers.
+            x = gelu(x) if mask is None else gelu(x) * mask.to(x.dtype)
     return x
 
 
