@@ -67,9 +67,10 @@ class MLPStack(nn.Module):
             return self.masked(x, rows)
         # Widths vary by layer (up to 12x under the gap allocation): run each group of similar widths at
         # its own largest one, not every module at the widest's, which costs up to its square per module.
+        groups = self.groups()
         parts = [_mlp(x[index], *self.trimmed(index, width), self.mask[index][..., :width], self.softmax_first)
-                 for index, width in self.groups()]
-        return torch.cat(parts)[self._order]  # back in module order: one gather, not a full copy per group
+                 for index, width in groups]
+        return Interleave.apply([index for index, _ in groups], *parts)
 
     def masked(self, x: Tensor, rows: slice, mask: Tensor | None = None) -> Tensor:
         """Every module at the stack's full width, units past its own masked: the reference path."""
@@ -81,7 +82,6 @@ class MLPStack(nn.Module):
         if not hasattr(self, "_groups") or self._groups[0][0].device != self.mask.device:
             self._groups = [(torch.tensor(index, device=self.mask.device), width)
                             for index, width in width_groups(self.widths, GROUPS)]
-            self._order = torch.cat([index for index, _ in self._groups]).argsort()  # row of each module in the cat
         return self._groups
 
     def trimmed(self, rows: slice | Tensor, width: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -100,6 +100,24 @@ class MLPStack(nn.Module):
         """16-bit numbers one MLP takes in storage: weights (as `bits` stores them) and biases."""
         dims = [d_in] + [width] * depth + [d_out]
         return sum(weight_numbers(a, b, bits) + b for a, b in zip(dims[:-1], dims[1:]))
+
+
+class Interleave(torch.autograd.Function):
+    """Groups of modules' outputs written back into module order, each part's gradient a plain gather:
+    autograd's own index_copy or indexing reads the gradient back through slow strided or accumulating paths."""
+
+    @staticmethod
+    def forward(ctx, indices: list[Tensor], *parts: Tensor) -> Tensor:
+        ctx.indices = indices
+        out = parts[0].new_empty(sum(len(i) for i in indices), *parts[0].shape[1:])
+        for index, part in zip(indices, parts):
+            out.index_copy_(0, index, part)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        return (None, *(grad[index] for index in ctx.indices))
 
 
 def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | None = None,
