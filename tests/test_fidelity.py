@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nectar
-from nectar.providers.attention import ExactContext, WithExact
+from nectar.providers.attention import ExactContext, NoContext, WithExact
 from nectar.providers.kernels import exact_attention, merge
 from nectar.runtime.binding import bound, cacheable
 from nectar.runtime.decode import generate_ids
@@ -505,3 +505,17 @@ def test_gap_cells_read_the_reference_back_up_to_their_layer_with_the_same_kl(fa
                              heads=heads, replay=replay) for replay in (False, True))
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(slow), rtol=1e-5, atol=1e-7)
     assert min(slow) > 1e-4  # every cell measured something
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("context", ["none", "document"])
+def test_repeated_prompts_read_once_generate_as_each_row_alone(tokenizer, context):
+    """A batch that repeats prompts (a chunk's study requests) prefills each once and shares its cache."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    doc = torch.randint(3, 300, (30,))
+    n, provider = (0, NoContext()) if context == "none" else (len(doc), prefill(model, doc))
+    a, b = (torch.randint(3, 300, (k,)).tolist() for k in (5, 9))
+    batch = [a, b, a, a, b]
+    alone = [generate_ids(model, tokenizer, [p], n, provider, max_new_tokens=6)[0] for p in batch]
+    assert generate_ids(model, tokenizer, batch, n, provider, max_new_tokens=6) == alone

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..providers.attention import ContextProvider, ExactContext
 from .binding import bound, cacheable, generation_inputs
 from ..errors import NectarError
-from ..model.padding import left_pad
+from ..model.padding import left_pad, positions_after
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -42,8 +43,11 @@ def generate_ids(
     cached = sinks if cacheable(model, sinks) else None  # else bound, and read beside the local keys each step
     with bound(model, context, sinks=None if cached is not None else sinks):
         for start in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            ids, mask = left_pad(prompts[start: start + batch_size], pad)
-            inputs = generation_inputs(model, ids, mask, n, cached)
+            batch = prompts[start: start + batch_size]
+            if cached is None and len({tuple(p) for p in batch}) < len(batch):
+                inputs = shared_prompt_inputs(model, batch, pad, n)
+            else:
+                inputs = generation_inputs(model, *left_pad(batch, pad), n, cached)
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -56,6 +60,23 @@ def generate_ids(
             )
             answers.extend(_until_stop(row.tolist(), stops) for row in out[:, inputs["input_ids"].shape[1]:])
     return answers
+
+
+def shared_prompt_inputs(model, batch: list[list[int]], pad: int, n: int) -> dict:
+    """`generate` keywords for a batch whose rows repeat prompts (sampled questions about one chunk): each
+    distinct prompt is read once, and its cache is copied to the rows that ask it. Call it bound."""
+    distinct = list(dict.fromkeys(tuple(p) for p in batch))
+    ids, mask = left_pad([list(p) for p in distinct], pad)
+    cache = DynamicCache(config=model.config)
+    device = model.device
+    # All but the last token: `generate` needs one uncached token to start from.
+    model(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
+          position_ids=positions_after(n, mask)[:, :-1].to(device), past_key_values=cache, use_cache=True)
+    rows = torch.tensor([distinct.index(tuple(p)) for p in batch])
+    cache.reorder_cache(rows.to(device))
+    ids, mask = ids[rows], mask[rows]
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions_after(n, mask).to(device), "past_key_values": cache}
 
 
 def check_room(model, n: int, prompts: list[list[int]], max_new_tokens: int) -> None:
