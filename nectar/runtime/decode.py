@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from ..providers.attention import ContextProvider, ExactContext
 from .binding import bound, cacheable, generation_inputs
 from ..errors import NectarError
-from ..model.padding import left_pad, positions_after
+from ..model.padding import left_pad
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -65,18 +65,15 @@ def generate_ids(
 def shared_prompt_inputs(model, batch: list[list[int]], pad: int, n: int) -> dict:
     """`generate` keywords for a batch whose rows repeat prompts (sampled questions about one chunk): each
     distinct prompt is read once, and its cache is copied to the rows that ask it. Call it bound."""
-    distinct = list(dict.fromkeys(tuple(p) for p in batch))
+    distinct = {tuple(p): i for i, p in enumerate(dict.fromkeys(tuple(p) for p in batch))}
     ids, mask = left_pad([list(p) for p in distinct], pad)
+    inputs = generation_inputs(model, ids, mask, n)
     cache = DynamicCache(config=model.config)
-    device = model.device
     # All but the last token: `generate` needs one uncached token to start from.
-    model(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
-          position_ids=positions_after(n, mask)[:, :-1].to(device), past_key_values=cache, use_cache=True)
-    rows = torch.tensor([distinct.index(tuple(p)) for p in batch])
-    cache.reorder_cache(rows.to(device))
-    ids, mask = ids[rows], mask[rows]
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "position_ids": positions_after(n, mask).to(device), "past_key_values": cache}
+    model(**{k: v[:, :-1] for k, v in inputs.items()}, past_key_values=cache, use_cache=True)
+    rows = torch.tensor([distinct[tuple(p)] for p in batch], device=model.device)
+    cache.reorder_cache(rows)
+    return {**{k: v[rows] for k, v in inputs.items()}, "past_key_values": cache}
 
 
 def check_room(model, n: int, prompts: list[list[int]], max_new_tokens: int) -> None:
