@@ -277,3 +277,39 @@ def test_share_power_2_weighs_the_target_by_the_merged_outputs_squared_error():
         target = {p: loss_terms(bank, store, share_power=p)[0] for p in (1.0, 2.0)}
     torch.testing.assert_close(target[2.0], merged)
     assert (target[1.0] > 1.2 * target[2.0]).all()  # power 1 counts low-share queries more
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["gelu", "pseudo-keys"])
+@pytest.mark.parametrize("widths", [7, [3, 9, 6]], ids=["uniform", "per-layer"])
+def test_solve_last_is_the_weighted_least_squares_output_layer(widths, softmax):
+    """At the solution the weighted loss has no gradient left in the last layer (up to the small ridge)."""
+    torch.manual_seed(0)
+    stack = MLPStack(6, 16, [w for w in ([widths] * 3 if isinstance(widths, int) else widths) for _ in range(2)],
+                     5, depth=2, softmax_first=softmax)
+    x, y, w = torch.randn(6, 400, 16), torch.randn(6, 400, 5), torch.rand(6, 400)
+    loss = lambda: (w.unsqueeze(-1) * (stack.masked(x, slice(None)) - y).pow(2)).mean()
+    before = loss().item()
+    stack.solve_last(x, y, w, ridge=1e-6)
+    stack.zero_grad()
+    after = loss()
+    after.backward()
+    assert after.item() < before
+    assert stack.weights[-1].grad.abs().max() < 1e-4 and stack.biases[-1].grad.abs().max() < 1e-4
+    # a module's units past its width read 0, so they get no weight
+    for m, width in enumerate(stack.widths):
+        assert stack.weights[-1][m, width:].abs().max() == 0 if width < max(stack.widths) else True
+
+
+def test_a_ridge_start_fits_further_in_the_same_steps():
+    from nectar.config import FitConfig
+    from nectar.compiler.fit import fit
+    from nectar.measure.metrics import bank_errors
+
+    train, val = _attention_store(), _attention_store(n=512, queries_seed=1)
+    errors = {}
+    for init in ("random", "ridge"):
+        torch.manual_seed(0)
+        bank = MLPBank(layers=2, kv_heads=2, head_dim=16, target_widths=32, score_widths=16, depth=2)
+        fit(bank, train, val, FitConfig(steps=40, batch=256, warmup=10, eval_every=20, init=init), progress=False)
+        errors[init] = bank_errors(bank, val)["merged_rel"].mean().item()
+    assert errors["ridge"] < 0.8 * errors["random"]

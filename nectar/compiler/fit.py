@@ -15,6 +15,9 @@ from ..model.models import has_fast_bf16
 from .schedule import KeepBest, warmup_cosine
 
 
+RIDGE_ROWS = 8192  # rows per module that solve the output layers before a fresh fit: ~100x their widths
+
+
 @dataclass
 class Rows:
     """Training rows in the networks' own units (`bank.encode`, `bank.units`): inputs, targets, and each row's
@@ -114,15 +117,18 @@ def fit(bank, train: Store, val: Store, config: FitConfig, seed: int = 0, progre
     if not warm:
         bank.standardise(train.q, train.o_ctx, train.lse_ctx)
     generator = torch.Generator().manual_seed(seed)
+    device_type, bf16 = _bf16(bank, config.bf16)
+    # One random order, encoded once: each step then takes the next contiguous window, a view.
+    shuffled = rows_of(bank, train, config.share_power, torch.randperm(train.size, generator=generator), bf16)
+    if not warm and config.init == "ridge" and hasattr(bank, "solve_heads"):
+        first = shuffled.window(0, RIDGE_ROWS)
+        bank.solve_heads(first.x.float(), first.o.float(), first.lse, first.w)
     params = list(bank.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ema = copy.deepcopy(bank)
     ema_params = list(ema.parameters())
     start = bank_errors(ema, val)["merged_rel"].mean().item() if warm else float("inf")
     best, history = KeepBest(ema, score=start, patience=config.patience, min_delta=1e-4), []
-    device_type, bf16 = _bf16(bank, config.bf16)
-    # One random order, encoded once: each step then takes the next contiguous window, a view.
-    shuffled = rows_of(bank, train, config.share_power, torch.randperm(train.size, generator=generator), bf16)
     bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
     for step in bar:
         for group in opt.param_groups:

@@ -72,6 +72,24 @@ class MLPStack(nn.Module):
                  for index, width in groups]
         return Interleave.apply([index for index, _ in groups], *parts)
 
+    @torch.no_grad()
+    def solve_last(self, x: Tensor, y: Tensor, w: Tensor | None = None, ridge: float = 1e-3) -> None:
+        """Set the last layer (weights and bias) to the weighted ridge solution of `y` [M, N, d_out] on the hidden
+        features of `x` [M, N, d_in]; `w` [M, N]: each row's weight. Masked units read 0 and get no weight."""
+        h = self.features(x)
+        h = torch.cat([h, torch.ones_like(h[..., :1])], -1)
+        hw = h if w is None else h * w.unsqueeze(-1)
+        gram = hw.transpose(1, 2) @ h / h.shape[1]
+        gram += ridge * torch.eye(gram.shape[-1], device=gram.device)
+        solution = torch.linalg.solve(gram, hw.transpose(1, 2) @ y / h.shape[1])
+        self.weights[-1].copy_(solution[:, :-1])
+        self.biases[-1].copy_(solution[:, -1:])
+
+    def features(self, x: Tensor) -> Tensor:
+        """Every module's last hidden layer [M, N, width] (units past a module's width are 0)."""
+        hidden = [w for w in self.weights][:-1], [b for b in self.biases][:-1]
+        return _mlp(x, *hidden, None if self.uniform else self.mask, self.softmax_first, last_linear=False)
+
     def masked(self, x: Tensor, rows: slice, mask: Tensor | None = None) -> Tensor:
         """Every module at the stack's full width, units past its own masked: the reference path."""
         return _mlp(x, [w[rows] for w in self.weights], [b[rows] for b in self.biases],
@@ -121,8 +139,9 @@ class Interleave(torch.autograd.Function):
 
 
 def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | None = None,
-         softmax_first: bool = False) -> Tensor:
-    last = len(weights) - 1
+         softmax_first: bool = False, last_linear: bool = True) -> Tensor:
+    """The layers in turn; the last one linear (`last_linear`), or every one a hidden layer (`features`)."""
+    last = len(weights) - 1 if last_linear else len(weights)
     for i, (w, b) in enumerate(zip(weights, biases)):
         x = torch.baddbmm(b, x, w)
         if i == 0 and softmax_first and last:
@@ -303,6 +322,14 @@ class MLPBank(nn.Module):
         for first in range(0, q.shape[0], STAT_BLOCK):  # a few modules at a time: no fp32 copy of the whole store
             rows = slice(first, first + STAT_BLOCK)
             self._standardise(rows, q[rows].float(), o_ctx[rows].float(), lse_ctx[rows], ridge)
+
+    @torch.no_grad()
+    def solve_heads(self, x: Tensor, o: Tensor, lse: Tensor, w: Tensor) -> None:
+        """Both networks' last layers solved by ridge regression on their (random) hidden features, in output
+        units: the target's weighted by `w` as the fit weighs it, the score's on what its skip leaves. A fit
+        then starts where its first features allow, not at the mean prediction."""
+        self.target.solve_last(x, o, w)
+        self.score.solve_last(x, (lse - torch.bmm(x, self.score_skip).squeeze(-1)).unsqueeze(-1))
 
     def _standardise(self, rows: slice, q: Tensor, o: Tensor, lse: Tensor, ridge: float) -> None:
         std_q, mean_q = torch.std_mean(q, 1, keepdim=True)
