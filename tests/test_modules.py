@@ -297,7 +297,8 @@ def test_solve_last_is_the_weighted_least_squares_output_layer(widths, softmax):
     assert stack.weights[-1].grad.abs().max() < 1e-4 and stack.biases[-1].grad.abs().max() < 1e-4
     # a module's units past its width read 0, so they get no weight
     for m, width in enumerate(stack.widths):
-        assert stack.weights[-1][m, width:].abs().max() == 0 if width < max(stack.widths) else True
+        if width < max(stack.widths):
+            assert stack.weights[-1][m, width:].abs().max() == 0
 
 
 def test_a_ridge_start_fits_further_in_the_same_steps():

@@ -77,17 +77,13 @@ class MLPStack(nn.Module):
         """Set the last layer (weights and bias) to the weighted ridge solution of `y` [M, N, d_out] on the hidden
         features of `x` [M, N, d_in]; `w` [M, N]: each row's weight. Masked units read 0 and get no weight."""
         h = self.features(x)
-        h = torch.cat([h, torch.ones_like(h[..., :1])], -1)
-        hw = h if w is None else h * w.unsqueeze(-1)
-        gram = hw.transpose(1, 2) @ h / h.shape[1]
-        gram += ridge * torch.eye(gram.shape[-1], device=gram.device)
-        solution = torch.linalg.solve(gram, hw.transpose(1, 2) @ y / h.shape[1])
+        solution = ridge_solve(torch.cat([h, torch.ones_like(h[..., :1])], -1), y, w, ridge)
         self.weights[-1].copy_(solution[:, :-1])
         self.biases[-1].copy_(solution[:, -1:])
 
     def features(self, x: Tensor) -> Tensor:
         """Every module's last hidden layer [M, N, width] (units past a module's width are 0)."""
-        hidden = [w for w in self.weights][:-1], [b for b in self.biases][:-1]
+        hidden = list(self.weights)[:-1], list(self.biases)[:-1]
         return _mlp(x, *hidden, None if self.uniform else self.mask, self.softmax_first, last_linear=False)
 
     def masked(self, x: Tensor, rows: slice, mask: Tensor | None = None) -> Tensor:
@@ -151,6 +147,14 @@ def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | 
             # back at every layer, for the same numbers.
             x = gelu(x) if mask is None else gelu(x) * mask.to(x.dtype)
     return x
+
+
+def ridge_solve(x: Tensor, y: Tensor, w: Tensor | None = None, ridge: float = 1e-2) -> Tensor:
+    """Per module, the B [d_in, d_out] minimising mean(w * |x B - y|^2) + ridge |B|^2, of x [M, N, d_in] and
+    y [M, N, d_out]; `w` [M, N]: each row's weight (None: 1)."""
+    xw = x if w is None else x * w.unsqueeze(-1)
+    gram = xw.transpose(1, 2) @ x / x.shape[1] + ridge * torch.eye(x.shape[-1], device=x.device)
+    return torch.linalg.solve(gram, xw.transpose(1, 2) @ y / x.shape[1])
 
 
 def width_groups(widths: list[int], groups: int) -> list[tuple[list[int], int]]:
@@ -340,8 +344,7 @@ class MLPBank(nn.Module):
         self.lse_mean[rows], self.lse_scale[rows] = mean_lse, std_lse.clamp_min(1e-4)
         x = self.encode(q, rows)
         y = ((lse - self.lse_mean[rows]) / self.lse_scale[rows]).unsqueeze(-1)
-        gram = x.transpose(1, 2) @ x / x.shape[1] + ridge * torch.eye(x.shape[-1], device=x.device)
-        self.score_skip[rows] = torch.linalg.solve(gram, x.transpose(1, 2) @ y / x.shape[1])
+        self.score_skip[rows] = ridge_solve(x, y, ridge=ridge)
 
 
 def _per_layer(value: int | list[int], layers: int) -> list[int]:
