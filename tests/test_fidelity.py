@@ -507,6 +507,26 @@ def test_gap_cells_read_the_reference_back_up_to_their_layer_with_the_same_kl(fa
     assert min(slow) > 1e-4  # every cell measured something
 
 
+def test_scoring_the_answers_alone_gives_the_same_answer_numbers():
+    """The gap probe scores answers only (no vocabulary-wide work at question or padding positions): each
+    answer number must be the one a full scoring reports, to the bit."""
+    from nectar.measure.fidelity import next_token_fidelity
+    from nectar.runtime.prefill import split_sinks
+
+    model = tiny_llama(num_hidden_layers=3)
+    torch.manual_seed(0)
+    full = prefill(model, torch.randint(3, 300, (60,)))
+    sinks, _ = split_sinks(full, 4)
+    pairs = [(torch.randint(3, 300, (5 + 3 * i,)).tolist(), torch.randint(3, 300, (2 + i,)).tolist()) for i in range(5)]
+    methods = {"sinks": (NoContext(), sinks), "none": (NoContext(), None)}
+    both, answers = (next_token_fidelity(model, pairs, 60, (full, None), methods, batch_size=3, progress=False,
+                                         parts=parts) for parts in (("question", "answer"), ("answer",)))
+    for name in methods:
+        assert set(answers[name]) == {"answer"}
+        assert answers[name]["answer"] == both[name]["answer"]
+    assert both["none"]["answer"]["kl"] > 0 and both["none"]["question"]["tokens"] == sum(len(q) - 1 for q, _ in pairs)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("context", ["none", "document"])
 def test_repeated_prompts_read_once_generate_as_each_row_alone(tokenizer, context):

@@ -49,11 +49,13 @@ def _batch(pairs: list[tuple[list[int], list[int]]]):
 
 
 @torch.no_grad()
-def _logprobs(model, ids: torch.Tensor, n: int, method: Method) -> torch.Tensor:
+def _logprobs(model, ids: torch.Tensor, n: int, method: Method, scored: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [positions, vocab] at the `scored` positions [b, L] only: the vocabulary-wide work
+    (softmax, argmax, KL) is a third of a gap cell, and padding and unscored positions need none of it."""
     ids = ids.to(model.device)
     with bound(model, *method):
         logits = model(input_ids=ids, position_ids=right_padded_positions(n, ids)).logits
-    return F.log_softmax(logits.float(), dim=-1).cpu()
+    return F.log_softmax(logits[scored.to(logits.device)].float(), dim=-1).cpu()
 
 
 @torch.no_grad()
@@ -66,34 +68,38 @@ def next_token_fidelity(
     batch_size: int = 8,
     progress: bool = True,
     models: dict | None = None,
+    parts: tuple[str, ...] = ("question", "answer"),
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{method: {"answer"|"question": {"agreement": .., "kl": .., "tokens": .., "decided_agreement": ..,
-    "decided_tokens": ..}}}, teacher-forced on pairs; decided: where the reference's top two lie DECIDED_LOGITS
-    apart (None where none do). `models` names another model (the same weights in another dtype) that runs a
-    method instead of `model`."""
+    """{method: {part: {"agreement": .., "kl": .., "tokens": .., "decided_agreement": .., "decided_tokens": ..}}}
+    for each of `parts` ("question", "answer"), teacher-forced on pairs; decided: where the reference's top two
+    lie DECIDED_LOGITS apart (None where none do). `models` names another model (the same weights in another
+    dtype) that runs a method instead of `model`."""
     models = models or {}
     # per part: agreeing tokens, KL sum, tokens, agreeing decided tokens, decided tokens
-    sums = {name: {part: [0.0, 0.0, 0, 0.0, 0] for part in ("question", "answer")} for name in methods}
+    sums = {name: {part: [0.0, 0.0, 0, 0.0, 0] for part in parts} for name in methods}
     # Batches shrink where the vocabulary is large: 16 rows of 100 tokens over Gemma's 262k ids hold 1.7 GB
     # of log-probabilities per copy, and a comparison holds several.
     longest = max((len(q) + len(a) for q, a in pairs), default=1)
     batch_size = max(1, min(batch_size, LOGIT_NUMBERS // (longest * model.config.vocab_size)))
     for start in tqdm(range(0, len(pairs), batch_size), desc="evaluate", disable=not progress, leave=False):
         ids, predicts_q, predicts_a = _batch(pairs[start: start + batch_size])
-        ref = _logprobs(model, ids, n, reference)
+        masks = {part: mask for part, mask in (("question", predicts_q), ("answer", predicts_a)) if part in parts}
+        scored = torch.stack(list(masks.values())).any(0)
+        masks = {part: mask[scored] for part, mask in masks.items()}  # over the scored positions, in order
+        ref = _logprobs(model, ids, n, reference, scored)
         sure = decided(ref)
         for name, method in methods.items():
-            out = _logprobs(models.get(name, model), ids, n, method)
+            out = _logprobs(models.get(name, model), ids, n, method, scored)
             agree = ref.argmax(-1) == out.argmax(-1)
             kl = (ref.exp() * (ref - out)).sum(-1)
-            for part, mask in (("question", predicts_q), ("answer", predicts_a)):
+            for part, mask in masks.items():
                 acc = sums[name][part]
                 acc[0] += agree[mask].float().sum().item()
                 acc[1] += kl[mask].sum().item()
                 acc[2] += int(mask.sum())
                 acc[3] += agree[mask & sure].float().sum().item()
                 acc[4] += int((mask & sure).sum())
-    return {name: {part: _fidelity(*acc) for part, acc in parts.items()} for name, parts in sums.items()}
+    return {name: {part: _fidelity(*acc) for part, acc in by_part.items()} for name, by_part in sums.items()}
 
 
 def decided(logprobs: torch.Tensor, margin: float = DECIDED_LOGITS) -> torch.Tensor:
@@ -158,7 +164,7 @@ def layer_gaps(model, pairs, n: int, full, method: Method, layers: list[int], ta
     below = reference if replay else None
     swapped = {str(i): (OneLayer(layer, provider, full, head, below), tails) for i, (layer, head) in enumerate(cells)}
     # The reference reads sliding layers' tails from `tails`, as the cells do: a Replay holds none itself.
-    fid = next_token_fidelity(model, pairs, n, (reference, tails), swapped, batch_size)
+    fid = next_token_fidelity(model, pairs, n, (reference, tails), swapped, batch_size, parts=("answer",))
     return [fid[str(i)]["answer"]["kl"] for i in range(len(cells))]
 
 

@@ -68,7 +68,8 @@ class MLPStack(nn.Module):
         # Widths vary by layer (up to 12x under the gap allocation): run each group of similar widths at
         # its own largest one, not every module at the widest's, which costs up to its square per module.
         groups = self.groups()
-        parts = [_mlp(x[index], *self.trimmed(index, width), self.mask[index][..., :width], self.softmax_first)
+        parts = [_mlp(x[index], *_unit_masked(*self.trimmed(index, width), self.mask[index][..., :width]),
+                      self.mask[index][..., :width] if self.softmax_first else None, self.softmax_first)
                  for index, width in groups]
         return Interleave.apply([index for index, _ in groups], *parts)
 
@@ -132,6 +133,15 @@ class Interleave(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous()
         return (None, *(grad[index] for index in ctx.indices))
+
+
+def _unit_masked(weights: list[Tensor], biases: list[Tensor], mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Hidden layers whose masked units (`mask` [M, 1, width]) have no weights in and no bias: such a unit reads
+    exactly 0 after GELU and its weights get no gradient, the numbers of masking its activations, for a pass
+    over the weights instead of one over the activations [M, rows, width] (a sixth of a fit step)."""
+    last = len(weights) - 1
+    return ([w * mask if i < last else w for i, w in enumerate(weights)],
+            [b * mask if i < last else b for i, b in enumerate(biases)])
 
 
 def _mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], mask: Tensor | None = None,
