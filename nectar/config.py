@@ -38,10 +38,14 @@ def _require(ok: bool, message: str) -> None:
 class PromptConfig:
     """How many training prompts of each kind, and their shape (nectar.prompts)."""
 
-    recall: int = knob(128, "prompts that quote or continue a span of the document")
-    self_study: int = knob(96, "questions the model writes itself about a chunk, answered with the full cache")
-    generic: int = knob(96, "summarise / explain / list prompts about a term of a chunk")
-    direct: int = knob(96, "short questions about a term, worded as a person asks them")
+    recall: int = knob(64, "prompts that quote or continue a span of the document",
+                       "twice as many of each kind answered no better, at a longer compile", "prompts")
+    self_study: int = knob(48, "questions the model writes itself about a chunk, answered with the full cache",
+                           "twice as many of each kind answered no better, at a longer compile", "prompts")
+    generic: int = knob(48, "summarise / explain / list prompts about a term of a chunk",
+                        "twice as many of each kind answered no better, at a longer compile", "prompts")
+    direct: int = knob(48, "short questions about a term, worded as a person asks them",
+                       "twice as many of each kind answered no better, at a longer compile", "prompts")
     answer_tokens: int = knob(40, "length of each training answer, in tokens")
     chunk_tokens: int = knob(256, "the document is cut into chunks of this many tokens for prompts and validation")
     val_fraction: float = knob(0.15, "share of the prompts held out for validation")

@@ -37,7 +37,7 @@ def test_settings_parse_by_each_fields_type():
     config = with_changes(CompileConfig(), changes)
     assert config.fit.steps == 600 and config.prompts.holdout == "prompts" and config.variant == "quadrature"
     assert sum((config.prompts.recall, config.prompts.self_study, config.prompts.generic, config.prompts.direct)) == 104
-    assert with_changes(CompileConfig(), parse_settings(["prompts=416"])) == CompileConfig()  # the default mix
+    assert with_changes(CompileConfig(), parse_settings(["prompts=208"])) == CompileConfig()  # the default mix
 
 
 @pytest.mark.parametrize("items, pattern", [(["steps"], "write FIELD=VALUE"), (["nope=1"], "no config field nope"),

@@ -87,11 +87,11 @@ def next_token_fidelity(
         scored = torch.stack(list(masks.values())).any(0)
         masks = {part: mask[scored] for part, mask in masks.items()}  # over the scored positions, in order
         ref = _logprobs(model, ids, n, reference, scored)
-        sure = decided(ref)
+        sure, probs, top = decided(ref), ref.exp(), ref.argmax(-1)  # once a batch, not once a method (a gap cell)
         for name, method in methods.items():
             out = _logprobs(models.get(name, model), ids, n, method, scored)
-            agree = ref.argmax(-1) == out.argmax(-1)
-            kl = (ref.exp() * (ref - out)).sum(-1)
+            agree = top == out.argmax(-1)
+            kl = (probs * (ref - out)).sum(-1)
             for part, mask in masks.items():
                 acc = sums[name][part]
                 acc[0] += agree[mask].float().sum().item()
