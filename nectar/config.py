@@ -114,7 +114,8 @@ class CompileConfig:
     allocation: str = knob("gap", "capacity per layer: gap (by the next-token KL each layer causes alone), "
                            "probe (by a short fit's per-layer error) or uniform",
                            "the KL a layer causes is what the answer feels", "allocation")
-    probe_steps: int = knob(150, "fitting steps of the short probe fit behind the gap and probe allocations")
+    probe_steps: int = knob(100, "fitting steps of the short probe fit behind the gap and probe allocations",
+                            "under the short weight average, 100 steps rank layers as well as 150", "onpolicy")
     probe_prompts: int = knob(8, "training questions on which the gap probe measures each layer's KL",
                               "16 bought little for more time", "probe-prompts")
     probe_recall: int = knob(4, "verbatim-recall prompts the gap probe also measures (0: questions only)",
@@ -156,7 +157,7 @@ class CompileConfig:
     even_share: float = knob(EXACT_SHARE_EVEN, "the default exact share under an allocation other than gap, where "
                              "each token buys less (an effort level's)",
                              "exact tokens bought most of the fidelity", "exact-share")
-    onpolicy_steps: int = knob(150, "refit steps on queries captured with the fitted modules in place (0: off)",
+    onpolicy_steps: int = knob(100, "refit steps on queries captured with the fitted modules in place (0: off)",
                                "most of a round's gain comes in its first 100 steps", "onpolicy")
     onpolicy_rounds: int = knob(1, "capture-and-refit rounds", "a second round bought nothing measurable", "onpolicy")
     pilot_prompts: int = knob(64, "training prompts whose queries rank the document's tokens for the exact ones",
@@ -167,8 +168,8 @@ class CompileConfig:
     keep_document: bool = knob(True, "store the document's token ids in the artifact (lets `ask --compare` run)")
     truncate: bool = knob(False, "cut a document too long for the model instead of refusing it")
     batch_size: int = knob(16, "prompts per forward pass during capture")
-    generate_batch: int = knob(64, "prompts decoded together while writing and answering training prompts",
-                               "a CPU decode step costs little more for 64 rows than for 16", "generate-batch")
+    generate_batch: int = knob(256, "prompts decoded together while writing and answering training prompts",
+                               "one batch for the default prompts: fewer, larger decode steps", "generate-batch")
     prompts: PromptConfig = knob(meaning="training prompts (nectar.prompts)", factory=PromptConfig)
     fit: FitConfig = knob(meaning="the module fit (nectar.fit)", factory=FitConfig)
 
