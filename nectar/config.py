@@ -34,18 +34,19 @@ def _require(ok: bool, message: str) -> None:
         raise NectarError(message)
 
 
+# Why each kind's count is what it is (the four were halved together).
+_COUNTS = ("twice as many of each kind answered no better, at a longer compile", "prompts")
+
+
 @dataclass
 class PromptConfig:
     """How many training prompts of each kind, and their shape (nectar.prompts)."""
 
-    recall: int = knob(64, "prompts that quote or continue a span of the document",
-                       "twice as many of each kind answered no better, at a longer compile", "prompts")
+    recall: int = knob(64, "prompts that quote or continue a span of the document", *_COUNTS)
     self_study: int = knob(48, "questions the model writes itself about a chunk, answered with the full cache",
-                           "twice as many of each kind answered no better, at a longer compile", "prompts")
-    generic: int = knob(48, "summarise / explain / list prompts about a term of a chunk",
-                        "twice as many of each kind answered no better, at a longer compile", "prompts")
-    direct: int = knob(48, "short questions about a term, worded as a person asks them",
-                       "twice as many of each kind answered no better, at a longer compile", "prompts")
+                           *_COUNTS)
+    generic: int = knob(48, "summarise / explain / list prompts about a term of a chunk", *_COUNTS)
+    direct: int = knob(48, "short questions about a term, worded as a person asks them", *_COUNTS)
     answer_tokens: int = knob(40, "length of each training answer, in tokens")
     chunk_tokens: int = knob(256, "the document is cut into chunks of this many tokens for prompts and validation")
     val_fraction: float = knob(0.15, "share of the prompts held out for validation")
@@ -115,7 +116,7 @@ class CompileConfig:
                            "probe (by a short fit's per-layer error) or uniform",
                            "the KL a layer causes is what the answer feels", "allocation")
     probe_steps: int = knob(100, "fitting steps of the short probe fit behind the gap and probe allocations",
-                            "under the short weight average, 100 steps rank layers as well as 150", "onpolicy")
+                            "under the short weight average, 100 steps answered no worse than 150", "onpolicy")
     probe_prompts: int = knob(8, "training questions on which the gap probe measures each layer's KL",
                               "16 bought little for more time", "probe-prompts")
     probe_recall: int = knob(4, "verbatim-recall prompts the gap probe also measures (0: questions only)",
