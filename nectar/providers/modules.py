@@ -68,9 +68,11 @@ class MLPStack(nn.Module):
         # Widths vary by layer (up to 12x under the gap allocation): run each group of similar widths at
         # its own largest one, not every module at the widest's, which costs up to its square per module.
         groups = self.groups()
-        parts = [_mlp(x[index], *_unit_masked(*self.trimmed(index, width), self.mask[index][..., :width]),
-                      self.mask[index][..., :width] if self.softmax_first else None, self.softmax_first)
-                 for index, width in groups]
+        parts = []
+        for index, width in groups:
+            mask = self.mask[index][..., :width]
+            parts.append(_mlp(x[index], *_unit_masked(*self.trimmed(index, width), mask),
+                              mask if self.softmax_first else None, self.softmax_first))
         return Interleave.apply([index for index, _ in groups], *parts)
 
     @torch.no_grad()
@@ -138,7 +140,8 @@ class Interleave(torch.autograd.Function):
 def _unit_masked(weights: list[Tensor], biases: list[Tensor], mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Hidden layers whose masked units (`mask` [M, 1, width]) have no weights in and no bias: such a unit reads
     exactly 0 after GELU and its weights get no gradient, the numbers of masking its activations, for a pass
-    over the weights instead of one over the activations [M, rows, width] (a sixth of a fit step)."""
+    over the weights instead of one over the activations [M, rows, width]. The pseudo-keys' softmax still
+    needs the mask itself, or a masked unit's exp(0) would take a share."""
     last = len(weights) - 1
     return ([w * mask if i < last else w for i, w in enumerate(weights)],
             [b * mask if i < last else b for i, b in enumerate(biases)])
