@@ -7,6 +7,7 @@ from nectar.config import FitConfig
 from nectar.compiler.fit import fit
 from nectar.providers.modules import MLPBank
 from nectar.runtime.prefill import prefill, split_sinks
+import nectar.compiler.refine as refine_module
 from nectar.compiler.refine import TopK, refine, teacher
 from conftest import tiny_llama
 
@@ -122,3 +123,20 @@ def test_kind_weights_weigh_recall_alone():
 
     train = [SimpleNamespace(kind=k) for k in ("recall", "self_study", "direct", "recall")]
     assert kind_weights(0.1, train, train[:1]) == ([0.1, 1.0, 1.0, 0.1], [0.1])
+
+
+def test_blockwise_log_probabilities_equal_the_whole_log_softmax(monkeypatch):
+    """The distillation loss takes its log-probabilities a block of positions at a time: the same numbers and
+    gradients as one log-softmax over all positions, in bf16 logits as the model gives them."""
+    monkeypatch.setattr(refine_module, "LOGIT_BLOCK", 3 * 50)  # blocks of 3 positions over a 50-word vocabulary
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 50).bfloat16().requires_grad_(True)
+    ids = torch.randint(0, 50, (2, 7, 4))
+    grad = torch.randn(2, 7, 4)
+    blocks = refine_module._gathered_logprobs(logits, ids)
+    (blocks * grad).sum().backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    whole = torch.log_softmax(logits.float(), -1).gather(-1, ids)
+    (whole * grad).sum().backward()
+    assert torch.equal(blocks, whole) and torch.equal(got, logits.grad)

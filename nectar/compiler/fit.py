@@ -12,6 +12,7 @@ from .capture import Store
 from ..config import FitConfig
 from ..measure.metrics import bank_errors, context_share
 from ..model.models import has_fast_bf16
+from ..providers.modules import STAT_BLOCK
 from .schedule import KeepBest, warmup_cosine
 
 
@@ -44,7 +45,7 @@ class Rows:
 
 
 def rows_of(bank, store: Store, share_power: float, order: Tensor | None = None, bf16: bool = False,
-            block: int = 6) -> Rows:
+            block: int = STAT_BLOCK) -> Rows:
     """`store`'s rows (in `order`, if given) encoded once for the fit, a few modules at a time."""
     M, N, d = store.q.shape
     index = slice(None) if order is None else order

@@ -16,6 +16,7 @@ from ..model.padding import right_pad, right_padded_positions
 from .schedule import KeepBest, warmup_cosine
 
 ANCHOR_ROWS = 1024  # captured queries per step for the per-layer regression term
+LOGIT_BLOCK = 2**21  # fp32 log-probabilities per block of the distillation loss: 8 MB, under glibc's mmap threshold
 Teacher = list[tuple[Tensor, Tensor]]  # per sequence: top-k ids [len, k], log-probs [len, k]
 
 
@@ -56,15 +57,25 @@ def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int, weights: l
     ids = ids.to(model.device)
     with bound(model, bank, sinks):
         logits = model(input_ids=ids, position_ids=right_padded_positions(n, ids)).logits
-    logp = torch.log_softmax(logits.float(), -1)
     width = ids.shape[1]
     top_ids = torch.stack([torch.nn.functional.pad(t[0], (0, 0, 0, width - len(t[0]))) for t in teacher])
     top_lp = torch.stack([torch.nn.functional.pad(t[1].float(), (0, 0, 0, width - len(t[1])), value=-1e4)
-                          for t in teacher]).to(logp.device)
-    student = logp.gather(-1, top_ids.to(logp.device))
-    kl, valid = _kl_with_tail(top_lp, student), valid.to(logp.device)
-    w = torch.tensor(weights or [1.0] * len(seqs), device=logp.device).unsqueeze(1).expand_as(kl)[valid]
+                          for t in teacher]).to(logits.device)
+    student = _gathered_logprobs(logits, top_ids.to(logits.device))
+    kl, valid = _kl_with_tail(top_lp, student), valid.to(logits.device)
+    w = torch.tensor(weights or [1.0] * len(seqs), device=logits.device).unsqueeze(1).expand_as(kl)[valid]
     return (kl[valid] * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def _gathered_logprobs(logits: Tensor, ids: Tensor) -> Tensor:
+    """log_softmax(logits) in fp32 at `ids` [b, L, k], a block of positions at a time: the whole [b, L, vocab]
+    fp32 log-softmax and its gradient are ~1 GB a step, which the kernel hands out fresh and faults in page by
+    page each time; blocks of LOGIT_BLOCK numbers reuse the heap. Rows are independent: the same numbers."""
+    flat, index = logits.flatten(0, 1), ids.flatten(0, 1)
+    rows = max(1, LOGIT_BLOCK // flat.shape[-1])
+    # split, not slicing: a slice's backward writes into a zero tensor of the whole shape, once per block
+    parts = [torch.log_softmax(block.float(), -1).gather(-1, i) for block, i in zip(flat.split(rows), index.split(rows))]
+    return torch.cat(parts).view(ids.shape)
 
 
 def kind_weights(recall: float, *prompt_sets) -> tuple[list[float], ...]:

@@ -14,6 +14,9 @@ from torch import Tensor
 from ..providers.kernels import blend
 
 ERRORS = ("o_rel", "lse_abs", "merged_rel")
+# Numbers in one [modules, queries, head_dim] fp32 tensor of `module_errors`: 16 MB stays under glibc's mmap
+# threshold, so a validation reuses freed heap memory instead of faulting fresh pages in (2x faster).
+CHUNK_NUMBERS = 4 * 2**20
 Predict = Callable[[slice, Tensor], tuple[Tensor, Tensor]]  # (module rows, q [m, N, d]) -> (o, lse)
 
 
@@ -28,16 +31,17 @@ def context_share(lse_ctx: Tensor, lse_loc: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def module_errors(predict: Predict, store, block: int | None = None, chunk: int = 8192,
+def module_errors(predict: Predict, store, block: int | None = None, chunk: int | None = None,
                   device: torch.device | str | None = None) -> dict[str, Tensor]:
     """Mean errors per module [M] of `predict` on a store captured with the exact document.
 
     `block` modules are predicted per call (all of them by default); the store stays where it is and each
-    chunk of queries visits `device`, where the predictor's weights are. lse_abs is inf for a stand-in
-    that keeps nothing (lse = -inf).
+    chunk of queries visits `device`, where the predictor's weights are (default: CHUNK_NUMBERS a tensor).
+    lse_abs is inf for a stand-in that keeps nothing (lse = -inf).
     """
     M, size = store.q.shape[0], store.size
     block = block or M
+    chunk = chunk or max(64, CHUNK_NUMBERS // (block * store.q.shape[-1]))
     sums = torch.zeros(len(ERRORS), M)
     for first in range(0, M, block):
         rows = slice(first, min(first + block, M))

@@ -15,7 +15,9 @@ from torch.nn import functional as F
 
 from .quant import dequantize, quantize, round_to_grid_, weight_numbers
 
-STAT_BLOCK = 6  # modules whose statistics `standardise` takes at once
+# Modules whose statistics `standardise` (and the fit's encoding, nectar.fit.rows_of) take at once: two modules'
+# fp32 rows of a 4k document's capture stay near glibc's mmap threshold, where six were faulted in afresh.
+STAT_BLOCK = 2
 GROUPS = 3  # width groups a stack of unequal modules runs in: one matmul per group and layer
 
 def gelu(x: Tensor) -> Tensor:
