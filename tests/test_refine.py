@@ -140,3 +140,17 @@ def test_blockwise_log_probabilities_equal_the_whole_log_softmax(monkeypatch):
     whole = torch.log_softmax(logits.float(), -1).gather(-1, ids)
     (whole * grad).sum().backward()
     assert torch.equal(blocks, whole) and torch.equal(got, logits.grad)
+
+
+def test_teacher_top_k_by_blocks_equals_one_whole_log_softmax(monkeypatch):
+    """The teacher's top-k, taken a block of positions at a time, is the top-k of one whole log-softmax,
+    each sequence cut to its own length."""
+    monkeypatch.setattr(refine_module, "LOGIT_BLOCK", 4 * 50)
+    torch.manual_seed(1)
+    logits = torch.randn(3, 9, 50).bfloat16()
+    collect = TopK([[0] * 9, [0] * 5, [0] * 7], 6)
+    collect([0, 1, 2], logits)
+    whole = torch.log_softmax(logits.float(), -1).topk(6, dim=-1)
+    for row, (ids, values) in enumerate(collect.out):
+        length = collect.lengths[row]
+        assert torch.equal(ids, whole.indices[row, :length]) and torch.equal(values, whole.values[row, :length])

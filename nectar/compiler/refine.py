@@ -30,9 +30,12 @@ class TopK:
         self.out: Teacher = [None] * len(sequences)
 
     def __call__(self, index: list[int], logits: Tensor) -> None:
-        top = torch.log_softmax(logits.float(), -1).topk(self.topk, dim=-1)
+        # A block of positions at a time, as the distillation loss (`position_blocks`): bitwise the same top-k.
+        tops = [torch.log_softmax(block.float(), -1).topk(self.topk, dim=-1) for block in position_blocks(logits)]
+        shape = (*logits.shape[:2], self.topk)
+        ids, values = (torch.cat([getattr(t, part) for t in tops]).view(shape) for part in ("indices", "values"))
         for row, i in enumerate(index):
-            self.out[i] = (top.indices[row, :self.lengths[i]].cpu(), top.values[row, :self.lengths[i]].cpu())
+            self.out[i] = (ids[row, :self.lengths[i]].cpu(), values[row, :self.lengths[i]].cpu())
 
 
 @torch.no_grad()
@@ -67,15 +70,21 @@ def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int, weights: l
     return (kl[valid] * w).sum() / w.sum().clamp_min(1e-12)
 
 
+def position_blocks(logits: Tensor) -> tuple[Tensor, ...]:
+    """[b, L, vocab] logits as blocks of positions of LOGIT_BLOCK numbers each: the whole [b, L, vocab] fp32
+    log-softmax (and in refinement its gradient, ~1 GB a step) is larger than glibc's mmap threshold, so the
+    kernel hands it out fresh and faults it in page by page each time, where blocks reuse the heap. Rows are
+    independent: the same numbers. `split`, not slicing: a slice's backward writes a zero tensor of the
+    whole shape, once per block."""
+    flat = logits.flatten(0, 1)
+    return flat.split(max(1, LOGIT_BLOCK // flat.shape[-1]))
+
+
 def _gathered_logprobs(logits: Tensor, ids: Tensor) -> Tensor:
-    """log_softmax(logits) in fp32 at `ids` [b, L, k], a block of positions at a time: the whole [b, L, vocab]
-    fp32 log-softmax and its gradient are ~1 GB a step, which the kernel hands out fresh and faults in page by
-    page each time; blocks of LOGIT_BLOCK numbers reuse the heap. Rows are independent: the same numbers."""
-    flat, index = logits.flatten(0, 1), ids.flatten(0, 1)
-    rows = max(1, LOGIT_BLOCK // flat.shape[-1])
-    # split, not slicing: a slice's backward writes into a zero tensor of the whole shape, once per block
-    parts = [torch.log_softmax(block.float(), -1).gather(-1, i) for block, i in zip(flat.split(rows), index.split(rows))]
-    return torch.cat(parts).view(ids.shape)
+    """log_softmax(logits) in fp32 at `ids` [b, L, k], a block of positions at a time (`position_blocks`)."""
+    blocks = position_blocks(logits)
+    index = ids.flatten(0, 1).split(len(blocks[0]))
+    return torch.cat([torch.log_softmax(b.float(), -1).gather(-1, i) for b, i in zip(blocks, index)]).view(ids.shape)
 
 
 def kind_weights(recall: float, *prompt_sets) -> tuple[list[float], ...]:
