@@ -128,7 +128,7 @@ def test_kind_weights_weigh_recall_alone():
 def test_blockwise_log_probabilities_equal_the_whole_log_softmax(monkeypatch):
     """The distillation loss takes its log-probabilities a block of positions at a time: the same numbers and
     gradients as one log-softmax over all positions, in bf16 logits as the model gives them."""
-    monkeypatch.setattr(refine_module, "LOGIT_BLOCK", 3 * 50)  # blocks of 3 positions over a 50-word vocabulary
+    monkeypatch.setattr(refine_module, "BLOCK_NUMBERS", 3 * 50)  # blocks of 3 positions over a 50-word vocabulary
     torch.manual_seed(0)
     logits = torch.randn(2, 7, 50).bfloat16().requires_grad_(True)
     ids = torch.randint(0, 50, (2, 7, 4))
@@ -145,7 +145,7 @@ def test_blockwise_log_probabilities_equal_the_whole_log_softmax(monkeypatch):
 def test_teacher_top_k_by_blocks_equals_one_whole_log_softmax(monkeypatch):
     """The teacher's top-k, taken a block of positions at a time, is the top-k of one whole log-softmax,
     each sequence cut to its own length."""
-    monkeypatch.setattr(refine_module, "LOGIT_BLOCK", 4 * 50)
+    monkeypatch.setattr(refine_module, "BLOCK_NUMBERS", 4 * 50)
     torch.manual_seed(1)
     logits = torch.randn(3, 9, 50).bfloat16()
     collect = TopK([[0] * 9, [0] * 5, [0] * 7], 6)

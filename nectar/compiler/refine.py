@@ -10,13 +10,13 @@ from tqdm.auto import tqdm
 from ..runtime.binding import bound
 from .capture import Store
 from .fit import loss_terms
+from ..measure.metrics import BLOCK_NUMBERS
 from ..providers.attention import ExactContext
 from ..providers.modules import MLPBank
 from ..model.padding import right_pad, right_padded_positions
 from .schedule import KeepBest, warmup_cosine
 
 ANCHOR_ROWS = 1024  # captured queries per step for the per-layer regression term
-LOGIT_BLOCK = 2**21  # fp32 log-probabilities per block of the distillation loss: 8 MB, under glibc's mmap threshold
 Teacher = list[tuple[Tensor, Tensor]]  # per sequence: top-k ids [len, k], log-probs [len, k]
 
 
@@ -33,7 +33,8 @@ class TopK:
         # A block of positions at a time, as the distillation loss (`position_blocks`): bitwise the same top-k.
         tops = [torch.log_softmax(block.float(), -1).topk(self.topk, dim=-1) for block in position_blocks(logits)]
         shape = (*logits.shape[:2], self.topk)
-        ids, values = (torch.cat([getattr(t, part) for t in tops]).view(shape) for part in ("indices", "values"))
+        ids = torch.cat([t.indices for t in tops]).view(shape)
+        values = torch.cat([t.values for t in tops]).view(shape)
         for row, i in enumerate(index):
             self.out[i] = (ids[row, :self.lengths[i]].cpu(), values[row, :self.lengths[i]].cpu())
 
@@ -71,13 +72,13 @@ def _distill_loss(model, bank, sinks, seqs, teacher: Teacher, n: int, weights: l
 
 
 def position_blocks(logits: Tensor) -> tuple[Tensor, ...]:
-    """[b, L, vocab] logits as blocks of positions of LOGIT_BLOCK numbers each: the whole [b, L, vocab] fp32
+    """[b, L, vocab] logits as blocks of positions of BLOCK_NUMBERS numbers each: the whole [b, L, vocab] fp32
     log-softmax (and in refinement its gradient, ~1 GB a step) is larger than glibc's mmap threshold, so the
     kernel hands it out fresh and faults it in page by page each time, where blocks reuse the heap. Rows are
     independent: the same numbers. `split`, not slicing: a slice's backward writes a zero tensor of the
     whole shape, once per block."""
     flat = logits.flatten(0, 1)
-    return flat.split(max(1, LOGIT_BLOCK // flat.shape[-1]))
+    return flat.split(max(1, BLOCK_NUMBERS // flat.shape[-1]))
 
 
 def _gathered_logprobs(logits: Tensor, ids: Tensor) -> Tensor:

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..measure.metrics import BLOCK_NUMBERS
 from ..model.models import has_fast_bf16
 from ..providers.attention import ExactContext
 
 
-# Numbers in one [kv_heads, queries, tokens] block of scores: 16 MB of fp32 stays under glibc's 32 MB mmap
-# threshold, so each block reuses freed memory instead of faulting fresh pages in.
-BLOCK_NUMBERS = 4 * 2**20
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from torch import Tensor
 from ..providers.kernels import blend
 
 ERRORS = ("o_rel", "lse_abs", "merged_rel")
-# Numbers in one [modules, queries, head_dim] fp32 tensor of `module_errors`: 16 MB stays under glibc's mmap
-# threshold, so a validation reuses freed heap memory instead of faulting fresh pages in (2x faster).
-CHUNK_NUMBERS = 4 * 2**20
+# Numbers in one large fp32 temporary (validation chunks, ranking scores, log-probabilities): 16 MB stays under
+# glibc's 32 MB mmap threshold, so each block reuses freed heap memory instead of faulting fresh pages in.
+BLOCK_NUMBERS = 4 * 2**20
 Predict = Callable[[slice, Tensor], tuple[Tensor, Tensor]]  # (module rows, q [m, N, d]) -> (o, lse)
 
 
@@ -36,12 +36,12 @@ def module_errors(predict: Predict, store, block: int | None = None, chunk: int 
     """Mean errors per module [M] of `predict` on a store captured with the exact document.
 
     `block` modules are predicted per call (all of them by default); the store stays where it is and each
-    chunk of queries visits `device`, where the predictor's weights are (default: CHUNK_NUMBERS a tensor).
+    chunk of queries visits `device`, where the predictor's weights are (default: BLOCK_NUMBERS a tensor).
     lse_abs is inf for a stand-in that keeps nothing (lse = -inf).
     """
     M, size = store.q.shape[0], store.size
     block = block or M
-    chunk = chunk or max(64, CHUNK_NUMBERS // (block * store.q.shape[-1]))
+    chunk = chunk or max(64, BLOCK_NUMBERS // (block * store.q.shape[-1]))
     sums = torch.zeros(len(ERRORS), M)
     for first in range(0, M, block):
         rows = slice(first, min(first + block, M))
